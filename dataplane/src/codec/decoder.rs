@@ -1,0 +1,330 @@
+//! The destination side of the codec.
+
+use super::block_cache::{CacheState, Fate, ZERO_SEQ};
+use super::delta::{self, DeltaError};
+use super::stats::CodecStats;
+use super::wire::{BlockCode, RecordKind, RecordReader, WireError};
+use super::{CodecConfig, ConfigError};
+use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, Pfn};
+
+/// Where decoded pages go: the destination guest's memory.
+pub trait PageSink {
+    /// The frame to fill for page `pfn` (already range-checked). Its old content is not read:
+    /// the decoder overwrites all 4 KiB.
+    fn page_mut(&mut self, pfn: Pfn) -> &mut Page;
+
+    /// Page `pfn` is all zeros. Override when zeroing can be skipped (fresh anonymous memory).
+    fn zero_page(&mut self, pfn: Pfn) {
+        self.page_mut(pfn).0.fill(0);
+    }
+}
+
+/// What can be wrong with a frame's records. Each means the sender is broken or hostile (the
+/// frame was authenticated): the migration must abort and the destination discard its copy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// the record structure is malformed
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// a page number beyond the guest
+    #[error("record for page {pfn} but the guest has {page_count} pages")]
+    PageOutOfRange {
+        /// The page number.
+        pfn: Pfn,
+        /// Pages in the destination guest.
+        page_count: u64,
+    },
+    /// a cache reference or delta arrived while this stream keeps no cache
+    #[error("{kind} record for page {pfn} but this stream runs without a block cache")]
+    NoCache {
+        /// The record kind.
+        kind: &'static str,
+        /// The page number.
+        pfn: Pfn,
+    },
+    /// a cache slot outside the cache or never filled
+    #[error("page {pfn} references cache slot {slot}, which is not filled (capacity {capacity})")]
+    BadSlot {
+        /// The page number.
+        pfn: Pfn,
+        /// The slot.
+        slot: u32,
+        /// Slots in the cache.
+        capacity: usize,
+    },
+    /// a delta for a page whose previous version is not cached
+    #[error("delta for page {pfn}, whose previous version is not in the cache")]
+    DeltaWithoutBase {
+        /// The page number.
+        pfn: Pfn,
+    },
+    /// a delta payload that does not apply
+    #[error("delta for page {pfn}: {source}")]
+    BadDelta {
+        /// The page number.
+        pfn: Pfn,
+        /// What is wrong with it.
+        source: DeltaError,
+    },
+    /// the header's record count disagrees with the body
+    #[error("frame header promises {expected} records, body holds {found}")]
+    RecordCount {
+        /// Records the header promised.
+        expected: u32,
+        /// Records found.
+        found: u32,
+    },
+    /// the two ends' block caches differ
+    #[error("block caches diverged: sender digest {sender:#018x}, ours {ours:#018x}")]
+    CacheDiverged {
+        /// The sender's digest.
+        sender: u64,
+        /// Ours.
+        ours: u64,
+    },
+    /// a digest was sent but this end keeps none
+    #[error("frame carries a cache digest but cache verification is off here")]
+    UnexpectedDigest,
+    /// an earlier frame failed; the stream cannot continue
+    #[error("decoder stopped after an earlier error; the stream must be restarted")]
+    Poisoned,
+}
+
+/// Decodes one stream's records into page writes.
+#[derive(Debug)]
+pub struct Decoder {
+    config: CodecConfig,
+    page_count: u64,
+    cache: Option<CacheState>,
+    stats: CodecStats,
+    poisoned: bool,
+}
+
+impl Decoder {
+    /// A decoder for a guest of `page_count` pages. `config` must equal the encoder's.
+    pub fn new(config: CodecConfig, page_count: u64) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let cache = config
+            .uses_cache()
+            .then(|| CacheState::new(config.cache_blocks(), config.delta, config.verify_caches));
+        Ok(Decoder {
+            config,
+            page_count,
+            cache,
+            stats: CodecStats::default(),
+            poisoned: false,
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &CodecStats {
+        &self.stats
+    }
+
+    /// The config this decoder runs.
+    pub fn config(&self) -> &CodecConfig {
+        &self.config
+    }
+
+    /// Digest of the whole cache state; equal at both ends when they agree. O(cache size).
+    pub fn cache_state_digest(&self) -> Option<u64> {
+        self.cache.as_ref().map(CacheState::state_digest)
+    }
+
+    /// Decodes an opened frame's body into `sink`. `records` and `cache_digest` come from
+    /// the frame header.
+    ///
+    /// Records are applied as they are read: after an error, pages of this frame may have
+    /// been written and the decoder refuses all further frames, so the destination must
+    /// discard the migration.
+    pub fn decode(
+        &mut self,
+        body: &[u8],
+        records: u32,
+        cache_digest: Option<u64>,
+        sink: &mut impl PageSink,
+    ) -> Result<(), DecodeError> {
+        if self.poisoned {
+            return Err(DecodeError::Poisoned);
+        }
+        let result = self.decode_body(body, records, cache_digest, sink);
+        self.poisoned = result.is_err();
+        result
+    }
+
+    fn decode_body(
+        &mut self,
+        body: &[u8],
+        records: u32,
+        cache_digest: Option<u64>,
+        sink: &mut impl PageSink,
+    ) -> Result<(), DecodeError> {
+        let mut reader = RecordReader::new(body);
+        let mut found = 0u32;
+        while !reader.is_empty() {
+            if found == records {
+                return Err(DecodeError::RecordCount {
+                    expected: records,
+                    found: found + 1,
+                });
+            }
+            let start = reader.offset();
+            let (kind, pfn) = reader.header()?;
+            if pfn >= self.page_count {
+                return Err(DecodeError::PageOutOfRange {
+                    pfn,
+                    page_count: self.page_count,
+                });
+            }
+            match kind {
+                RecordKind::Zero => self.zero(pfn, sink),
+                RecordKind::Full => self.full(pfn, &mut reader, sink)?,
+                RecordKind::Blocks => self.blocks(pfn, &mut reader, sink)?,
+                RecordKind::Delta => self.delta(pfn, &mut reader, sink)?,
+            }
+            self.stats.pages[kind as usize] += 1;
+            self.stats.bytes_in += PAGE_SIZE as u64;
+            self.stats.bytes_out += (reader.offset() - start) as u64;
+            found += 1;
+        }
+        if found != records {
+            return Err(DecodeError::RecordCount {
+                expected: records,
+                found,
+            });
+        }
+        let ours = self.cache.as_ref().and_then(CacheState::digest);
+        match (cache_digest, ours) {
+            (Some(sender), Some(ours)) if sender != ours => {
+                Err(DecodeError::CacheDiverged { sender, ours })
+            }
+            (Some(_), None) => Err(DecodeError::UnexpectedDigest),
+            _ => Ok(()),
+        }
+    }
+
+    fn cache_for(&mut self, kind: RecordKind, pfn: Pfn) -> Result<&mut CacheState, DecodeError> {
+        self.cache.as_mut().ok_or(DecodeError::NoCache {
+            kind: kind.name(),
+            pfn,
+        })
+    }
+
+    fn commit(&mut self, pfn: Pfn, page: &Page, fates: &[Fate; BLOCKS_PER_PAGE]) {
+        if let Some(cache) = &mut self.cache {
+            let before = cache.evictions();
+            cache.commit(pfn, page, fates, |_, _, _| {});
+            self.stats.cache_evictions += cache.evictions() - before;
+        }
+    }
+
+    fn zero(&mut self, pfn: Pfn, sink: &mut impl PageSink) {
+        sink.zero_page(pfn);
+        self.stats.saved_zero += PAGE_SIZE as u64;
+        self.commit(
+            pfn,
+            &Page::zeroed(),
+            &[Fate::Keep(ZERO_SEQ); BLOCKS_PER_PAGE],
+        );
+    }
+
+    fn full(
+        &mut self,
+        pfn: Pfn,
+        reader: &mut RecordReader<'_>,
+        sink: &mut impl PageSink,
+    ) -> Result<(), DecodeError> {
+        let data = reader.array::<PAGE_SIZE>()?;
+        let page = sink.page_mut(pfn);
+        page.0.copy_from_slice(data);
+        self.commit(pfn, page, &[Fate::Insert; BLOCKS_PER_PAGE]);
+        Ok(())
+    }
+
+    fn blocks(
+        &mut self,
+        pfn: Pfn,
+        reader: &mut RecordReader<'_>,
+        sink: &mut impl PageSink,
+    ) -> Result<(), DecodeError> {
+        let mask_at = reader.offset();
+        let mask = reader.byte()?;
+        let mut codes = [BlockCode::Literal; BLOCKS_PER_PAGE];
+        for (i, code) in codes.iter_mut().enumerate() {
+            *code = BlockCode::from_mask(mask, i).ok_or(WireError::BadMask {
+                mask,
+                offset: mask_at,
+            })?;
+        }
+        let page = sink.page_mut(pfn);
+        let mut fates = [Fate::Insert; BLOCKS_PER_PAGE];
+        // References resolve against the cache as it was before this record: insertions
+        // come after, in `commit`, exactly as at the source.
+        for ((code, fate), out) in codes.iter().zip(&mut fates).zip(page.blocks_mut()) {
+            match code {
+                BlockCode::Literal => out.copy_from_slice(reader.array::<BLOCK_SIZE>()?),
+                BlockCode::Zero => {
+                    out.fill(0);
+                    *fate = Fate::Keep(ZERO_SEQ);
+                    self.stats.saved_zero += BLOCK_SIZE as u64;
+                }
+                BlockCode::Ref => {
+                    let slot = reader.u32()?;
+                    let cache = self.cache.as_ref().ok_or(DecodeError::NoCache {
+                        kind: "cache reference in a blocks",
+                        pfn,
+                    })?;
+                    let seq = cache.store.seq_at(slot).ok_or(DecodeError::BadSlot {
+                        pfn,
+                        slot,
+                        capacity: cache.store.capacity(),
+                    })?;
+                    out.copy_from_slice(cache.store.get(seq));
+                    *fate = Fate::Keep(seq);
+                    self.stats.saved_cbr += (BLOCK_SIZE - 4) as u64;
+                }
+            }
+        }
+        self.commit(pfn, page, &fates);
+        Ok(())
+    }
+
+    fn delta(
+        &mut self,
+        pfn: Pfn,
+        reader: &mut RecordReader<'_>,
+        sink: &mut impl PageSink,
+    ) -> Result<(), DecodeError> {
+        let len_at = reader.offset();
+        let len = reader.varint()?;
+        let len =
+            usize::try_from(len)
+                .ok()
+                .filter(|&l| l < PAGE_SIZE)
+                .ok_or(DecodeError::BadDelta {
+                    pfn,
+                    source: DeltaError::Malformed { at: len_at },
+                })?;
+        let payload = reader.bytes(len)?;
+        let cache = self.cache_for(RecordKind::Delta, pfn)?;
+        let base = cache
+            .base(pfn)
+            .ok_or(DecodeError::DeltaWithoutBase { pfn })?;
+        let page = sink.page_mut(pfn);
+        for (out, &seq) in page.blocks_mut().iter_mut().zip(&base) {
+            out.copy_from_slice(cache.store.get(seq));
+        }
+        let touched =
+            delta::apply(payload, page).map_err(|source| DecodeError::BadDelta { pfn, source })?;
+        let fates = std::array::from_fn(|i| {
+            if touched & (1 << i) != 0 {
+                Fate::Insert
+            } else {
+                Fate::Keep(base[i])
+            }
+        });
+        self.stats.saved_delta += (PAGE_SIZE - len - (reader.offset() - len_at - len)) as u64;
+        self.commit(pfn, page, &fates);
+        Ok(())
+    }
+}

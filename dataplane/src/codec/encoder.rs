@@ -1,0 +1,288 @@
+//! The source side of the codec.
+
+use super::block_cache::{CacheState, Fate, ZERO_SEQ};
+use super::delta;
+use super::fingerprint::{BlockHasher, FingerprintIndex, Xxh3};
+use super::stats::CodecStats;
+use super::wire::{BlockCode, RecordKind, varint_len};
+use super::{CodecConfig, ConfigError};
+use crate::frame::FrameBuf;
+use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, PageBatch, Pfn, is_zero};
+
+/// Encodes one stream's pages into records.
+///
+/// Generic over the block fingerprint so tests can force collisions; production uses
+/// [`Xxh3`]. After warm-up (the page index has seen each page once) it allocates nothing.
+#[derive(Debug)]
+pub struct Encoder<H: BlockHasher = Xxh3> {
+    config: CodecConfig,
+    hasher: H,
+    cache: Option<CacheState>,
+    index: Option<FingerprintIndex>,
+    stats: CodecStats,
+    /// XOR scratch for deltas.
+    xor: Box<Page>,
+    /// Delta payload scratch, `delta_threshold` bytes.
+    delta_out: Box<[u8]>,
+}
+
+/// What CBR made of a page's blocks.
+struct BlockPlan {
+    codes: [BlockCode; BLOCKS_PER_PAGE],
+    fates: [Fate; BLOCKS_PER_PAGE],
+    /// Fingerprints, valid where `hashed` is set.
+    fps: [u64; BLOCKS_PER_PAGE],
+    hashed: [bool; BLOCKS_PER_PAGE],
+    refs: usize,
+    zeros: usize,
+}
+
+impl BlockPlan {
+    fn literals(&self) -> usize {
+        BLOCKS_PER_PAGE - self.refs - self.zeros
+    }
+
+    /// Payload bytes of the Blocks record (or of a Full record when nothing matched).
+    fn payload_len(&self) -> usize {
+        if self.literals() == BLOCKS_PER_PAGE {
+            PAGE_SIZE
+        } else {
+            1 + self.literals() * BLOCK_SIZE + self.refs * 4
+        }
+    }
+}
+
+impl Encoder<Xxh3> {
+    /// An encoder with the production fingerprint.
+    pub fn new(config: CodecConfig) -> Result<Self, ConfigError> {
+        Self::with_hasher(config, Xxh3)
+    }
+}
+
+impl<H: BlockHasher> Encoder<H> {
+    /// An encoder with a chosen fingerprint function.
+    pub fn with_hasher(config: CodecConfig, hasher: H) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let blocks = config.cache_blocks();
+        let cache = config
+            .uses_cache()
+            .then(|| CacheState::new(blocks, config.delta, config.verify_caches));
+        let index = config.cbr.then(|| FingerprintIndex::new(blocks));
+        let delta_out = vec![
+            0;
+            if config.delta {
+                config.delta_threshold
+            } else {
+                0
+            }
+        ];
+        Ok(Encoder {
+            hasher,
+            cache,
+            index,
+            stats: CodecStats::default(),
+            xor: Box::new(Page::zeroed()),
+            delta_out: delta_out.into_boxed_slice(),
+            config,
+        })
+    }
+
+    /// The config this encoder runs.
+    pub fn config(&self) -> &CodecConfig {
+        &self.config
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &CodecStats {
+        &self.stats
+    }
+
+    /// Digest of the whole cache state; equal at both ends when they agree. O(cache size).
+    pub fn cache_state_digest(&self) -> Option<u64> {
+        self.cache.as_ref().map(CacheState::state_digest)
+    }
+
+    /// Encodes a batch, handing each full frame to `flush`, which must leave an empty frame
+    /// in its place (typically: send it, take a fresh buffer from the pool). A partly filled
+    /// frame stays in `frame` for the next batch or for [`finish_frame`](Self::finish_frame).
+    pub fn encode_batch(
+        &mut self,
+        batch: &PageBatch,
+        frame: &mut FrameBuf,
+        mut flush: impl FnMut(&mut FrameBuf),
+    ) {
+        for (pfn, page) in batch.iter() {
+            if !frame.has_room() {
+                self.finish_frame(frame);
+                flush(frame);
+                debug_assert!(frame.is_empty(), "flush must leave an empty frame");
+            }
+            self.encode_page(pfn, page, frame);
+        }
+    }
+
+    /// Stamps what the frame header must carry from the codec (the cache digest). Call it
+    /// once the frame holds its last record, before sealing.
+    pub fn finish_frame(&self, frame: &mut FrameBuf) {
+        frame.set_cache_digest(self.cache.as_ref().and_then(CacheState::digest));
+    }
+
+    /// Encodes one staged page into `frame`.
+    ///
+    /// # Panics
+    /// If `frame` has no room for another record.
+    pub fn encode_page(&mut self, pfn: Pfn, page: &Page, frame: &mut FrameBuf) {
+        let before = frame.body_len();
+        self.stats.bytes_in += PAGE_SIZE as u64;
+        if self.config.zero_pages && page.is_zero() {
+            frame.append_record(|w| w.header(RecordKind::Zero, pfn));
+            self.count(RecordKind::Zero);
+            self.stats.saved_zero += PAGE_SIZE as u64;
+            if let Some(cache) = &mut self.cache {
+                cache.commit(pfn, page, &[Fate::Keep(ZERO_SEQ); 4], |_, _, _| {});
+            }
+        } else if self.cache.is_some() {
+            self.encode_cached(pfn, page, frame);
+        } else {
+            frame.append_record(|w| {
+                w.header(RecordKind::Full, pfn);
+                w.bytes(&page.0);
+            });
+            self.count(RecordKind::Full);
+        }
+        self.stats.bytes_out += (frame.body_len() - before) as u64;
+    }
+
+    fn count(&mut self, kind: RecordKind) {
+        self.stats.pages[kind as usize] += 1;
+    }
+
+    /// CBR lookups for each block.
+    fn plan_blocks(&mut self, page: &Page) -> BlockPlan {
+        let cache = self.cache.as_ref().expect("cache present");
+        let mut plan = BlockPlan {
+            codes: [BlockCode::Literal; BLOCKS_PER_PAGE],
+            fates: [Fate::Insert; BLOCKS_PER_PAGE],
+            fps: [0; BLOCKS_PER_PAGE],
+            hashed: [false; BLOCKS_PER_PAGE],
+            refs: 0,
+            zeros: 0,
+        };
+        for (i, block) in page.blocks().iter().enumerate() {
+            if self.config.zero_pages && is_zero(block) {
+                plan.codes[i] = BlockCode::Zero;
+                plan.fates[i] = Fate::Keep(ZERO_SEQ);
+                plan.zeros += 1;
+                continue;
+            }
+            let Some(index) = &self.index else { continue };
+            let fp = self.hasher.fingerprint(block);
+            plan.fps[i] = fp;
+            plan.hashed[i] = true;
+            match index.lookup(fp) {
+                // Confirm the bytes: a fingerprint only nominates a candidate.
+                Some(seq) if cache.store.get(seq) == block => {
+                    plan.codes[i] = BlockCode::Ref;
+                    plan.fates[i] = Fate::Keep(seq);
+                    plan.refs += 1;
+                    self.stats.cache_hits += 1;
+                }
+                Some(_) => {
+                    self.stats.fingerprint_collisions += 1;
+                    self.stats.cache_misses += 1;
+                }
+                None => self.stats.cache_misses += 1,
+            }
+        }
+        plan
+    }
+
+    fn encode_cached(&mut self, pfn: Pfn, page: &Page, frame: &mut FrameBuf) {
+        let mut plan = self.plan_blocks(page);
+        let cache = self.cache.as_mut().expect("cache present");
+
+        // A delta only pays when some block missed; it must beat the blocks record too.
+        let base = (self.config.delta && plan.literals() > 0)
+            .then(|| cache.base(pfn))
+            .flatten();
+        if let Some(base) = base {
+            // varint(len) + len must stay below the alternative's payload.
+            let limit = self
+                .delta_out
+                .len()
+                .min(plan.payload_len().saturating_sub(3));
+            let base_blocks = base.map(|seq| cache.store.get(seq));
+            match delta::encode(
+                page,
+                &base_blocks,
+                &mut self.xor,
+                &mut self.delta_out[..limit],
+            ) {
+                Some((len, touched)) => {
+                    let payload = &self.delta_out[..len];
+                    frame.append_record(|w| {
+                        w.header(RecordKind::Delta, pfn);
+                        w.varint(len as u64);
+                        w.bytes(payload);
+                    });
+                    self.stats.pages[RecordKind::Delta as usize] += 1;
+                    self.stats.saved_delta += (PAGE_SIZE - len - varint_len(len as u64)) as u64;
+                    for (i, fate) in plan.fates.iter_mut().enumerate() {
+                        *fate = if touched & (1 << i) != 0 {
+                            Fate::Insert
+                        } else {
+                            Fate::Keep(base[i])
+                        };
+                    }
+                    self.commit(pfn, page, &mut plan);
+                    return;
+                }
+                None => self.stats.delta_overflows += 1,
+            }
+        }
+
+        if plan.literals() == BLOCKS_PER_PAGE {
+            frame.append_record(|w| {
+                w.header(RecordKind::Full, pfn);
+                w.bytes(&page.0);
+            });
+            self.count(RecordKind::Full);
+        } else {
+            let store = &cache.store;
+            frame.append_record(|w| {
+                w.header(RecordKind::Blocks, pfn);
+                w.byte(BlockCode::mask(&plan.codes));
+                for ((code, fate), block) in plan.codes.iter().zip(&plan.fates).zip(page.blocks()) {
+                    match (code, fate) {
+                        (BlockCode::Literal, _) => w.bytes(block),
+                        (BlockCode::Ref, Fate::Keep(seq)) => w.u32(store.slot(*seq)),
+                        _ => {}
+                    }
+                }
+            });
+            self.count(RecordKind::Blocks);
+            self.stats.saved_zero += (plan.zeros * BLOCK_SIZE) as u64;
+            self.stats.saved_cbr += (plan.refs * (BLOCK_SIZE - 4)) as u64;
+        }
+        self.commit(pfn, page, &mut plan);
+    }
+
+    /// Applies the record's cache effects and keeps the fingerprint index in step.
+    fn commit(&mut self, pfn: Pfn, page: &Page, plan: &mut BlockPlan) {
+        let cache = self.cache.as_mut().expect("cache present");
+        let before = cache.evictions();
+        let (index, hasher) = (&mut self.index, &self.hasher);
+        cache.commit(pfn, page, &plan.fates, |i, seq, evicted| {
+            if let Some(index) = index {
+                // A block a delta touched was not hashed if CBR had seen it as zero.
+                let fp = if plan.hashed[i] {
+                    plan.fps[i]
+                } else {
+                    hasher.fingerprint(&page.blocks()[i])
+                };
+                index.inserted(fp, seq, evicted);
+            }
+        });
+        self.stats.cache_evictions += cache.evictions() - before;
+    }
+}

@@ -1,0 +1,133 @@
+//! The page codec: sans-IO, one encoder/decoder pair per stream.
+//!
+//! The encoder turns staged pages into records (see [`wire`] for the format), choosing per
+//! page, in the order of the paper (IV-B, V-C):
+//!
+//! 1. **zero**: an all-zero page is a record with no payload; zero blocks cost two mask bits;
+//! 2. **CBR**: each 1 KiB block is fingerprinted and looked up in the block cache; a hit whose
+//!    bytes match is sent as its 32-bit slot;
+//! 3. **delta**: if some block missed and the page's previous version is still cached, the
+//!    XOR with it is run-length encoded and sent if it beats both the threshold and the
+//!    blocks alternative;
+//! 4. otherwise the blocks (mixing references and literals) or, if nothing matched, the page.
+//!
+//! Every block sent literally, and every block a delta touched, is then inserted at the next
+//! FIFO slot of both ends' caches ([`block_cache`]). The decoder replays exactly the same
+//! insertions from the records, so the caches stay identical; an optional running digest in
+//! frame headers proves it.
+
+pub mod block_cache;
+pub mod decoder;
+pub mod delta;
+pub mod encoder;
+pub mod fingerprint;
+pub mod stats;
+pub mod wire;
+
+pub use decoder::{DecodeError, Decoder, PageSink};
+pub use encoder::Encoder;
+pub use fingerprint::{BlockHasher, Xxh3};
+pub use stats::CodecStats;
+pub use wire::RecordKind;
+
+use crate::page::{BLOCK_SIZE, PAGE_SIZE};
+
+/// Default cache size per stream (the paper's 100 MB cache, IV-B1).
+pub const DEFAULT_CACHE_BYTES: u64 = 100 << 20;
+
+/// Default delta threshold in bytes: a delta larger than this is abandoned for the blocks.
+///
+/// Measured with `skyferry-bench codec --threshold-sweep` on the edit mix that follows the
+/// paper's Fig. 6 (most rewritten pages change a few bytes to a few hundred, a share of them
+/// almost completely): bytes on the wire fall until about 1 KiB and are flat above it, since a
+/// delta larger than one literal block rarely beats the blocks record once CBR references the
+/// three untouched blocks; encode time rises with the threshold because heavily rewritten
+/// pages are encoded further before they are abandoned.
+pub const DEFAULT_DELTA_THRESHOLD: usize = 1536;
+
+/// How one stream's codec behaves. Both ends of a stream must use equal configs (the
+/// handshake checks it): the cache capacity and which features run are wire-visible.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CodecConfig {
+    /// Send all-zero pages and blocks as markers.
+    pub zero_pages: bool,
+    /// Content-based redundancy elimination through the block cache.
+    pub cbr: bool,
+    /// Page deltas against the page as last sent.
+    pub delta: bool,
+    /// Block cache size in bytes at each end (rounded down to whole 1 KiB blocks).
+    pub cache_bytes: u64,
+    /// Largest delta payload sent, in bytes; larger deltas fall back to blocks.
+    pub delta_threshold: usize,
+    /// Keep a running digest of cache insertions and carry it in every frame header, so a
+    /// divergence between the two caches is an error instead of silently wrong memory.
+    pub verify_caches: bool,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            zero_pages: true,
+            cbr: true,
+            delta: true,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            delta_threshold: DEFAULT_DELTA_THRESHOLD,
+            verify_caches: true,
+        }
+    }
+}
+
+impl CodecConfig {
+    /// Every optimization off: full pages only (the baseline).
+    pub fn baseline() -> Self {
+        CodecConfig {
+            zero_pages: false,
+            cbr: false,
+            delta: false,
+            ..Self::default()
+        }
+    }
+
+    /// True when the block cache is kept (for CBR, deltas or both).
+    pub fn uses_cache(&self) -> bool {
+        self.cbr || self.delta
+    }
+
+    /// Cache capacity in blocks.
+    pub fn cache_blocks(&self) -> usize {
+        usize::try_from(self.cache_bytes / BLOCK_SIZE as u64).unwrap_or(usize::MAX)
+    }
+
+    /// Checks the config is usable, with a message for the operator when it is not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.uses_cache() {
+            let blocks = self.cache_blocks();
+            if blocks == 0 {
+                return Err(ConfigError::CacheTooSmall(self.cache_bytes));
+            }
+            if blocks > 1 << 32 {
+                return Err(ConfigError::CacheTooLarge(self.cache_bytes));
+            }
+        }
+        if self.delta && !(1..PAGE_SIZE).contains(&self.delta_threshold) {
+            return Err(ConfigError::BadThreshold(self.delta_threshold));
+        }
+        Ok(())
+    }
+}
+
+/// A codec config that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// the block cache must hold at least one 1 KiB block
+    #[error(
+        "codec cache_bytes = {0} holds no 1 KiB block; use at least 1024 or turn cbr and delta off"
+    )]
+    CacheTooSmall(u64),
+    /// slots travel as 32-bit numbers
+    #[error("codec cache_bytes = {0} exceeds 4 TiB (2^32 blocks, the 32-bit slot limit)")]
+    CacheTooLarge(u64),
+    /// the delta threshold must leave a delta smaller than a page
+    #[error("codec delta_threshold = {0} must be between 1 and 4095 bytes")]
+    BadThreshold(usize),
+}

@@ -1,0 +1,10 @@
+//! skyferry's data plane.
+//!
+//! This crate holds the sans-IO core: pages ([`page`]), the page codec with zero pages,
+//! content-based redundancy elimination and page deltas ([`codec`]), and sealed frames
+//! ([`frame`], [`crypto`]). Pipelines, transport and the daemon build on it.
+
+pub mod codec;
+pub mod crypto;
+pub mod frame;
+pub mod page;
