@@ -161,6 +161,17 @@ impl FrameBuf {
         r
     }
 
+    /// Appends bytes that already are `count` encoded records (tests and fuzzing craft hostile
+    /// bodies this way). Returns how many bytes fit.
+    pub fn append_raw_records(&mut self, bytes: &[u8], count: u32) -> usize {
+        let n = bytes.len().min(self.body_capacity() - self.body_len);
+        let at = HEADER_LEN + self.body_len;
+        self.buf[at..at + n].copy_from_slice(&bytes[..n]);
+        self.body_len += n;
+        self.records += count;
+        n
+    }
+
     /// Page number the next record's address is counted from.
     pub fn next_pfn(&self) -> u64 {
         self.next_pfn

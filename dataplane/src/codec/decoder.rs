@@ -19,6 +19,13 @@ pub trait PageSink {
     }
 }
 
+/// A plain array of pages is a sink (tests, benchmarks, fuzzing); page numbers index it.
+impl PageSink for [Page] {
+    fn page_mut(&mut self, pfn: Pfn) -> &mut Page {
+        &mut self[usize::try_from(pfn).expect("page number range-checked")]
+    }
+}
+
 /// What can be wrong with a frame's records. Each means the sender is broken or hostile (the
 /// frame was authenticated): the migration must abort and the destination discard its copy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,7 +149,7 @@ impl Decoder {
         body: &[u8],
         records: u32,
         cache_digest: Option<u64>,
-        sink: &mut impl PageSink,
+        sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
         if self.poisoned {
             return Err(DecodeError::Poisoned);
@@ -157,7 +164,7 @@ impl Decoder {
         body: &[u8],
         records: u32,
         cache_digest: Option<u64>,
-        sink: &mut impl PageSink,
+        sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
         let mut reader = RecordReader::new(body);
         let mut found = 0u32;
@@ -218,7 +225,7 @@ impl Decoder {
         }
     }
 
-    fn zero(&mut self, pfn: Pfn, sink: &mut impl PageSink) {
+    fn zero(&mut self, pfn: Pfn, sink: &mut (impl PageSink + ?Sized)) {
         sink.zero_page(pfn);
         self.stats.saved_zero += PAGE_SIZE as u64;
         self.commit(
@@ -232,7 +239,7 @@ impl Decoder {
         &mut self,
         pfn: Pfn,
         reader: &mut RecordReader<'_>,
-        sink: &mut impl PageSink,
+        sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
         let data = reader.array::<PAGE_SIZE>()?;
         let page = sink.page_mut(pfn);
@@ -245,7 +252,7 @@ impl Decoder {
         &mut self,
         pfn: Pfn,
         reader: &mut RecordReader<'_>,
-        sink: &mut impl PageSink,
+        sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
         let mask_at = reader.offset();
         let mask = reader.byte()?;
@@ -293,7 +300,7 @@ impl Decoder {
         &mut self,
         pfn: Pfn,
         reader: &mut RecordReader<'_>,
-        sink: &mut impl PageSink,
+        sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
         let len_at = reader.offset();
         let len = reader.varint()?;

@@ -1,0 +1,280 @@
+//! Authentic frames with malformed records: each is refused with its own error, no panic,
+//! and the decoder refuses to go on afterwards.
+
+mod common;
+
+use common::sealer_opener;
+use dataplane::codec::delta::DeltaError;
+use dataplane::codec::wire::{BlockCode, RecordKind, RecordWriter, WireError};
+use dataplane::codec::{CodecConfig, DecodeError, Decoder};
+use dataplane::frame::{DEFAULT_FRAME_SIZE, FrameBuf};
+use dataplane::page::{BLOCK_SIZE, PAGE_SIZE, Page};
+
+const PAGES: u64 = 16;
+
+fn body(write: impl FnOnce(&mut RecordWriter<'_>)) -> Vec<u8> {
+    let mut buf = vec![0u8; 3 * PAGE_SIZE];
+    let mut w = RecordWriter::resume(&mut buf, 0, 0);
+    write(&mut w);
+    let n = w.len();
+    buf.truncate(n);
+    buf
+}
+
+/// Seals `body` claiming `records` records, opens it, decodes it with a fresh decoder.
+fn decode(config: CodecConfig, frames: &[(Vec<u8>, u32, Option<u64>)]) -> Result<(), DecodeError> {
+    let (mut sealer, mut opener) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    let mut dec = Decoder::new(config, PAGES).unwrap();
+    let mut mem = vec![Page::zeroed(); PAGES as usize];
+    for (body, records, digest) in frames {
+        let mut f = FrameBuf::new(DEFAULT_FRAME_SIZE);
+        f.append_raw_records(body, *records);
+        f.set_cache_digest(*digest);
+        let mut wire = sealer.seal(&mut f).to_vec();
+        let opened = opener.open(&mut wire).unwrap();
+        dec.decode(
+            opened.body,
+            opened.records,
+            opened.cache_digest,
+            mem.as_mut_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+fn one(config: CodecConfig, body: Vec<u8>) -> Result<(), DecodeError> {
+    decode(config, &[(body, 1, None)])
+}
+
+fn no_verify() -> CodecConfig {
+    CodecConfig {
+        verify_caches: false,
+        cache_bytes: 8 * BLOCK_SIZE as u64,
+        ..CodecConfig::default()
+    }
+}
+
+#[test]
+fn page_beyond_the_guest() {
+    let b = body(|w| w.header(RecordKind::Zero, PAGES));
+    assert_eq!(
+        one(no_verify(), b),
+        Err(DecodeError::PageOutOfRange {
+            pfn: PAGES,
+            page_count: PAGES
+        })
+    );
+}
+
+#[test]
+fn unknown_kind_and_truncated_records() {
+    assert!(matches!(
+        one(no_verify(), vec![9, 0]),
+        Err(DecodeError::Wire(WireError::UnknownKind { kind: 9, .. }))
+    ));
+    let full = body(|w| {
+        w.header(RecordKind::Full, 1);
+        w.bytes(&[5; 100]);
+    });
+    assert!(matches!(
+        one(no_verify(), full),
+        Err(DecodeError::Wire(WireError::Truncated { .. }))
+    ));
+    assert!(matches!(
+        one(no_verify(), vec![0, 0x80]),
+        Err(DecodeError::Wire(WireError::Truncated { .. }))
+    ));
+}
+
+#[test]
+fn reserved_block_code() {
+    let b = body(|w| {
+        w.header(RecordKind::Blocks, 0);
+        w.byte(0b11);
+    });
+    assert!(matches!(
+        one(no_verify(), b),
+        Err(DecodeError::Wire(WireError::BadMask { .. }))
+    ));
+}
+
+fn blocks_ref(slot: u32) -> Vec<u8> {
+    body(|w| {
+        w.header(RecordKind::Blocks, 2);
+        w.byte(BlockCode::mask(&[
+            BlockCode::Ref,
+            BlockCode::Zero,
+            BlockCode::Zero,
+            BlockCode::Zero,
+        ]));
+        w.u32(slot);
+    })
+}
+
+#[test]
+fn slots_outside_or_not_yet_filled() {
+    // Empty cache: slot 0 is not filled yet.
+    assert!(matches!(
+        one(no_verify(), blocks_ref(0)),
+        Err(DecodeError::BadSlot { slot: 0, .. })
+    ));
+    assert!(matches!(
+        one(no_verify(), blocks_ref(u32::MAX)),
+        Err(DecodeError::BadSlot { .. })
+    ));
+    // After one full page (4 blocks inserted), slot 3 is valid and slot 4 is not.
+    let full = body(|w| {
+        w.header(RecordKind::Full, 0);
+        w.bytes(&[3; PAGE_SIZE]);
+    });
+    assert_eq!(
+        decode(
+            no_verify(),
+            &[(full.clone(), 1, None), (blocks_ref(3), 1, None)]
+        ),
+        Ok(())
+    );
+    assert!(matches!(
+        decode(no_verify(), &[(full, 1, None), (blocks_ref(4), 1, None)]),
+        Err(DecodeError::BadSlot { slot: 4, .. })
+    ));
+}
+
+#[test]
+fn references_without_a_cache() {
+    assert!(matches!(
+        one(CodecConfig::baseline(), blocks_ref(0)),
+        Err(DecodeError::NoCache { .. })
+    ));
+    let delta = body(|w| {
+        w.header(RecordKind::Delta, 0);
+        w.varint(0);
+    });
+    assert!(matches!(
+        one(CodecConfig::baseline(), delta),
+        Err(DecodeError::NoCache { .. })
+    ));
+}
+
+#[test]
+fn deltas_without_base_or_overrunning() {
+    let delta = |gap: u64, len: u64| {
+        body(move |w| {
+            w.header(RecordKind::Delta, 5);
+            let mut runs = vec![0u8; 32];
+            let mut r = RecordWriter::resume(&mut runs, 0, 0);
+            r.varint(gap);
+            r.varint(len);
+            r.bytes(&vec![1u8; len.min(8) as usize]);
+            let n = r.len();
+            w.varint(n as u64);
+            w.bytes(&runs[..n]);
+        })
+    };
+    assert_eq!(
+        one(no_verify(), delta(0, 1)),
+        Err(DecodeError::DeltaWithoutBase { pfn: 5 })
+    );
+    // Page 5 zero first: its base is the zero page, so a delta applies...
+    let zero = body(|w| w.header(RecordKind::Zero, 5));
+    assert_eq!(
+        decode(
+            no_verify(),
+            &[(zero.clone(), 1, None), (delta(4000, 8), 1, None)]
+        ),
+        Ok(())
+    );
+    // ...unless it runs off the end of the page.
+    assert!(matches!(
+        decode(
+            no_verify(),
+            &[(zero.clone(), 1, None), (delta(4090, 8), 1, None)]
+        ),
+        Err(DecodeError::BadDelta {
+            pfn: 5,
+            source: DeltaError::Overrun { .. }
+        })
+    ));
+    // A length field larger than a page is refused before anything is read.
+    let long = body(|w| {
+        w.header(RecordKind::Delta, 5);
+        w.varint(1 << 40);
+    });
+    assert!(matches!(
+        decode(no_verify(), &[(zero, 1, None), (long, 1, None)]),
+        Err(DecodeError::BadDelta { .. })
+    ));
+}
+
+#[test]
+fn record_count_must_match() {
+    let two = body(|w| {
+        w.header(RecordKind::Zero, 0);
+        w.header(RecordKind::Zero, 1);
+    });
+    assert_eq!(
+        decode(no_verify(), &[(two.clone(), 3, None)]),
+        Err(DecodeError::RecordCount {
+            expected: 3,
+            found: 2
+        })
+    );
+    assert_eq!(
+        decode(no_verify(), &[(two, 1, None)]),
+        Err(DecodeError::RecordCount {
+            expected: 1,
+            found: 2
+        })
+    );
+}
+
+#[test]
+fn a_diverged_cache_is_caught_and_poisons_the_stream() {
+    let verify = CodecConfig {
+        verify_caches: true,
+        ..no_verify()
+    };
+    let full = body(|w| {
+        w.header(RecordKind::Full, 0);
+        w.bytes(&[3; PAGE_SIZE]);
+    });
+    let zero = body(|w| w.header(RecordKind::Zero, 1));
+    let r = decode(
+        verify.clone(),
+        &[(full, 1, Some(0xdead_beef)), (zero.clone(), 1, None)],
+    );
+    assert!(
+        matches!(
+            r,
+            Err(DecodeError::CacheDiverged {
+                sender: 0xdead_beef,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // A digest sent to a decoder that keeps none: the ends disagree on the config.
+    assert_eq!(
+        decode(no_verify(), &[(zero, 1, Some(1))]),
+        Err(DecodeError::UnexpectedDigest)
+    );
+}
+
+#[test]
+fn decoder_refuses_to_continue_after_an_error() {
+    let (mut sealer, mut opener) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    let mut dec = Decoder::new(no_verify(), PAGES).unwrap();
+    let mut mem = vec![Page::zeroed(); PAGES as usize];
+    let mut run = |b: Vec<u8>| {
+        let mut f = FrameBuf::new(DEFAULT_FRAME_SIZE);
+        f.append_raw_records(&b, 1);
+        let mut wire = sealer.seal(&mut f).to_vec();
+        let o = opener.open(&mut wire).unwrap();
+        dec.decode(o.body, o.records, o.cache_digest, mem.as_mut_slice())
+    };
+    assert!(run(vec![9]).is_err());
+    assert_eq!(
+        run(body(|w| w.header(RecordKind::Zero, 0))),
+        Err(DecodeError::Poisoned)
+    );
+}
