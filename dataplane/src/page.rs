@@ -141,11 +141,15 @@ mod tests {
     #[test]
     fn blocks_cover_the_page_in_order() {
         let mut page = Page::zeroed();
-        for (i, b) in page.0.iter_mut().enumerate() {
-            *b = (i / BLOCK_SIZE) as u8;
+        for (block, v) in page.blocks_mut().iter_mut().zip(0u8..) {
+            block.fill(v);
+        }
+        // Block i must be bytes i*1 KiB .. (i+1)*1 KiB of the page, by both accessors.
+        for (offset, &b) in page.0.iter().enumerate() {
+            assert_eq!(usize::from(b), offset / BLOCK_SIZE);
         }
         for (i, block) in page.blocks().iter().enumerate() {
-            assert!(block.iter().all(|&b| usize::from(b) == i));
+            assert_eq!(block.as_ptr(), page.0[i * BLOCK_SIZE..].as_ptr());
         }
     }
 }

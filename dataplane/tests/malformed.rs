@@ -11,6 +11,7 @@ use dataplane::frame::{DEFAULT_FRAME_SIZE, FrameBuf};
 use dataplane::page::{BLOCK_SIZE, PAGE_SIZE, Page};
 
 const PAGES: u64 = 16;
+const PAGES_USIZE: usize = 16;
 
 fn body(write: impl FnOnce(&mut RecordWriter<'_>)) -> Vec<u8> {
     let mut buf = vec![0u8; 3 * PAGE_SIZE];
@@ -25,7 +26,7 @@ fn body(write: impl FnOnce(&mut RecordWriter<'_>)) -> Vec<u8> {
 fn decode(config: CodecConfig, frames: &[(Vec<u8>, u32, Option<u64>)]) -> Result<(), DecodeError> {
     let (mut sealer, mut opener) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
     let mut dec = Decoder::new(config, PAGES).unwrap();
-    let mut mem = vec![Page::zeroed(); PAGES as usize];
+    let mut mem = vec![Page::zeroed(); PAGES_USIZE];
     for (body, records, digest) in frames {
         let mut f = FrameBuf::new(DEFAULT_FRAME_SIZE);
         f.append_raw_records(body, *records);
@@ -264,7 +265,7 @@ fn a_diverged_cache_is_caught_and_poisons_the_stream() {
 fn decoder_refuses_to_continue_after_an_error() {
     let (mut sealer, mut opener) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
     let mut dec = Decoder::new(no_verify(), PAGES).unwrap();
-    let mut mem = vec![Page::zeroed(); PAGES as usize];
+    let mut mem = vec![Page::zeroed(); PAGES_USIZE];
     let mut run = |b: Vec<u8>| {
         let mut f = FrameBuf::new(DEFAULT_FRAME_SIZE);
         f.append_raw_records(&b, 1);

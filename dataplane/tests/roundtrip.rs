@@ -227,8 +227,8 @@ fn each_optimization_does_its_job() {
     for i in 16..24 {
         batch.push(i, &[0; PAGE_SIZE]);
     }
-    for i in 24..32 {
-        batch.push(i, &base[(i - 24) as usize].0);
+    for (i, p) in (24..32).zip(&base) {
+        batch.push(i, &p.0);
     }
     let mut link = Link::new(CodecConfig::default(), Xxh3, 32, 64 << 10);
     link.send(&batch);
@@ -250,4 +250,26 @@ fn each_optimization_does_its_job() {
     assert!(s.saved_delta > 16 * 4000, "{s:?}");
     assert_eq!(link.dec.stats().pages, s.pages);
     assert_eq!(link.dec.stats().bytes_out, s.bytes_out);
+}
+
+#[test]
+fn both_ends_may_reset_their_caches_between_frames() {
+    let mut rng = Rng(11);
+    let pages: Vec<Page> = (0..8).map(|_| common::page_from(&mut rng)).collect();
+    let mut batch = PageBatch::with_capacity(8);
+    for (i, p) in pages.iter().enumerate() {
+        batch.push(i as u64, &p.0);
+    }
+    let mut link = Link::new(CodecConfig::default(), Xxh3, 8, 64 << 10);
+    link.send(&batch);
+    link.enc.reset_cache();
+    link.dec.reset_cache();
+    assert!(link.caches_agree());
+    // After the reset nothing is cached: the same pages go in full again, not as references.
+    link.send(&batch);
+    assert_eq!(link.enc.stats().pages_of(RecordKind::Full), 16);
+    assert!(link.caches_agree());
+    for (i, p) in pages.iter().enumerate() {
+        assert_eq!(&link.dest[i], p);
+    }
 }

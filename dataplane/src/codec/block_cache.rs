@@ -70,6 +70,12 @@ impl BlockStore {
         self.blocks.len() as u64
     }
 
+    /// Index into `blocks` of block `seq`.
+    fn index(&self, seq: u64) -> usize {
+        // The remainder is below the capacity, which is a usize.
+        usize::try_from(seq % self.cap()).expect("slot below capacity")
+    }
+
     /// Sequence number the next insertion gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -105,14 +111,19 @@ impl BlockStore {
             return &ZERO_BLOCK;
         }
         debug_assert!(self.is_live(seq));
-        &self.blocks[(seq % self.cap()) as usize]
+        &self.blocks[self.index(seq)]
+    }
+
+    /// Forgets every block, keeping the memory (already faulted in) for reuse.
+    pub fn clear(&mut self) {
+        self.next_seq = 0;
     }
 
     /// Stores `block` at the next slot; returns its sequence number and the one it evicted.
     pub fn push(&mut self, block: &Block) -> (u64, Option<u64>) {
         let seq = self.next_seq;
         let evicted = seq.checked_sub(self.cap());
-        let slot = (seq % self.cap()) as usize;
+        let slot = self.index(seq);
         self.blocks[slot] = *block;
         self.next_seq += 1;
         (seq, evicted)
@@ -140,6 +151,18 @@ impl CacheState {
             pages: page_index.then(HashMap::default),
             digest: verify.then_some(0),
             evictions: 0,
+        }
+    }
+
+    /// Empties the cache (both ends must do it at the same point of the stream), keeping
+    /// its memory.
+    pub fn reset(&mut self) {
+        self.store.clear();
+        if let Some(pages) = &mut self.pages {
+            pages.clear();
+        }
+        if let Some(d) = &mut self.digest {
+            *d = 0;
         }
     }
 
@@ -255,8 +278,8 @@ mod tests {
     fn base_dies_with_any_of_its_blocks() {
         let mut c = CacheState::new(5, true, false);
         let mut page = Page::zeroed();
-        for (i, b) in page.blocks_mut().iter_mut().enumerate() {
-            *b = block(i as u8 + 1);
+        for (b, v) in page.blocks_mut().iter_mut().zip(1..) {
+            *b = block(v);
         }
         let fates = [
             Fate::Insert,

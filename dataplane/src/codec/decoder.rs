@@ -138,6 +138,14 @@ impl Decoder {
         self.cache.as_ref().map(CacheState::state_digest)
     }
 
+    /// Empties the block cache, keeping its memory, at the point of the stream where the
+    /// encoder reset its own. Counters are kept.
+    pub fn reset_cache(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.reset();
+        }
+    }
+
     /// Decodes an opened frame's body into `sink`. `records` and `cache_digest` come from
     /// the frame header.
     ///

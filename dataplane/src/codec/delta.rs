@@ -42,7 +42,8 @@ pub enum DeltaError {
 fn touched(start: usize, end: usize) -> u8 {
     let first = start / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
-    ((1u16 << (last + 1)) - (1u16 << first)) as u8
+    // Four blocks: the mask fits in the low nibble.
+    (1u8 << (last + 1)) - (1u8 << first)
 }
 
 /// XORs `new` with `base` into `xor` and run-length encodes the result into `out`.

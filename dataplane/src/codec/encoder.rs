@@ -102,6 +102,17 @@ impl<H: BlockHasher> Encoder<H> {
         self.cache.as_ref().map(CacheState::state_digest)
     }
 
+    /// Empties the block cache, keeping its memory; the decoder must reset at the same point
+    /// of the stream. Counters are kept.
+    pub fn reset_cache(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.reset();
+        }
+        if let Some(index) = &mut self.index {
+            index.clear();
+        }
+    }
+
     /// Encodes a batch, handing each full frame to `flush`, which must leave an empty frame
     /// in its place (typically: send it, take a fresh buffer from the pool). A partly filled
     /// frame stays in `frame` for the next batch or for [`finish_frame`](Self::finish_frame).

@@ -49,7 +49,7 @@ impl FingerprintIndex {
 
     /// Notes that block `seq` with fingerprint `fp` went into the store, replacing `evicted`.
     pub fn inserted(&mut self, fp: u64, seq: u64, evicted: Option<u64>) {
-        let slot = (seq % self.slot_fp.len() as u64) as usize;
+        let slot = usize::try_from(seq % self.slot_fp.len() as u64).expect("slot below capacity");
         if let Some(old) = evicted {
             // Drop the entry only if it still names the evicted block: a newer block with the
             // same fingerprint may have taken it over.
@@ -60,6 +60,11 @@ impl FingerprintIndex {
         }
         self.slot_fp[slot] = fp;
         self.map.insert(fp, seq);
+    }
+
+    /// Forgets every entry.
+    pub fn clear(&mut self) {
+        self.map.clear();
     }
 
     /// Entries in the index (at most the store's capacity).

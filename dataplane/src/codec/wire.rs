@@ -286,11 +286,11 @@ impl<'a> RecordReader<'a> {
 pub fn write_varint(out: &mut [u8], mut v: u64) -> usize {
     let mut i = 0;
     while v >= 0x80 {
-        out[i] = (v as u8) | 0x80;
+        out[i] = v.to_le_bytes()[0] | 0x80;
         v >>= 7;
         i += 1;
     }
-    out[i] = v as u8;
+    out[i] = v.to_le_bytes()[0];
     i + 1
 }
 
@@ -321,7 +321,7 @@ fn zigzag(v: i64) -> u64 {
 }
 
 fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
+    (v >> 1).cast_signed() ^ -(v & 1).cast_signed()
 }
 
 #[cfg(test)]
