@@ -14,7 +14,7 @@
 //! what to insert, where, or what a page's base is.
 
 use hashbrown::HashMap;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, Block, Page, Pfn};
 
@@ -186,11 +186,14 @@ impl CacheState {
 
     /// Records that `page` was just sent (or received) as page `pfn`, block `i` meeting
     /// `fates[i]`. `on_insert(i, seq, evicted)` is told of each insertion, in block order.
+    /// `xxh3(i)` returns block `i`'s XXH3-64 if the caller already has it (the digest needs
+    /// it), else `None`.
     pub fn commit(
         &mut self,
         pfn: Pfn,
         page: &Page,
         fates: &[Fate; BLOCKS_PER_PAGE],
+        xxh3: impl Fn(usize) -> Option<u64>,
         mut on_insert: impl FnMut(usize, u64, Option<u64>),
     ) {
         let mut seqs = [ZERO_SEQ; BLOCKS_PER_PAGE];
@@ -203,8 +206,10 @@ impl CacheState {
                     if let Some(d) = &mut self.digest {
                         // Order-dependent mix: equal only if both ends inserted the same
                         // blocks in the same order.
-                        let h = xxh3_64_with_seed(block, seq);
-                        *d = (*d ^ h).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(23);
+                        let h = xxh3(i).unwrap_or_else(|| xxh3_64(block));
+                        *d = (*d ^ h ^ seq)
+                            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            .rotate_left(23);
                     }
                     on_insert(i, seq, evicted);
                     seq
@@ -287,7 +292,7 @@ mod tests {
             Fate::Insert,
             Fate::Insert,
         ];
-        c.commit(7, &page, &fates, |_, _, _| {});
+        c.commit(7, &page, &fates, |_| None, |_, _, _| {});
         assert_eq!(c.base(7), Some([0, ZERO_SEQ, 1, 2]));
         assert_eq!(c.base(8), None);
         c.store.push(&block(9));

@@ -150,7 +150,13 @@ impl<H: BlockHasher> Encoder<H> {
             self.count(RecordKind::Zero);
             self.stats.saved_zero += PAGE_SIZE as u64;
             if let Some(cache) = &mut self.cache {
-                cache.commit(pfn, page, &[Fate::Keep(ZERO_SEQ); 4], |_, _, _| {});
+                cache.commit(
+                    pfn,
+                    page,
+                    &[Fate::Keep(ZERO_SEQ); 4],
+                    |_| None,
+                    |_, _, _| {},
+                );
             }
         } else if self.cache.is_some() {
             self.encode_cached(pfn, page, frame);
@@ -245,7 +251,7 @@ impl<H: BlockHasher> Encoder<H> {
                             Fate::Keep(base[i])
                         };
                     }
-                    self.commit(pfn, page, &mut plan);
+                    self.commit(pfn, page, &plan);
                     return;
                 }
                 None => self.stats.delta_overflows += 1,
@@ -275,15 +281,17 @@ impl<H: BlockHasher> Encoder<H> {
             self.stats.saved_zero += (plan.zeros * BLOCK_SIZE) as u64;
             self.stats.saved_cbr += (plan.refs * (BLOCK_SIZE - 4)) as u64;
         }
-        self.commit(pfn, page, &mut plan);
+        self.commit(pfn, page, &plan);
     }
 
     /// Applies the record's cache effects and keeps the fingerprint index in step.
-    fn commit(&mut self, pfn: Pfn, page: &Page, plan: &mut BlockPlan) {
+    fn commit(&mut self, pfn: Pfn, page: &Page, plan: &BlockPlan) {
         let cache = self.cache.as_mut().expect("cache present");
         let before = cache.evictions();
         let (index, hasher) = (&mut self.index, &self.hasher);
-        cache.commit(pfn, page, &plan.fates, |i, seq, evicted| {
+        let reuse = hasher.is_xxh3();
+        let known = |i: usize| (reuse && plan.hashed[i]).then_some(plan.fps[i]);
+        cache.commit(pfn, page, &plan.fates, known, |i, seq, evicted| {
             if let Some(index) = index {
                 // A block a delta touched was not hashed if CBR had seen it as zero.
                 let fp = if plan.hashed[i] {

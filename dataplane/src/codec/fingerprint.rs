@@ -12,6 +12,12 @@ use crate::page::Block;
 pub trait BlockHasher {
     /// The block's fingerprint.
     fn fingerprint(&self, block: &Block) -> u64;
+
+    /// True when fingerprints are plain XXH3-64, which the cache digest can then reuse
+    /// instead of hashing each inserted block a second time.
+    fn is_xxh3(&self) -> bool {
+        false
+    }
 }
 
 /// XXH3-64: about 30 GB/s over 1 KiB blocks with SSE2/AVX2, and well mixed in all 64 bits
@@ -22,6 +28,10 @@ pub struct Xxh3;
 impl BlockHasher for Xxh3 {
     fn fingerprint(&self, block: &Block) -> u64 {
         xxhash_rust::xxh3::xxh3_64(block)
+    }
+
+    fn is_xxh3(&self) -> bool {
+        true
     }
 }
 
