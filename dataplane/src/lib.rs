@@ -7,4 +7,5 @@
 pub mod codec;
 pub mod crypto;
 pub mod frame;
+pub mod guest;
 pub mod page;

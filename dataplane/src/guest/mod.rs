@@ -1,0 +1,132 @@
+//! Guest backends: what the pre-copy driver needs from a hypervisor, behind one trait per
+//! side (DESIGN.md, "Guest backends").
+//!
+//! The source side ([`SourceGuest`]) offers the page count, a fetch-and-clear dirty log,
+//! stable copies of pages, pause/resume and an opaque CPU/device state blob. The destination
+//! side ([`DestGuest`]) offers per-stream writers into guest memory, the state blob, and
+//! starting the guest once the migration commits.
+
+pub mod dirty;
+
+pub use dirty::DirtyBitmap;
+
+use crate::page::{PageBatch, Pfn};
+
+/// Bytes hashed per chunk by [`memory_digest`].
+pub const DIGEST_CHUNK: usize = 1 << 20;
+
+/// The canonical digest of guest memory, the same at both ends: XXH3-64 of the sequence of
+/// XXH3-64 digests of each 1 MiB chunk (chunked so backends may hash chunks in parallel or
+/// as they arrive, and combine them in order).
+pub fn memory_digest(mem: &[u8]) -> u64 {
+    let mut all = xxhash_rust::xxh3::Xxh3::new();
+    for chunk in mem.chunks(DIGEST_CHUNK) {
+        all.update(&xxhash_rust::xxh3::xxh3_64(chunk).to_le_bytes());
+    }
+    all.digest()
+}
+
+/// Errors from a guest backend, written for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// the backend's hypervisor call failed
+    #[error("{backend}: {op} failed: {message}")]
+    Backend {
+        /// Backend name (`synthetic`, `qemu`, `xen`, `kvm`).
+        backend: &'static str,
+        /// What was attempted.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// a page number beyond the guest
+    #[error("page {pfn} is beyond the guest's {page_count} pages")]
+    PageOutOfRange {
+        /// The page number.
+        pfn: Pfn,
+        /// Pages in the guest.
+        page_count: u64,
+    },
+    /// the destination's guest does not match what the source sends
+    #[error("guest size mismatch: source has {source_pages} pages, destination {dest_pages}")]
+    SizeMismatch {
+        /// Pages at the source.
+        source_pages: u64,
+        /// Pages at the destination.
+        dest_pages: u64,
+    },
+    /// a state blob the backend cannot use
+    #[error("guest state blob rejected: {0}")]
+    BadState(String),
+}
+
+/// A running guest at the source.
+///
+/// Shared by the driver and the scan thread, so every method takes `&self`; backends
+/// synchronise internally.
+pub trait SourceGuest: Send + Sync {
+    /// Backend name for logs and status.
+    fn backend(&self) -> &'static str;
+
+    /// Pages of guest memory.
+    fn page_count(&self) -> u64;
+
+    /// Starts dirty logging: from now on every written page shows up in
+    /// [`collect_dirty`](Self::collect_dirty).
+    fn start_dirty_log(&self) -> Result<(), GuestError>;
+
+    /// Adds every page written since the last call (or since dirty logging started) to
+    /// `bitmap`, and clears the log. A page written while this runs is reported now or by the
+    /// next call, never lost.
+    fn collect_dirty(&self, bitmap: &mut DirtyBitmap) -> Result<(), GuestError>;
+
+    /// Appends stable copies of `pfns` to `batch` (DESIGN.md: encode from a stable copy). A
+    /// page the guest changes during the copy is dirty again and goes in a later iteration.
+    fn read_pages(&self, pfns: &[Pfn], batch: &mut PageBatch) -> Result<(), GuestError>;
+
+    /// Stops the guest: no memory writes until [`resume`](Self::resume). Returns once no
+    /// write is in flight.
+    fn pause(&self) -> Result<(), GuestError>;
+
+    /// Lets the guest run again (here: the migration failed or was aborted).
+    fn resume(&self) -> Result<(), GuestError>;
+
+    /// The CPU and device state, taken while paused.
+    fn state(&self) -> Result<Vec<u8>, GuestError>;
+
+    /// [`memory_digest`] of all guest memory, taken while paused: the destination must reach
+    /// the same value once it holds everything.
+    fn memory_digest(&self) -> Result<u64, GuestError>;
+
+    /// Stops dirty logging and releases the guest for good: the migration committed and the
+    /// guest now runs at the destination. The source must never resume it after this.
+    fn hand_over(&self) -> Result<(), GuestError>;
+}
+
+/// Writes one stream's pages into the destination guest's memory.
+pub trait PageWriter: crate::codec::PageSink + Send {}
+
+/// The guest being built at the destination.
+pub trait DestGuest: Send + Sync {
+    /// Backend name for logs and status.
+    fn backend(&self) -> &'static str;
+
+    /// Pages of guest memory.
+    fn page_count(&self) -> u64;
+
+    /// A writer for the pages that `owns(pfn)` selects. The caller guarantees that the sets
+    /// of pages given to different writers are disjoint, and the writers check it.
+    fn writer(
+        &self,
+        owns: Box<dyn Fn(Pfn) -> bool + Send + Sync>,
+    ) -> Result<Box<dyn PageWriter>, GuestError>;
+
+    /// Installs the CPU and device state sent at stop-and-copy.
+    fn set_state(&self, blob: &[u8]) -> Result<(), GuestError>;
+
+    /// [`memory_digest`] of all guest memory (the end-to-end check against the source's).
+    fn memory_digest(&self) -> u64;
+
+    /// Starts the guest: the migration committed.
+    fn start(&self) -> Result<(), GuestError>;
+}
