@@ -279,3 +279,21 @@ fn decoder_refuses_to_continue_after_an_error() {
         Err(DecodeError::Poisoned)
     );
 }
+
+/// Fuzzing regression (delta-len-4095-saved-delta-underflow): a delta as long as a page used
+/// to underflow the savings counter (a panic in debug builds).
+#[test]
+fn page_sized_delta_does_not_panic() {
+    let zero = body(|w| w.header(RecordKind::Zero, 0));
+    let delta = body(|w| {
+        w.header(RecordKind::Delta, 0);
+        w.varint(4095);
+        w.varint(0); // gap
+        w.varint(4092); // run length
+        w.bytes(&[1; 4092]);
+    });
+    assert_eq!(
+        decode(no_verify(), &[(zero, 1, None), (delta, 1, None)]),
+        Ok(())
+    );
+}

@@ -338,7 +338,9 @@ impl Decoder {
                 Fate::Keep(base[i])
             }
         });
-        self.stats.saved_delta += (PAGE_SIZE - len - (reader.offset() - len_at - len)) as u64;
+        // A hostile delta may use the whole page (our encoder stops short of it): saturate.
+        let record_payload = reader.offset() - len_at;
+        self.stats.saved_delta += PAGE_SIZE.saturating_sub(record_payload) as u64;
         self.commit(pfn, page, &fates);
         Ok(())
     }

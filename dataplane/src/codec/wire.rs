@@ -295,7 +295,7 @@ pub fn write_varint(out: &mut [u8], mut v: u64) -> usize {
 }
 
 /// Reads an LEB128 varint from the front of `buf`: (value, bytes used), or `None` when it is
-/// truncated, longer than 10 bytes or overflows.
+/// truncated, longer than 10 bytes, overflows, or is not the shortest encoding of its value.
 pub fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, &b) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
@@ -305,6 +305,10 @@ pub fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
         }
         v |= part << (7 * i);
         if b & 0x80 == 0 {
+            // Only the shortest encoding is accepted: one value, one wire form.
+            if i > 0 && b == 0 {
+                return None;
+            }
             return Some((v, i + 1));
         }
     }
@@ -339,6 +343,13 @@ mod tests {
                 assert_eq!(read_varint(&buf[..n - 1]), None, "truncated {v}");
             }
         }
+    }
+
+    #[test]
+    fn padded_varints_are_refused() {
+        assert_eq!(read_varint(&[0x80, 0x00]), None);
+        assert_eq!(read_varint(&[0xff, 0x80, 0x00]), None);
+        assert_eq!(read_varint(&[0x00]), Some((0, 1)));
     }
 
     #[test]
