@@ -107,6 +107,11 @@ impl FrameBuf {
         }
     }
 
+    /// Size of the whole buffer (the largest sealed frame it holds).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Largest body this buffer holds.
     pub fn body_capacity(&self) -> usize {
         self.buf.len() - HEADER_LEN - TAG_LEN
@@ -187,13 +192,14 @@ impl FrameBuf {
         self.cache_digest
     }
 
-    /// The whole buffer, for the sealer.
-    pub(crate) fn raw_mut(&mut self) -> &mut [u8] {
+    /// The whole buffer: the sealer writes around the body; a receiver reads a frame off the
+    /// wire into it and opens it there.
+    pub fn raw_mut(&mut self) -> &mut [u8] {
         &mut self.buf
     }
 
-    /// The first `len` bytes of the buffer (the sealed frame).
-    pub(crate) fn raw(&self, len: usize) -> &[u8] {
+    /// The first `len` bytes of the buffer (a sealed frame).
+    pub fn raw(&self, len: usize) -> &[u8] {
         &self.buf[..len]
     }
 }

@@ -9,3 +9,4 @@ pub mod crypto;
 pub mod frame;
 pub mod guest;
 pub mod page;
+pub mod transport;

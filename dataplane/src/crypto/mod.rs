@@ -5,4 +5,4 @@ pub mod keys;
 pub mod seal;
 
 pub use keys::{Direction, HandshakeNonce, KeyError, MigrationKeys, PreSharedKey, StreamKey};
-pub use seal::{OpenError, OpenedFrame, Opener, Sealer};
+pub use seal::{HeaderChecker, OpenError, OpenedFrame, Opener, Sealer};

@@ -226,25 +226,17 @@ impl Opener {
     /// Only structure is checked here (nothing is authenticated until [`open`](Self::open)),
     /// but it is enough to refuse garbage and bound the read.
     pub fn check_header(&self, bytes: &[u8]) -> Result<usize, OpenError> {
-        let header = parse_header(bytes)?;
-        let len = usize::try_from(header.body_len.get()).unwrap_or(usize::MAX);
-        let max = self.max_frame - HEADER_LEN - TAG_LEN;
-        if len > max {
-            return Err(OpenError::TooLong { len, max });
+        self.header_checker().check(bytes)
+    }
+
+    /// The header checks alone, for a receive thread that reads frames off the socket while
+    /// another thread opens them.
+    pub fn header_checker(&self) -> HeaderChecker {
+        HeaderChecker {
+            stream: self.stream,
+            key_id: self.key_id,
+            max_frame: self.max_frame,
         }
-        if header.stream.get() != self.stream {
-            return Err(OpenError::WrongStream {
-                expected: self.stream,
-                got: header.stream.get(),
-            });
-        }
-        if header.key_id.get() != self.key_id {
-            return Err(OpenError::WrongKey {
-                expected: self.key_id,
-                got: header.key_id.get(),
-            });
-        }
-        Ok(HEADER_LEN + len + TAG_LEN)
     }
 
     /// Authenticates and decrypts one whole frame in place.
@@ -287,6 +279,45 @@ impl Opener {
             cache_digest: (flags & FLAG_CACHE_DIGEST != 0).then(|| header.cache_digest.get()),
             body,
         })
+    }
+}
+
+/// The checks a header must pass before its body is read (see [`Opener::check_header`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderChecker {
+    stream: u32,
+    key_id: u32,
+    max_frame: usize,
+}
+
+impl HeaderChecker {
+    /// Largest frame accepted.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Checks magic, version, flags, length bound, stream and key id; returns the frame's
+    /// total wire length.
+    pub fn check(&self, bytes: &[u8]) -> Result<usize, OpenError> {
+        let header = parse_header(bytes)?;
+        let len = usize::try_from(header.body_len.get()).unwrap_or(usize::MAX);
+        let max = self.max_frame - HEADER_LEN - TAG_LEN;
+        if len > max {
+            return Err(OpenError::TooLong { len, max });
+        }
+        if header.stream.get() != self.stream {
+            return Err(OpenError::WrongStream {
+                expected: self.stream,
+                got: header.stream.get(),
+            });
+        }
+        if header.key_id.get() != self.key_id {
+            return Err(OpenError::WrongKey {
+                expected: self.key_id,
+                got: header.key_id.get(),
+            });
+        }
+        Ok(HEADER_LEN + len + TAG_LEN)
     }
 }
 
