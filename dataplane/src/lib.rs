@@ -8,5 +8,6 @@ pub mod codec;
 pub mod crypto;
 pub mod frame;
 pub mod guest;
+pub mod migrate;
 pub mod page;
 pub mod transport;
