@@ -10,4 +10,6 @@ pub mod frame;
 pub mod guest;
 pub mod migrate;
 pub mod page;
+pub mod pipeline;
+pub mod protocol;
 pub mod transport;

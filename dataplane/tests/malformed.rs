@@ -297,3 +297,21 @@ fn page_sized_delta_does_not_panic() {
         Ok(())
     );
 }
+
+#[test]
+fn pages_of_another_stream_are_refused() {
+    let (mut sealer, mut opener) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    let mut dec = Decoder::new(no_verify(), PAGES).unwrap();
+    dec.restrict_to(|pfn| pfn % 2 == 0);
+    let mut mem = vec![Page::zeroed(); PAGES_USIZE];
+    mem[3].0[0] = 9;
+    let mut f = FrameBuf::new(DEFAULT_FRAME_SIZE);
+    f.append_raw_records(&body(|w| w.header(RecordKind::Zero, 3)), 1);
+    let mut wire = sealer.seal(&mut f).to_vec();
+    let o = opener.open(&mut wire).unwrap();
+    assert_eq!(
+        dec.decode(o.body, o.records, o.cache_digest, mem.as_mut_slice()),
+        Err(DecodeError::NotThisStream { pfn: 3 })
+    );
+    assert_eq!(mem[3].0[0], 9, "nothing written");
+}

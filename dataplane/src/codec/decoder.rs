@@ -92,19 +92,35 @@ pub enum DecodeError {
     /// a digest was sent but this end keeps none
     #[error("frame carries a cache digest but cache verification is off here")]
     UnexpectedDigest,
+    /// a page that travels on another stream
+    #[error("record for page {pfn}, which belongs to another stream")]
+    NotThisStream {
+        /// The page number.
+        pfn: Pfn,
+    },
     /// an earlier frame failed; the stream cannot continue
     #[error("decoder stopped after an earlier error; the stream must be restarted")]
     Poisoned,
 }
 
 /// Decodes one stream's records into page writes.
-#[derive(Debug)]
 pub struct Decoder {
     config: CodecConfig,
     page_count: u64,
     cache: Option<CacheState>,
     stats: CodecStats,
     poisoned: bool,
+    owns: Option<Box<dyn Fn(Pfn) -> bool + Send>>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("page_count", &self.page_count)
+            .field("poisoned", &self.poisoned)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Decoder {
@@ -120,7 +136,14 @@ impl Decoder {
             cache,
             stats: CodecStats::default(),
             poisoned: false,
+            owns: None,
         })
+    }
+
+    /// Accepts only pages for which `owns` holds (the pages assigned to this stream); any
+    /// other is refused with [`DecodeError::NotThisStream`] before anything is written.
+    pub fn restrict_to(&mut self, owns: impl Fn(Pfn) -> bool + Send + 'static) {
+        self.owns = Some(Box::new(owns));
     }
 
     /// Counters so far.
@@ -190,6 +213,9 @@ impl Decoder {
                     pfn,
                     page_count: self.page_count,
                 });
+            }
+            if self.owns.as_ref().is_some_and(|owns| !owns(pfn)) {
+                return Err(DecodeError::NotThisStream { pfn });
             }
             match kind {
                 RecordKind::Zero => self.zero(pfn, sink),

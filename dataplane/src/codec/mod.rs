@@ -52,7 +52,7 @@ pub const DEFAULT_DELTA_THRESHOLD: usize = PAGE_SIZE - 1;
 
 /// How one stream's codec behaves. Both ends of a stream must use equal configs (the
 /// handshake checks it): the cache capacity and which features run are wire-visible.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CodecConfig {
     /// Send all-zero pages and blocks as markers.
     pub zero_pages: bool,

@@ -1,6 +1,47 @@
 //! Live migration: the pre-copy driver at the source, its peer at the destination, and the
 //! policies that decide when to stop.
 
+pub mod dest;
 pub mod policy;
+pub mod source;
+pub mod status;
 
 pub use policy::{Decision, IterationReport, Policy, StopDecider, StopReason};
+pub use status::{MigrationStatus, Phase, Role, Saved};
+
+/// Why a migration failed, for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// the protocol failed (connection, handshake, peer)
+    #[error(transparent)]
+    Protocol(#[from] crate::protocol::ProtocolError),
+    /// a pipeline stage failed
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    /// the guest backend failed
+    #[error(transparent)]
+    Guest(#[from] crate::guest::GuestError),
+    /// the codec config is unusable
+    #[error(transparent)]
+    Config(#[from] crate::codec::ConfigError),
+    /// the peer reported a failure
+    #[error("peer failed: {0}")]
+    Peer(String),
+    /// the memory digests differ
+    #[error("memory verification failed: source digest {ours:#018x}, destination {dest:#018x}")]
+    DigestMismatch {
+        /// The source's digest.
+        ours: u64,
+        /// The destination's.
+        dest: u64,
+    },
+    /// the operator aborted the migration
+    #[error("aborted by the operator")]
+    Aborted,
+    /// the peer stopped answering
+    #[error("peer did not answer within {0} s ({1})")]
+    Timeout(u64, &'static str),
+    /// the connection failed
+    #[error("{0}: {1}")]
+    Connect(String, std::io::Error),
+}

@@ -190,10 +190,10 @@ impl StopDecider {
         if self.sent_total >= XEN_MAX_FACTOR * self.guest_pages {
             return Decision::Stop(StopReason::MaxData);
         }
-        if self.policy == Policy::Smart {
-            if let Some(decision) = self.smart(r, remaining) {
-                return decision;
-            }
+        if self.policy == Policy::Smart
+            && let Some(decision) = self.smart(r, remaining)
+        {
+            return decision;
         }
         Decision::Continue
     }

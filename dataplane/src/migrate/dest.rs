@@ -1,0 +1,362 @@
+//! The destination's side: accept a migration, decode it into a new guest, verify it, and
+//! start the guest only when the source commits.
+//!
+//! Until `Commit` arrives nothing runs here: on abort, failure, a lost connection or a
+//! timeout, the guest built so far is dropped (discarded) and the source keeps its own.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{MigrateError, MigrationStatus, Phase, Role};
+use crate::codec::CodecStats;
+use crate::crypto::{Direction, PreSharedKey};
+use crate::guest::DestGuest;
+use crate::pipeline::sink::SinkPipeline;
+use crate::protocol::handshake::check_version;
+use crate::protocol::{
+    ControlRx, ControlTx, Hello, ToDest, ToSource, accept_stream, control_channel, read_hello,
+    send_welcome,
+};
+use crate::transport::SocketOptions;
+
+/// Everything a destination needs to know.
+#[derive(Debug, Clone)]
+pub struct DestOptions {
+    /// The pre-shared key.
+    pub psk: PreSharedKey,
+    /// Socket tuning.
+    pub socket: SocketOptions,
+    /// Pin pipeline threads to cores.
+    pub pin_threads: bool,
+    /// How long the source may stay silent.
+    pub timeout: Duration,
+    /// Largest guest accepted, in pages.
+    pub max_guest_pages: u64,
+    /// Most data streams accepted.
+    pub max_streams: u32,
+}
+
+/// The end result at the destination.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DestSummary {
+    /// Final status.
+    pub status: MigrationStatus,
+    /// Codec counters over all streams.
+    pub codec: CodecStats,
+}
+
+/// Builds the destination guest for a Hello (or says why not).
+pub type GuestFactory<'a> = dyn FnOnce(&Hello) -> Result<Arc<dyn DestGuest>, String> + 'a;
+
+/// Accepts one migration on `listener` and carries it to its end.
+pub fn receive(
+    listener: &TcpListener,
+    opts: &DestOptions,
+    make_guest: Box<GuestFactory<'_>>,
+    status: &Arc<Mutex<MigrationStatus>>,
+    abort: &AtomicBool,
+) -> Result<DestSummary, MigrateError> {
+    let started = Instant::now();
+    let (mut control, _) = listener
+        .accept()
+        .map_err(|e| MigrateError::Connect("accepting the control connection".into(), e))?;
+    opts.socket
+        .apply(&control)
+        .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
+    control
+        .set_read_timeout(Some(opts.timeout))
+        .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
+    let hello = read_hello(&mut control)?;
+    *status.lock().expect("status lock") = MigrationStatus::new(
+        hello.migration_id,
+        Role::Destination,
+        &hello.guest,
+        hello.guest_pages,
+    );
+
+    let verdict = check_version(&hello).and_then(|()| check_hello(&hello, opts));
+    let guest = verdict.clone().and_then(|()| make_guest(&hello));
+    let keys = send_welcome(
+        &mut control,
+        &opts.psk,
+        &hello,
+        guest.as_ref().map(|_| ()).map_err(Clone::clone),
+    )?;
+    let (Some(keys), Ok(guest)) = (keys, guest) else {
+        let why = verdict
+            .and(Err::<(), _>("refused".to_string()))
+            .unwrap_err();
+        return Err(fail(
+            status,
+            started,
+            MigrateError::Peer(format!("refused: {why}")),
+        ));
+    };
+
+    let mut data = Vec::new();
+    let mut stream_keys = Vec::new();
+    for want in 1..=hello.streams {
+        let mut d = match accept_data(listener, &control, opts.timeout) {
+            Ok(d) => d,
+            Err(e) => return Err(fail(status, started, e)),
+        };
+        d.set_read_timeout(Some(opts.timeout))
+            .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
+        let sh = accept_stream(&mut d)?;
+        if sh.migration_id != hello.migration_id || sh.stream != want {
+            return Err(fail(
+                status,
+                started,
+                MigrateError::Peer(format!(
+                    "data stream {}/{:x} arrived where stream {want}/{:x} was expected",
+                    sh.stream, sh.migration_id, hello.migration_id
+                )),
+            ));
+        }
+        // The receive ring waits on its own terms; the driver times out on progress.
+        d.set_read_timeout(None)
+            .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
+        opts.socket
+            .apply(&d)
+            .map_err(|e| MigrateError::Connect("tuning a data socket".into(), e))?;
+        data.push(d);
+        stream_keys.push(keys.stream_key(want, Direction::SourceToDest));
+    }
+    let (mut tx, mut rx) = control_channel(&control, &keys, Direction::DestToSource)?;
+    let frame_size = usize::try_from(hello.frame_size).unwrap_or(usize::MAX);
+    let mut pipeline = SinkPipeline::start(
+        &guest,
+        data,
+        &stream_keys,
+        &hello.codec,
+        frame_size,
+        opts.pin_threads,
+    )?;
+    status.lock().expect("status lock").phase = Phase::Iterating;
+
+    let result = follow(
+        &mut tx,
+        &mut rx,
+        &mut pipeline,
+        guest.as_ref(),
+        status,
+        abort,
+        opts.timeout,
+        started,
+    );
+    let codec = pipeline.codec_totals();
+    match result {
+        Ok(()) => {
+            let tail = pipeline.finish();
+            if let Err(e) = tail {
+                tracing::warn!("pipeline after the start: {e}");
+            }
+            let mut st = status.lock().expect("status lock");
+            st.set_codec(&codec);
+            st.elapsed_ms = millis(started.elapsed());
+            Ok(DestSummary {
+                status: st.clone(),
+                codec,
+            })
+        }
+        Err(e) => {
+            // Discard: stop the pipeline and drop the half-built guest.
+            let _ = tx.send(&ToSource::Failed {
+                reason: e.to_string(),
+            });
+            tx.shutdown();
+            let tail = pipeline.stop();
+            drop(guest);
+            let e = match (e, tail) {
+                (MigrateError::Timeout(..), Err(p)) => p.into(),
+                (e, _) => e,
+            };
+            Err(fail(status, started, e))
+        }
+    }
+}
+
+/// Accepts the next data connection, giving up when the source hangs up its control
+/// connection (it refused our key check, or died) or after `timeout`.
+fn accept_data(
+    listener: &TcpListener,
+    control: &std::net::TcpStream,
+    timeout: Duration,
+) -> Result<std::net::TcpStream, MigrateError> {
+    let io = |what: &str, e| MigrateError::Connect(what.to_string(), e);
+    let deadline = Instant::now() + timeout;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io("listener", e))?;
+    control
+        .set_nonblocking(true)
+        .map_err(|e| io("control", e))?;
+    let result = loop {
+        match listener.accept() {
+            Ok((d, _)) => break Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => break Err(io("accepting a data stream", e)),
+        }
+        match control.peek(&mut [0u8; 1]) {
+            Ok(0) => {
+                break Err(MigrateError::Peer(
+                    "source hung up before opening its data streams (did its key check fail?)"
+                        .into(),
+                ));
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break Err(io("control", e)),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            break Err(MigrateError::Timeout(
+                timeout.as_secs(),
+                "opening data streams",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| io("listener", e))?;
+    control
+        .set_nonblocking(false)
+        .map_err(|e| io("control", e))?;
+    let d = result?;
+    d.set_nonblocking(false).map_err(|e| io("data stream", e))?;
+    Ok(d)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn fail(status: &Arc<Mutex<MigrationStatus>>, started: Instant, e: MigrateError) -> MigrateError {
+    let mut st = status.lock().expect("status lock");
+    st.phase = if matches!(e, MigrateError::Aborted) {
+        Phase::Aborted
+    } else {
+        Phase::Failed
+    };
+    st.error = Some(e.to_string());
+    st.elapsed_ms = millis(started.elapsed());
+    e
+}
+
+/// What this host is willing to receive.
+fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
+    if h.guest_pages == 0 || h.guest_pages > opts.max_guest_pages {
+        return Err(format!(
+            "guest of {} pages exceeds this host's limit of {} pages",
+            h.guest_pages, opts.max_guest_pages
+        ));
+    }
+    if h.streams == 0 || h.streams > opts.max_streams {
+        return Err(format!(
+            "{} streams requested, this host accepts 1..={}",
+            h.streams, opts.max_streams
+        ));
+    }
+    h.codec.validate().map_err(|e| e.to_string())?;
+    let frame = usize::try_from(h.frame_size).unwrap_or(usize::MAX);
+    if !(crate::frame::MIN_FRAME_SIZE..=crate::frame::MAX_FRAME_SIZE).contains(&frame) {
+        return Err(format!("frame size {frame} outside the supported range"));
+    }
+    Ok(())
+}
+
+/// Follows the source's control messages to the end.
+#[allow(clippy::too_many_arguments)]
+fn follow(
+    tx: &mut ControlTx,
+    rx: &mut ControlRx,
+    pipeline: &mut SinkPipeline,
+    guest: &dyn DestGuest,
+    status: &Arc<Mutex<MigrationStatus>>,
+    abort: &AtomicBool,
+    timeout: Duration,
+    started: Instant,
+) -> Result<(), MigrateError> {
+    rx.set_timeout(Some(Duration::from_millis(200)))?;
+    let mut silent = Instant::now();
+    let mut ready = false;
+    loop {
+        if abort.load(Ordering::Relaxed) {
+            return Err(MigrateError::Aborted);
+        }
+        let msg = match rx.recv::<ToDest>() {
+            Ok(m) => m,
+            Err(e) if e.is_timeout() => {
+                if silent.elapsed() > timeout {
+                    return Err(MigrateError::Timeout(
+                        timeout.as_secs(),
+                        "source went silent",
+                    ));
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        silent = Instant::now();
+        let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
+        match msg {
+            ToDest::IterationEnd { iteration, frames } => {
+                pipeline
+                    .progress
+                    .wait_for(&frames, timeout)
+                    .map_err(MigrateError::Peer)?;
+                tx.send(&ToSource::IterationAck { iteration })?;
+                let mut st = status.lock().expect("status lock");
+                st.iteration = iteration;
+                st.wire_bytes = wire;
+                st.elapsed_ms = millis(started.elapsed());
+            }
+            ToDest::Final {
+                iteration,
+                frames,
+                digest,
+                state,
+            } => {
+                status.lock().expect("status lock").phase = Phase::Verifying;
+                pipeline
+                    .progress
+                    .wait_for(&frames, timeout)
+                    .map_err(MigrateError::Peer)?;
+                // The source closed the data streams after the last frame: the pipeline ends
+                // and releases guest memory before it is hashed.
+                pipeline.finish()?;
+                let ours = guest.memory_digest();
+                if ours != digest {
+                    return Err(MigrateError::DigestMismatch {
+                        ours: digest,
+                        dest: ours,
+                    });
+                }
+                guest.set_state(&state)?;
+                tx.send(&ToSource::Ready { digest: ours })?;
+                ready = true;
+                let mut st = status.lock().expect("status lock");
+                st.iteration = iteration;
+                st.verified = Some(true);
+                st.wire_bytes = wire;
+            }
+            ToDest::Commit if ready => {
+                guest.start()?;
+                tx.send(&ToSource::Started)?;
+                let mut st = status.lock().expect("status lock");
+                st.phase = Phase::Completed;
+                st.elapsed_ms = millis(started.elapsed());
+                return Ok(());
+            }
+            ToDest::Commit => {
+                return Err(MigrateError::Peer(
+                    "commit before the destination was ready".into(),
+                ));
+            }
+            ToDest::Abort { reason } => {
+                return Err(MigrateError::Peer(format!("source aborted: {reason}")));
+            }
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The source's pre-copy driver: handshake, iterations until the stop policy says stop,
+//! stop-and-copy, and the two-phase switchover.
+//!
+//! Invariant: the guest runs here until the destination has confirmed it holds every page
+//! and the memory digests match (`Ready`). Only then does the source hand the guest over
+//! (the commit point) and send `Commit`; after that it never resumes it. Any failure before
+//! the commit resumes the guest here and tells the destination to discard.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::{
+    Decision, IterationReport, MigrateError, MigrationStatus, Phase, Policy, Role, StopDecider,
+};
+use crate::codec::{CodecConfig, CodecStats};
+use crate::crypto::{Direction, HandshakeNonce, PreSharedKey};
+use crate::guest::{DirtyBitmap, SourceGuest};
+use crate::pipeline::source::{SourcePipeline, SourceSettings};
+use crate::protocol::{
+    ControlTx, Hello, StreamHello, ToDest, ToSource, VERSION, control_channel, open_stream,
+    send_hello,
+};
+use crate::transport::SocketOptions;
+
+/// Everything a source needs to know.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// The destination's migration address.
+    pub peer: SocketAddr,
+    /// The pre-shared key.
+    pub psk: PreSharedKey,
+    /// Data streams (TCP connections).
+    pub streams: u32,
+    /// Codec settings (the destination adopts them).
+    pub codec: CodecConfig,
+    /// Stop policy.
+    pub policy: Policy,
+    /// Stop as soon as what remains fits in this pause.
+    pub downtime_limit: Option<Duration>,
+    /// Send-side rate limit, bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Socket tuning.
+    pub socket: SocketOptions,
+    /// Data frame size.
+    pub frame_size: usize,
+    /// Pin pipeline threads to cores.
+    pub pin_threads: bool,
+    /// How long the peer may stay silent before the migration fails.
+    pub timeout: Duration,
+    /// The guest's name, for status displays.
+    pub guest_label: String,
+}
+
+/// The end result, as measured at the source.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceSummary {
+    /// Final status (phase Completed).
+    pub status: MigrationStatus,
+    /// Codec counters over all streams.
+    pub codec: CodecStats,
+    /// One record per iteration, the final copy last.
+    pub iterations: Vec<IterationRecord>,
+}
+
+/// What one iteration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IterationRecord {
+    /// Iteration number.
+    pub iteration: u32,
+    /// Pages sent.
+    pub sent: u64,
+    /// Pages dirtied while it ran (0 for the final copy: the guest was paused).
+    pub dirtied: u64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Duration, ms.
+    pub ms: u64,
+}
+
+/// Live-migrates `guest` to `opts.peer`. `status` is kept current for observers; setting
+/// `abort` stops the migration at the next step before the commit.
+pub fn migrate(
+    guest: Arc<dyn SourceGuest>,
+    opts: &SourceOptions,
+    id: u64,
+    status: &Arc<Mutex<MigrationStatus>>,
+    abort: &AtomicBool,
+) -> Result<SourceSummary, MigrateError> {
+    *status.lock().expect("status lock") =
+        MigrationStatus::new(id, Role::Source, &opts.guest_label, guest.page_count());
+    let mut run = Run {
+        guest,
+        opts,
+        id,
+        status,
+        abort,
+        started: Instant::now(),
+        paused: None,
+        committed: false,
+    };
+    let result = run.go();
+    let mut st = status.lock().expect("status lock");
+    st.elapsed_ms = millis(run.started.elapsed());
+    match &result {
+        Ok(_) => {}
+        Err(e) => {
+            st.error = Some(e.to_string());
+            if !run.committed {
+                st.phase = if matches!(e, MigrateError::Aborted) {
+                    Phase::Aborted
+                } else {
+                    Phase::Failed
+                };
+            }
+        }
+    }
+    drop(st);
+    result
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+struct Run<'a> {
+    guest: Arc<dyn SourceGuest>,
+    opts: &'a SourceOptions,
+    id: u64,
+    status: &'a Arc<Mutex<MigrationStatus>>,
+    abort: &'a AtomicBool,
+    started: Instant,
+    paused: Option<Instant>,
+    committed: bool,
+}
+
+/// Everything to undo if the migration fails before the commit.
+struct Session {
+    control: TcpStream,
+    data: Vec<TcpStream>,
+    tx: ControlTx,
+    from_dest: Receiver<Result<ToSource, String>>,
+}
+
+impl Session {
+    fn teardown(&self) {
+        for s in self.data.iter().chain([&self.control]) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Run<'_> {
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        let mut st = self.status.lock().expect("status lock");
+        f(&mut st);
+        st.elapsed_ms = millis(self.started.elapsed());
+    }
+
+    fn go(&mut self) -> Result<SourceSummary, MigrateError> {
+        let (mut session, mut pipeline) = self.connect()?;
+        let result = self.precopy_and_switch(&mut session, &mut pipeline);
+        match result {
+            Ok(iterations) => {
+                let codec = pipeline.codec_totals();
+                // Committed: the pipeline has delivered everything; a late error is reported
+                // but does not change where the guest runs.
+                let tail = pipeline.finish();
+                session.teardown();
+                if let Err(e) = tail {
+                    tracing::warn!(migration = self.id, "pipeline after commit: {e}");
+                }
+                let status = self.status.lock().expect("status lock").clone();
+                Ok(SourceSummary {
+                    status,
+                    codec,
+                    iterations,
+                })
+            }
+            Err(e) => {
+                // Before the commit (the commit is the last fallible step's success): tell the
+                // destination to discard, stop the pipeline, give the guest back its CPU.
+                let _ = session.tx.send(&ToDest::Abort {
+                    reason: e.to_string(),
+                });
+                for s in session.data.iter().chain([&session.control]) {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                let tail = pipeline.finish();
+                if self.paused.is_some() && !self.committed {
+                    self.guest.resume()?;
+                }
+                // A pipeline failure is usually the cause of the driver's error; prefer it.
+                match (e, tail) {
+                    (MigrateError::Peer(_) | MigrateError::Timeout(..), Err(p)) => Err(p.into()),
+                    (e, _) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self) -> Result<(Session, SourcePipeline), MigrateError> {
+        let o = self.opts;
+        let dial = |what: &str| {
+            let s = TcpStream::connect_timeout(&o.peer, o.timeout).map_err(|e| {
+                MigrateError::Connect(format!("connecting {what} to {}", o.peer), e)
+            })?;
+            o.socket
+                .apply(&s)
+                .map_err(|e| MigrateError::Connect(format!("tuning {what} socket"), e))?;
+            Ok::<_, MigrateError>(s)
+        };
+        let mut control = dial("control connection")?;
+        control
+            .set_read_timeout(Some(o.timeout))
+            .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
+        let nonce = HandshakeNonce::random().map_err(|e| {
+            MigrateError::Connect("nonce".into(), std::io::Error::other(e.to_string()))
+        })?;
+        let hello = Hello {
+            version: VERSION,
+            migration_id: self.id,
+            source_nonce: nonce.0,
+            guest_pages: self.guest.page_count(),
+            streams: o.streams,
+            codec: o.codec.clone(),
+            frame_size: u32::try_from(o.frame_size).unwrap_or(u32::MAX),
+            backend: self.guest.backend().to_string(),
+            guest: o.guest_label.clone(),
+        };
+        let keys = send_hello(&mut control, &o.psk, &hello)?;
+        control
+            .set_read_timeout(None)
+            .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
+        let mut data = Vec::new();
+        let mut stream_keys = Vec::new();
+        for s in 1..=o.streams {
+            let mut d = dial("data stream")?;
+            open_stream(
+                &mut d,
+                StreamHello {
+                    migration_id: self.id,
+                    stream: s,
+                },
+            )?;
+            data.push(d);
+            stream_keys.push(keys.stream_key(s, Direction::SourceToDest));
+        }
+        let (tx, mut rx) = control_channel(&control, &keys, Direction::SourceToDest)?;
+        // Destination messages arrive on their own thread, so waits can time out and see
+        // the destination's failure reports at any point.
+        let (msg_tx, from_dest) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name(format!("sf-ctl-{:x}", self.id))
+            .spawn(move || {
+                loop {
+                    let m = rx.recv::<ToSource>().map_err(|e| e.to_string());
+                    let end = m.is_err();
+                    if msg_tx.send(m).is_err() || end {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| MigrateError::Connect("control thread".into(), e))?;
+
+        self.guest.start_dirty_log()?;
+        let settings = SourceSettings {
+            codec: o.codec.clone(),
+            frame_size: o.frame_size,
+            max_bandwidth: o.max_bandwidth,
+            pin_threads: o.pin_threads,
+        };
+        let sockets = data
+            .iter()
+            .map(TcpStream::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| MigrateError::Connect("cloning data sockets".into(), e))?;
+        let pipeline = SourcePipeline::start(self.guest.clone(), sockets, &stream_keys, &settings)?;
+        Ok((
+            Session {
+                control,
+                data,
+                tx,
+                from_dest,
+            },
+            pipeline,
+        ))
+    }
+
+    /// Checks for abort and for messages from the destination without waiting.
+    fn poll(&self, session: &Session) -> Result<(), MigrateError> {
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(MigrateError::Aborted);
+        }
+        while let Ok(m) = session.from_dest.try_recv() {
+            match m {
+                Ok(ToSource::IterationAck { .. }) => {}
+                Ok(ToSource::Failed { reason }) => return Err(MigrateError::Peer(reason)),
+                Ok(other) => return Err(MigrateError::Peer(format!("unexpected {other:?}"))),
+                Err(e) => return Err(MigrateError::Peer(format!("control connection lost: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for one message other than an iteration ack.
+    fn expect(&self, session: &Session, what: &'static str) -> Result<ToSource, MigrateError> {
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            if self.abort.load(Ordering::Relaxed) && !self.committed {
+                return Err(MigrateError::Aborted);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match session
+                .from_dest
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(Ok(ToSource::IterationAck { .. })) => {}
+                Ok(Ok(ToSource::Failed { reason })) => return Err(MigrateError::Peer(reason)),
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(e)) => {
+                    return Err(MigrateError::Peer(format!("control connection lost: {e}")));
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Err(MigrateError::Timeout(self.opts.timeout.as_secs(), what));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Peer("control connection lost".into()));
+                }
+            }
+        }
+    }
+
+    /// Sends `pages` as iteration `it` and waits until every stream has sealed it.
+    fn send_iteration(
+        &self,
+        session: &Session,
+        pipeline: &mut SourcePipeline,
+        it: u32,
+        pages: DirtyBitmap,
+    ) -> Result<Vec<u64>, MigrateError> {
+        pipeline
+            .send_pages(it, pages)
+            .map_err(|_| MigrateError::Peer("pipeline stopped".into()))?;
+        loop {
+            self.poll(session)?;
+            match pipeline.wait_flushed_timeout(it, Duration::from_millis(100)) {
+                Ok(Some(frames)) => return Ok(frames),
+                Ok(None) => {}
+                Err(_) => return Err(MigrateError::Peer("pipeline stopped".into())),
+            }
+        }
+    }
+
+    fn precopy_and_switch(
+        &mut self,
+        session: &mut Session,
+        pipeline: &mut SourcePipeline,
+    ) -> Result<Vec<IterationRecord>, MigrateError> {
+        let o = self.opts;
+        let pages = self.guest.page_count();
+        let mut decider = StopDecider::new(o.policy, o.downtime_limit, pages);
+        let mut next = DirtyBitmap::full(pages);
+        let mut reports = Vec::new();
+        let mut it = 0u32;
+        self.update(|s| s.phase = Phase::Iterating);
+
+        let reason = loop {
+            it += 1;
+            let sent = next.count();
+            let wire_before = pipeline.wire_bytes.load(Ordering::Relaxed);
+            let t = Instant::now();
+            self.update(|s| {
+                s.iteration = it;
+                s.remaining = sent;
+            });
+            let frames = self.send_iteration(session, pipeline, it, next)?;
+            session.tx.send(&ToDest::IterationEnd {
+                iteration: it,
+                frames,
+            })?;
+            next = DirtyBitmap::new(pages);
+            self.guest.collect_dirty(&mut next)?;
+            let dirtied = next.count();
+            let report = IterationReport {
+                iteration: it,
+                sent,
+                dirtied,
+                wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed) - wire_before,
+                duration: t.elapsed(),
+            };
+            let decision = decider.after_iteration(&report);
+            reports.push(IterationRecord {
+                iteration: it,
+                sent,
+                dirtied,
+                wire_bytes: report.wire_bytes,
+                ms: millis(report.duration),
+            });
+            let codec = pipeline.codec_totals();
+            self.update(|s| {
+                s.pages_sent += sent;
+                s.last_sent = sent;
+                s.last_dirtied = dirtied;
+                s.remaining = dirtied;
+                s.wire_bytes = pipeline.wire_bytes.load(Ordering::Relaxed);
+                s.rate_bps = decider.rate();
+                s.expected_downtime_ms = decider.estimate(dirtied).map(millis);
+                s.eta_ms = s.expected_downtime_ms;
+                s.set_codec(&codec);
+            });
+            tracing::info!(
+                migration = self.id,
+                it,
+                sent,
+                dirtied,
+                ?decision,
+                "iteration done"
+            );
+            if let Decision::Stop(reason) = decision {
+                break reason;
+            }
+            self.poll(session)?;
+        };
+
+        // Stop and copy.
+        self.update(|s| {
+            s.phase = Phase::StopAndCopy;
+            s.stop_reason = Some(reason);
+        });
+        self.guest.pause()?;
+        self.paused = Some(Instant::now());
+        let wire_final = pipeline.wire_bytes.load(Ordering::Relaxed);
+        self.guest.collect_dirty(&mut next)?;
+        it += 1;
+        let last = next.count();
+        let frames = self.send_iteration(session, pipeline, it, next)?;
+        // Everything is queued: close the data plane so the destination's pipeline ends
+        // (and releases guest memory) before it verifies.
+        pipeline.finish()?;
+        let digest = self.guest.memory_digest()?;
+        let state = self.guest.state()?;
+        session.tx.send(&ToDest::Final {
+            iteration: it,
+            frames,
+            digest,
+            state,
+        })?;
+        let final_wire = pipeline.wire_bytes.load(Ordering::Relaxed) - wire_final;
+        reports.push(IterationRecord {
+            iteration: it,
+            sent: last,
+            dirtied: 0,
+            wire_bytes: final_wire,
+            ms: self.paused.map_or(0, |p| millis(p.elapsed())),
+        });
+        self.update(|s| {
+            s.phase = Phase::Verifying;
+            s.iteration = it;
+            s.pages_sent += last;
+            s.last_sent = last;
+            s.remaining = 0;
+        });
+        match self.expect(session, "confirming it holds the guest")? {
+            ToSource::Ready { digest: d } if d == digest => {}
+            ToSource::Ready { digest: d } => {
+                return Err(MigrateError::DigestMismatch {
+                    ours: digest,
+                    dest: d,
+                });
+            }
+            m => return Err(MigrateError::Peer(format!("expected Ready, got {m:?}"))),
+        }
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(MigrateError::Aborted);
+        }
+
+        // COMMIT POINT: from here on the guest belongs to the destination.
+        self.guest.hand_over()?;
+        self.committed = true;
+        let sent_commit = session.tx.send(&ToDest::Commit);
+        let started = sent_commit
+            .map_err(MigrateError::from)
+            .and_then(|()| self.expect(session, "starting the guest"));
+        let pause = self.paused.map(|p| millis(p.elapsed()));
+        let codec = pipeline.codec_totals();
+        let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
+        let phase = match started {
+            Ok(ToSource::Started) => Phase::Completed,
+            _ => Phase::CommittedUnconfirmed,
+        };
+        self.update(|s| {
+            s.phase = phase;
+            s.verified = Some(true);
+            s.pause_ms = pause;
+            s.wire_bytes = wire;
+            s.set_codec(&codec);
+        });
+        if phase == Phase::CommittedUnconfirmed {
+            tracing::error!(
+                migration = self.id,
+                "committed but the destination did not confirm the start; the guest must be started there"
+            );
+        }
+        Ok(reports)
+    }
+}

@@ -1,0 +1,141 @@
+//! What a migration is doing, for `skyferry status` and `watch`.
+
+use serde::Serialize;
+
+use super::StopReason;
+use crate::codec::CodecStats;
+
+/// Which end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sends the guest.
+    Source,
+    /// Receives it.
+    Destination,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Handshake and stream set-up.
+    Connecting,
+    /// Pre-copy: the guest runs while memory is copied.
+    Iterating,
+    /// The guest is paused; the last pages and the state go over.
+    StopAndCopy,
+    /// The destination checks it holds everything.
+    Verifying,
+    /// The guest now runs at the destination.
+    Completed,
+    /// Stopped by the operator before the commit; the guest runs at the source.
+    Aborted,
+    /// Failed before the commit; the guest runs at the source.
+    Failed,
+    /// Committed, but the destination did not confirm that the guest started.
+    CommittedUnconfirmed,
+}
+
+impl Phase {
+    /// True once nothing will change any more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Phase::Completed | Phase::Aborted | Phase::Failed | Phase::CommittedUnconfirmed
+        )
+    }
+}
+
+/// Bytes saved per optimization.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Saved {
+    /// By zero pages and blocks.
+    pub zero: u64,
+    /// By the block cache.
+    pub cbr: u64,
+    /// By page deltas.
+    pub delta: u64,
+}
+
+/// The state of one migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationStatus {
+    /// Migration id (hex in displays).
+    pub id: u64,
+    /// Which end.
+    pub role: Role,
+    /// Operator's label of the guest.
+    pub guest: String,
+    /// Phase.
+    pub phase: Phase,
+    /// Current (or last) iteration.
+    pub iteration: u32,
+    /// Guest pages.
+    pub guest_pages: u64,
+    /// Pages sent (or received) so far, all iterations.
+    pub pages_sent: u64,
+    /// Pages sent in the last finished iteration.
+    pub last_sent: u64,
+    /// Pages dirtied during the last finished iteration.
+    pub last_dirtied: u64,
+    /// Pages left to send.
+    pub remaining: u64,
+    /// Bytes on the wire so far.
+    pub wire_bytes: u64,
+    /// Bytes saved by each optimization.
+    pub saved: Saved,
+    /// Effective rate, bytes per second.
+    pub rate_bps: f64,
+    /// Estimated time to send what remains, ms.
+    pub eta_ms: Option<u64>,
+    /// Expected pause if the guest stopped now, ms.
+    pub expected_downtime_ms: Option<u64>,
+    /// Time since the start, ms.
+    pub elapsed_ms: u64,
+    /// How long the guest was paused, ms (once known).
+    pub pause_ms: Option<u64>,
+    /// Why pre-copy stopped.
+    pub stop_reason: Option<StopReason>,
+    /// Memory digests matched at both ends.
+    pub verified: Option<bool>,
+    /// What went wrong, for failed and aborted migrations.
+    pub error: Option<String>,
+}
+
+impl MigrationStatus {
+    /// A fresh status.
+    pub fn new(id: u64, role: Role, guest: &str, guest_pages: u64) -> Self {
+        MigrationStatus {
+            id,
+            role,
+            guest: guest.to_string(),
+            phase: Phase::Connecting,
+            iteration: 0,
+            guest_pages,
+            pages_sent: 0,
+            last_sent: 0,
+            last_dirtied: 0,
+            remaining: guest_pages,
+            wire_bytes: 0,
+            saved: Saved::default(),
+            rate_bps: 0.0,
+            eta_ms: None,
+            expected_downtime_ms: None,
+            elapsed_ms: 0,
+            pause_ms: None,
+            stop_reason: None,
+            verified: None,
+            error: None,
+        }
+    }
+
+    /// Takes the codec's counters.
+    pub fn set_codec(&mut self, c: &CodecStats) {
+        self.saved = Saved {
+            zero: c.saved_zero,
+            cbr: c.saved_cbr,
+            delta: c.saved_delta,
+        };
+    }
+}

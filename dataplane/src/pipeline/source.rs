@@ -1,0 +1,364 @@
+//! The source pipeline: scan -> encode[s] -> seal[s] -> send.
+
+use std::net::TcpStream;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use super::{PipelineError, Stopped, join_all, spawn_stage, stream_of};
+use crate::codec::{CodecConfig, CodecStats, Encoder};
+use crate::crypto::{Sealer, StreamKey};
+use crate::guest::{DirtyBitmap, SourceGuest};
+use crate::page::{PageBatch, Pfn};
+use crate::transport::{FramePool, Outgoing, TokenBucket, send_frames};
+
+/// Pages per batch handed from the scan thread to an encoder.
+pub const BATCH_PAGES: usize = 64;
+
+/// Frames each stream may have between its encoder and the socket.
+const FRAMES_PER_STREAM: usize = 16;
+
+/// What the driver asks of the scan thread.
+#[derive(Debug)]
+pub enum ScanCmd {
+    /// Read and send these pages (one pre-copy iteration, or the final copy).
+    Iteration {
+        /// Iteration number.
+        iteration: u32,
+        /// Pages to send.
+        pages: DirtyBitmap,
+    },
+}
+
+/// A stream has sealed every frame of an iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    /// Stream index.
+    pub stream: usize,
+    /// Iteration.
+    pub iteration: u32,
+    /// Frames sealed on the stream since the start.
+    pub frames: u64,
+}
+
+enum Work {
+    Batch(PageBatch),
+    Flush(u32),
+}
+
+enum Sealing {
+    Frame(crate::transport::PoolFrame),
+    Flush(u32),
+}
+
+/// How to run the pipeline.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    /// The codec of every stream.
+    pub codec: CodecConfig,
+    /// Data frame size.
+    pub frame_size: usize,
+    /// Send-side limit in bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Pin stage threads to cores.
+    pub pin_threads: bool,
+}
+
+/// A running source pipeline.
+#[derive(Debug)]
+pub struct SourcePipeline {
+    scan: Option<Sender<ScanCmd>>,
+    flushed: Receiver<Flushed>,
+    threads: Vec<JoinHandle<Result<(), PipelineError>>>,
+    /// Bytes written to the sockets so far.
+    pub wire_bytes: Arc<AtomicU64>,
+    /// Codec counters per stream, updated after each batch.
+    pub stats: Arc<Mutex<Vec<CodecStats>>>,
+    streams: usize,
+    /// Flush reports received so far for the iteration being waited on.
+    partial: (u32, Vec<Option<u64>>),
+}
+
+impl SourcePipeline {
+    /// Starts the threads. `sockets[s]` and `keys[s]` belong to data stream s.
+    pub fn start(
+        guest: Arc<dyn SourceGuest>,
+        sockets: Vec<TcpStream>,
+        keys: &[StreamKey],
+        settings: &SourceSettings,
+    ) -> Result<Self, crate::codec::ConfigError> {
+        let n = sockets.len();
+        let pool = FramePool::new((n * FRAMES_PER_STREAM).max(4), settings.frame_size);
+        let wire_bytes = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(Mutex::new(vec![CodecStats::default(); n]));
+        let (flushed_tx, flushed) = bounded(4 * n);
+        let (out_tx, out_rx) = bounded::<Outgoing>(n * FRAMES_PER_STREAM / 2);
+        let batches = BatchPool::new(4 * n + 4);
+        let mut threads = Vec::new();
+        let mut work_txs = Vec::with_capacity(n);
+
+        for (s, key) in keys.iter().enumerate().take(n) {
+            let (work_tx, work_rx) = bounded::<Work>(4);
+            let (seal_tx, seal_rx) = bounded::<Sealing>(FRAMES_PER_STREAM / 2);
+            work_txs.push(work_tx);
+            let mut encoder = Encoder::new(settings.codec.clone())?;
+            let (pool_e, batches_e, stats_e) = (pool.clone(), batches.clone(), stats.clone());
+            threads.push(spawn_stage(
+                format!("sf-encode-{s}"),
+                1 + 2 * s,
+                settings.pin_threads,
+                move || {
+                    encode_stage(
+                        s,
+                        &mut encoder,
+                        &work_rx,
+                        &seal_tx,
+                        &pool_e,
+                        &batches_e,
+                        &stats_e,
+                    );
+                    Ok(())
+                },
+            ));
+            let mut sealer = Sealer::new(key);
+            let (out_tx, flushed_tx) = (out_tx.clone(), flushed_tx.clone());
+            threads.push(spawn_stage(
+                format!("sf-seal-{s}"),
+                2 + 2 * s,
+                settings.pin_threads,
+                move || {
+                    seal_stage(s, &mut sealer, &seal_rx, &out_tx, &flushed_tx);
+                    Ok(())
+                },
+            ));
+        }
+        drop(out_tx);
+
+        let (scan_tx, scan_rx) = bounded::<ScanCmd>(1);
+        threads.push(spawn_stage(
+            "sf-scan".into(),
+            0,
+            settings.pin_threads,
+            move || scan_stage(guest.as_ref(), &scan_rx, &work_txs, &batches),
+        ));
+        let limit = settings.max_bandwidth.map(|bps| {
+            TokenBucket::new(
+                bps,
+                settings.frame_size as u64 * 4,
+                std::time::Instant::now(),
+            )
+        });
+        let wire = wire_bytes.clone();
+        threads.push(spawn_stage(
+            "sf-send".into(),
+            1,
+            settings.pin_threads,
+            move || {
+                send_frames(&sockets, &pool, &out_rx, limit, &wire)?;
+                // Everything is written: close our side so the destination sees a clean end.
+                for s in &sockets {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                }
+                Ok(())
+            },
+        ));
+        Ok(SourcePipeline {
+            scan: Some(scan_tx),
+            flushed,
+            threads,
+            wire_bytes,
+            stats,
+            streams: n,
+            partial: (0, Vec::new()),
+        })
+    }
+
+    /// Queues one iteration's pages. Fails when the pipeline has stopped (join to learn why).
+    pub fn send_pages(&self, iteration: u32, pages: DirtyBitmap) -> Result<(), Stopped> {
+        let scan = self.scan.as_ref().ok_or(Stopped)?;
+        scan.send(ScanCmd::Iteration { iteration, pages })
+            .map_err(|_| Stopped)
+    }
+
+    /// Waits up to `timeout` for every stream to seal all of `iteration`: `Ok(Some(frames
+    /// per stream))` when done, `Ok(None)` on timeout (call again), `Err` when the pipeline
+    /// stopped.
+    pub fn wait_flushed_timeout(
+        &mut self,
+        iteration: u32,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Vec<u64>>, Stopped> {
+        if self.partial.0 != iteration {
+            self.partial = (iteration, vec![None; self.streams]);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while self.partial.1.iter().any(Option::is_none) {
+            match self.flushed.recv_deadline(deadline) {
+                Ok(f) if f.iteration == iteration => self.partial.1[f.stream] = Some(f.frames),
+                Ok(_) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Stopped),
+            }
+        }
+        Ok(Some(
+            self.partial.1.iter().map(|f| f.expect("all set")).collect(),
+        ))
+    }
+
+    /// Codec counters summed over the streams.
+    pub fn codec_totals(&self) -> CodecStats {
+        let mut t = CodecStats::default();
+        for s in self.stats.lock().expect("stats lock").iter() {
+            t.add(s);
+        }
+        t
+    }
+
+    /// Stops taking work, lets everything queued reach the sockets, closes them and joins
+    /// every thread. Calling it again does nothing.
+    pub fn finish(&mut self) -> Result<(), PipelineError> {
+        self.scan = None;
+        join_all(std::mem::take(&mut self.threads)).map(|_| ())
+    }
+}
+
+/// Recycled page batches.
+#[derive(Clone)]
+struct BatchPool {
+    tx: Sender<PageBatch>,
+    rx: Receiver<PageBatch>,
+}
+
+impl BatchPool {
+    fn new(n: usize) -> Self {
+        let (tx, rx) = bounded(n);
+        for _ in 0..n {
+            tx.send(PageBatch::with_capacity(BATCH_PAGES))
+                .expect("sized");
+        }
+        BatchPool { tx, rx }
+    }
+    fn take(&self) -> PageBatch {
+        self.rx.recv().expect("pool holds its sender")
+    }
+    fn give(&self, mut b: PageBatch) {
+        b.clear();
+        let _ = self.tx.send(b);
+    }
+}
+
+fn scan_stage(
+    guest: &dyn SourceGuest,
+    cmds: &Receiver<ScanCmd>,
+    work: &[Sender<Work>],
+    batches: &BatchPool,
+) -> Result<(), PipelineError> {
+    let n = work.len();
+    let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| Vec::with_capacity(BATCH_PAGES)).collect();
+    let send = |s: usize, pfns: &mut Vec<Pfn>| -> Result<bool, PipelineError> {
+        let mut b = batches.take();
+        guest.read_pages(pfns, &mut b)?;
+        pfns.clear();
+        Ok(work[s].send(Work::Batch(b)).is_ok())
+    };
+    for cmd in cmds {
+        let ScanCmd::Iteration { iteration, pages } = cmd;
+        for pfn in pages.iter() {
+            let s = stream_of(pfn, n);
+            pending[s].push(pfn);
+            if pending[s].len() == BATCH_PAGES && !send(s, &mut pending[s])? {
+                return Ok(()); // a later stage stopped; its error is the one to report
+            }
+        }
+        for s in 0..n {
+            if !pending[s].is_empty() && !send(s, &mut pending[s])? {
+                return Ok(());
+            }
+            if work[s].send(Work::Flush(iteration)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_stage(
+    stream: usize,
+    encoder: &mut Encoder,
+    work: &Receiver<Work>,
+    seal: &Sender<Sealing>,
+    pool: &FramePool,
+    batches: &BatchPool,
+    stats: &Mutex<Vec<CodecStats>>,
+) {
+    let mut frame = pool.take();
+    for w in work {
+        match w {
+            Work::Batch(batch) => {
+                for (pfn, page) in batch.iter() {
+                    if !frame.frame.has_room() {
+                        encoder.finish_frame(&mut frame.frame);
+                        let full = std::mem::replace(&mut frame, pool.take());
+                        if seal.send(Sealing::Frame(full)).is_err() {
+                            return;
+                        }
+                    }
+                    encoder.encode_page(pfn, page, &mut frame.frame);
+                }
+                batches.give(batch);
+                stats.lock().expect("stats lock")[stream] = encoder.stats().clone();
+            }
+            Work::Flush(iteration) => {
+                if !frame.frame.is_empty() {
+                    encoder.finish_frame(&mut frame.frame);
+                    let full = std::mem::replace(&mut frame, pool.take());
+                    if seal.send(Sealing::Frame(full)).is_err() {
+                        return;
+                    }
+                }
+                if seal.send(Sealing::Flush(iteration)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    pool.give(frame);
+}
+
+fn seal_stage(
+    stream: usize,
+    sealer: &mut Sealer,
+    frames: &Receiver<Sealing>,
+    out: &Sender<Outgoing>,
+    flushed: &Sender<Flushed>,
+) {
+    for msg in frames {
+        match msg {
+            Sealing::Frame(mut f) => {
+                let len = sealer.seal(&mut f.frame).len();
+                if out
+                    .send(Outgoing {
+                        stream,
+                        frame: f,
+                        len,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Sealing::Flush(iteration) => {
+                let f = Flushed {
+                    stream,
+                    iteration,
+                    frames: sealer.next_seq(),
+                };
+                if flushed.send(f).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The cleartext part: Hello, Welcome and the data streams' StreamHello.
+//!
+//! Nothing here is secret (nonces are public inputs to HKDF). The Welcome carries a key
+//! check, the key id of the destination's control key, so a source whose pre-shared key
+//! differs learns it at once with a clear error, and the destination learns the same when
+//! the first sealed frame fails to open.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CONTROL_STREAM, MAX_HANDSHAKE, ProtocolError, VERSION};
+use crate::codec::CodecConfig;
+use crate::crypto::{Direction, HandshakeNonce, MigrationKeys};
+
+const CONTROL_MAGIC: [u8; 8] = *b"SKYFCTL1";
+const DATA_MAGIC: [u8; 8] = *b"SKYFDAT1";
+
+/// Source -> destination: what is about to be migrated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version.
+    pub version: u16,
+    /// Identifies the migration (random).
+    pub migration_id: u64,
+    /// The source's fresh nonce.
+    pub source_nonce: [u8; 32],
+    /// Pages of guest memory.
+    pub guest_pages: u64,
+    /// Data streams that will connect.
+    pub streams: u32,
+    /// The codec both ends must run.
+    pub codec: CodecConfig,
+    /// Size of data frames.
+    pub frame_size: u32,
+    /// Guest backend at the source (the destination must offer the same kind).
+    pub backend: String,
+    /// Operator's label for the guest (status displays).
+    pub guest: String,
+}
+
+/// Destination -> source: accepted (with its nonce) or refused (with why).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Welcome {
+    /// Go ahead.
+    Accept {
+        /// The destination's fresh nonce.
+        dest_nonce: [u8; 32],
+        /// Key id of the destination's control key towards the source.
+        key_check: u32,
+    },
+    /// Not possible.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+}
+
+fn write_message<T: Serialize>(
+    s: &mut TcpStream,
+    magic: &[u8; 8],
+    msg: &T,
+) -> Result<(), ProtocolError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| ProtocolError::Malformed {
+        what: "outgoing handshake",
+        detail: e.to_string(),
+    })?;
+    let mut out = Vec::with_capacity(12 + body.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(
+        &u32::try_from(body.len())
+            .map_err(|_| ProtocolError::TooLarge(body.len()))?
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&body);
+    s.write_all(&out)
+        .map_err(|e| ProtocolError::io("sending handshake", e))
+}
+
+fn read_message<T: for<'de> Deserialize<'de>>(
+    s: &mut TcpStream,
+    magic: &[u8; 8],
+    what: &'static str,
+) -> Result<T, ProtocolError> {
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| ProtocolError::io("reading handshake", e))?;
+    if head[..8] != magic[..] {
+        return Err(ProtocolError::NotSkyferry(format!(
+            "expected {:?}, got {:02x?}",
+            String::from_utf8_lossy(magic),
+            &head[..8]
+        )));
+    }
+    let len = usize::try_from(u32::from_le_bytes(head[8..].try_into().expect("4 bytes")))
+        .unwrap_or(usize::MAX);
+    if len > MAX_HANDSHAKE {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)
+        .map_err(|e| ProtocolError::io("reading handshake", e))?;
+    postcard::from_bytes(&body).map_err(|e| ProtocolError::Malformed {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// Source: sends Hello and waits for the Welcome; returns the migration's keys.
+pub fn send_hello(
+    s: &mut TcpStream,
+    psk: &crate::crypto::PreSharedKey,
+    hello: &Hello,
+) -> Result<MigrationKeys, ProtocolError> {
+    write_message(s, &CONTROL_MAGIC, hello)?;
+    match read_message::<Welcome>(s, &CONTROL_MAGIC, "welcome")? {
+        Welcome::Refuse { reason } => Err(ProtocolError::Refused(reason)),
+        Welcome::Accept {
+            dest_nonce,
+            key_check,
+        } => {
+            let keys = MigrationKeys::derive(
+                psk,
+                hello.migration_id,
+                &HandshakeNonce(hello.source_nonce),
+                &HandshakeNonce(dest_nonce),
+            );
+            if keys
+                .stream_key(CONTROL_STREAM, Direction::DestToSource)
+                .key_id
+                != key_check
+            {
+                return Err(ProtocolError::WrongKey);
+            }
+            Ok(keys)
+        }
+    }
+}
+
+/// Destination: reads a Hello (any version is read; the caller refuses unsupported ones).
+pub fn read_hello(s: &mut TcpStream) -> Result<Hello, ProtocolError> {
+    read_message(s, &CONTROL_MAGIC, "hello")
+}
+
+/// Destination: answers a Hello. With `Ok(())` accepted, returns the migration's keys.
+pub fn send_welcome(
+    s: &mut TcpStream,
+    psk: &crate::crypto::PreSharedKey,
+    hello: &Hello,
+    verdict: Result<(), String>,
+) -> Result<Option<MigrationKeys>, ProtocolError> {
+    if let Err(reason) = verdict {
+        write_message(s, &CONTROL_MAGIC, &Welcome::Refuse { reason })?;
+        return Ok(None);
+    }
+    let dest_nonce = HandshakeNonce::random().map_err(|e| ProtocolError::Io {
+        context: "making a nonce",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let keys = MigrationKeys::derive(
+        psk,
+        hello.migration_id,
+        &HandshakeNonce(hello.source_nonce),
+        &dest_nonce,
+    );
+    let key_check = keys
+        .stream_key(CONTROL_STREAM, Direction::DestToSource)
+        .key_id;
+    write_message(
+        s,
+        &CONTROL_MAGIC,
+        &Welcome::Accept {
+            dest_nonce: dest_nonce.0,
+            key_check,
+        },
+    )?;
+    Ok(Some(keys))
+}
+
+/// Opens a data connection: which migration and stream it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHello {
+    /// The migration.
+    pub migration_id: u64,
+    /// Data stream number, 1..=N.
+    pub stream: u32,
+}
+
+/// Source: announces a data connection.
+pub fn open_stream(s: &mut TcpStream, hello: StreamHello) -> Result<(), ProtocolError> {
+    let mut b = [0u8; 20];
+    b[..8].copy_from_slice(&DATA_MAGIC);
+    b[8..16].copy_from_slice(&hello.migration_id.to_le_bytes());
+    b[16..].copy_from_slice(&hello.stream.to_le_bytes());
+    s.write_all(&b)
+        .map_err(|e| ProtocolError::io("opening a data stream", e))
+}
+
+/// Destination: reads a data connection's announcement.
+pub fn accept_stream(s: &mut TcpStream) -> Result<StreamHello, ProtocolError> {
+    let mut b = [0u8; 20];
+    s.read_exact(&mut b)
+        .map_err(|e| ProtocolError::io("reading a data stream's hello", e))?;
+    if b[..8] != DATA_MAGIC {
+        return Err(ProtocolError::NotSkyferry(
+            "data stream without SKYFDAT1".into(),
+        ));
+    }
+    Ok(StreamHello {
+        migration_id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        stream: u32::from_le_bytes(b[16..].try_into().expect("4 bytes")),
+    })
+}
+
+/// The version check a destination applies to a Hello.
+pub fn check_version(hello: &Hello) -> Result<(), String> {
+    if hello.version == VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "protocol version {} is not supported (this host speaks {VERSION})",
+            hello.version
+        ))
+    }
+}

@@ -1,0 +1,160 @@
+//! The migration protocol between two skyferryd: who says what, when.
+//!
+//! ```text
+//! source                                   destination
+//!   | control connection                        |
+//!   |-- Hello (clear: id, nonce, size, codec) ->|   checks size, config, capacity
+//!   |<- Welcome (clear: nonce, key check) ------|   keys now derived at both ends
+//!   | data connections 1..=N                    |
+//!   |== StreamHello, then sealed frames =======>|   pages, decoded into the new guest
+//!   | (sealed control messages from here on)    |
+//!   |-- IterationEnd{frames per stream} ------->|
+//!   |<- IterationAck ---------------------------|   once every frame is decoded
+//!   |   ... pause guest, final pages ...        |
+//!   |-- Final{frames, memory digest, state} --->|
+//!   |<- Ready (digest matches) -----------------|   holds everything; discards on failure
+//!   |   COMMIT POINT: source never resumes      |
+//!   |-- Commit -------------------------------->|
+//!   |<- Started --------------------------------|   guest runs at the destination
+//! ```
+//!
+//! Before Commit either side may send Abort/Failed: the guest keeps (or resumes) running at
+//! the source and the destination discards what it received.
+
+pub mod control;
+pub mod handshake;
+
+pub use control::{ControlRx, ControlTx, control_channel};
+pub use handshake::{
+    Hello, StreamHello, Welcome, accept_stream, open_stream, read_hello, send_hello, send_welcome,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::OpenError;
+
+/// Version of this protocol.
+pub const VERSION: u16 = 1;
+/// Sealing stream id of the control connection; data streams are 1..=N.
+pub const CONTROL_STREAM: u32 = 0;
+/// Largest control frame (carries the CPU/device state blob).
+pub const CONTROL_FRAME_SIZE: usize = 1 << 20;
+/// Largest cleartext handshake message.
+pub const MAX_HANDSHAKE: usize = 64 << 10;
+
+/// Source -> destination control messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToDest {
+    /// An iteration's frames are all sent: `frames[s]` is data stream s's frame count so far.
+    IterationEnd {
+        /// Iteration number.
+        iteration: u32,
+        /// Frames sent on each data stream since the start.
+        frames: Vec<u64>,
+    },
+    /// The guest is paused and everything is sent.
+    Final {
+        /// Number of the final iteration.
+        iteration: u32,
+        /// Frames sent on each data stream since the start.
+        frames: Vec<u64>,
+        /// `guest::memory_digest` of the paused guest.
+        digest: u64,
+        /// CPU and device state.
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+    /// The source has handed the guest over: start it.
+    Commit,
+    /// Stop; discard everything.
+    Abort {
+        /// Why, for the destination's status.
+        reason: String,
+    },
+}
+
+/// Destination -> source control messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToSource {
+    /// Every frame up to this iteration's end is decoded.
+    IterationAck {
+        /// Iteration number.
+        iteration: u32,
+    },
+    /// Everything arrived and the memory digest matches: ready to start on Commit.
+    Ready {
+        /// The destination's memory digest (equal to the source's).
+        digest: u64,
+    },
+    /// The guest runs at the destination.
+    Started,
+    /// The destination cannot go on; it discards what it received.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Protocol failures, written for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// the connection failed
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// the peer closed the connection
+    #[error("peer closed the connection ({context})")]
+    Closed {
+        /// What was expected.
+        context: &'static str,
+    },
+    /// not a skyferry peer, or another protocol version
+    #[error("peer does not speak skyferry protocol {VERSION}: {0}")]
+    NotSkyferry(String),
+    /// the peers' pre-shared keys differ
+    #[error(
+        "the peer's pre-shared key differs from ours: check that both hosts have the same key file"
+    )]
+    WrongKey,
+    /// the destination refused the migration
+    #[error("destination refused the migration: {0}")]
+    Refused(String),
+    /// a sealed control frame was refused
+    #[error("control channel: {0}")]
+    Frame(#[from] OpenError),
+    /// a message that does not parse
+    #[error("malformed {what} message: {detail}")]
+    Malformed {
+        /// Which message.
+        what: &'static str,
+        /// Parser's complaint.
+        detail: String,
+    },
+    /// a message the protocol does not allow at this point
+    #[error("unexpected message from peer: {0}")]
+    Unexpected(String),
+    /// a message that does not fit a control frame
+    #[error("control message of {0} bytes exceeds the control frame size")]
+    TooLarge(usize),
+}
+
+impl ProtocolError {
+    /// True for a read that timed out (the channel is intact; poll again).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProtocolError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    }
+
+    /// Wraps an I/O error, turning end-of-file into [`ProtocolError::Closed`].
+    pub fn io(context: &'static str, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed { context }
+        } else {
+            ProtocolError::Io { context, source }
+        }
+    }
+}
