@@ -16,8 +16,8 @@ use crate::guest::DestGuest;
 use crate::pipeline::sink::SinkPipeline;
 use crate::protocol::handshake::check_version;
 use crate::protocol::{
-    ControlRx, ControlTx, Hello, ToDest, ToSource, accept_stream, control_channel, read_hello,
-    send_welcome,
+    ControlRx, ControlTx, Hello, ProtocolError, ToDest, ToSource, accept_stream, control_channel,
+    read_hello, send_welcome,
 };
 use crate::transport::SocketOptions;
 
@@ -98,23 +98,10 @@ pub fn receive(
     let mut data = Vec::new();
     let mut stream_keys = Vec::new();
     for want in 1..=hello.streams {
-        let mut d = match accept_data(listener, &control, opts.timeout) {
+        let d = match accept_data(listener, &control, opts.timeout, hello.migration_id, want) {
             Ok(d) => d,
             Err(e) => return Err(fail(status, started, e)),
         };
-        d.set_read_timeout(Some(opts.timeout))
-            .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
-        let sh = accept_stream(&mut d)?;
-        if sh.migration_id != hello.migration_id || sh.stream != want {
-            return Err(fail(
-                status,
-                started,
-                MigrateError::Peer(format!(
-                    "data stream {}/{:x} arrived where stream {want}/{:x} was expected",
-                    sh.stream, sh.migration_id, hello.migration_id
-                )),
-            ));
-        }
         // The receive ring waits on its own terms; the driver times out on progress.
         d.set_read_timeout(None)
             .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
@@ -178,12 +165,16 @@ pub fn receive(
     }
 }
 
-/// Accepts the next data connection, giving up when the source hangs up its control
-/// connection (it refused our key check, or died) or after `timeout`.
+/// Accepts data stream `want` of migration `id`, dropping any other connection (another
+/// migration arriving meanwhile waits for its turn and fails its handshake cleanly). Gives
+/// up when the source hangs up its control connection (it refused our key check, or died)
+/// or after `timeout`.
 fn accept_data(
     listener: &TcpListener,
     control: &std::net::TcpStream,
     timeout: Duration,
+    id: u64,
+    want: u32,
 ) -> Result<std::net::TcpStream, MigrateError> {
     let io = |what: &str, e| MigrateError::Connect(what.to_string(), e);
     let deadline = Instant::now() + timeout;
@@ -195,7 +186,20 @@ fn accept_data(
         .map_err(|e| io("control", e))?;
     let result = loop {
         match listener.accept() {
-            Ok((d, _)) => break Ok(d),
+            Ok((mut d, peer)) => {
+                let hello = d
+                    .set_nonblocking(false)
+                    .and_then(|()| d.set_read_timeout(Some(Duration::from_secs(5))))
+                    .map_err(|e| ProtocolError::io("data stream", e))
+                    .and_then(|()| accept_stream(&mut d));
+                match hello {
+                    Ok(h) if h.migration_id == id && h.stream == want => break Ok(d),
+                    other => tracing::warn!(
+                        %peer,
+                        "dropping a connection that is not data stream {want} of migration {id:x}: {other:?}"
+                    ),
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => break Err(io("accepting a data stream", e)),
         }
@@ -223,9 +227,7 @@ fn accept_data(
     control
         .set_nonblocking(false)
         .map_err(|e| io("control", e))?;
-    let d = result?;
-    d.set_nonblocking(false).map_err(|e| io("data stream", e))?;
-    Ok(d)
+    result
 }
 
 fn millis(d: Duration) -> u64 {
@@ -319,14 +321,18 @@ fn follow(
                 state,
             } => {
                 status.lock().expect("status lock").phase = Phase::Verifying;
+                let t = Instant::now();
                 pipeline
                     .progress
                     .wait_for(&frames, timeout)
                     .map_err(MigrateError::Peer)?;
+                tracing::info!(ms = t.elapsed().as_millis(), "final frames decoded");
                 // The source closed the data streams after the last frame: the pipeline ends
                 // and releases guest memory before it is hashed.
                 pipeline.finish()?;
+                tracing::info!(ms = t.elapsed().as_millis(), "data plane closed");
                 let ours = guest.memory_digest();
+                tracing::info!(ms = t.elapsed().as_millis(), "memory digest taken");
                 if ours != digest {
                     return Err(MigrateError::DigestMismatch {
                         ours: digest,

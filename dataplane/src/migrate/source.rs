@@ -441,9 +441,26 @@ impl Run<'_> {
         let frames = self.send_iteration(session, pipeline, it, next)?;
         // Everything is queued: close the data plane so the destination's pipeline ends
         // (and releases guest memory) before it verifies.
+        let since = |p: Option<Instant>| p.map_or(0, |p| millis(p.elapsed()));
+        tracing::info!(
+            migration = self.id,
+            pages = last,
+            ms = since(self.paused),
+            "final pages queued"
+        );
         pipeline.finish()?;
+        tracing::info!(
+            migration = self.id,
+            ms = since(self.paused),
+            "data plane drained"
+        );
         let digest = self.guest.memory_digest()?;
         let state = self.guest.state()?;
+        tracing::info!(
+            migration = self.id,
+            ms = since(self.paused),
+            "digest and state taken"
+        );
         session.tx.send(&ToDest::Final {
             iteration: it,
             frames,
@@ -475,6 +492,11 @@ impl Run<'_> {
             }
             m => return Err(MigrateError::Peer(format!("expected Ready, got {m:?}"))),
         }
+        tracing::info!(
+            migration = self.id,
+            ms = since(self.paused),
+            "destination ready"
+        );
         if self.abort.load(Ordering::Relaxed) {
             return Err(MigrateError::Aborted);
         }
@@ -482,6 +504,7 @@ impl Run<'_> {
         // COMMIT POINT: from here on the guest belongs to the destination.
         self.guest.hand_over()?;
         self.committed = true;
+        tracing::info!(migration = self.id, ms = since(self.paused), "committed");
         let sent_commit = session.tx.send(&ToDest::Commit);
         let started = sent_commit
             .map_err(MigrateError::from)
