@@ -1,6 +1,9 @@
 //! `skyferry`: the operator CLI.
 
+mod daemon_cmds;
+mod demo;
 mod keygen;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -19,6 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole migration on this host (a destination and a source over loopback TCP).
+    Demo(demo::Args),
+    /// Start migrating a guest hosted by the local skyferryd to another host's skyferryd.
+    Start(daemon_cmds::StartArgs),
+    /// Abort a migration before its commit: the guest keeps running at the source.
+    Abort(daemon_cmds::AbortArgs),
+    /// Show migrations on this host.
+    Status(daemon_cmds::StatusArgs),
+    /// Follow a migration live.
+    Watch(daemon_cmds::WatchArgs),
     /// Create the pre-shared key both hosts need (copy it to the peer over a secure channel).
     Keygen(keygen::Args),
 }
@@ -26,6 +39,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo::run(&a),
+        Command::Start(a) => daemon_cmds::start(&a),
+        Command::Abort(a) => daemon_cmds::abort(&a),
+        Command::Status(a) => daemon_cmds::status(&a),
+        Command::Watch(a) => daemon_cmds::watch(&a),
         Command::Keygen(args) => keygen::run(&args),
     };
     match result {

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod crypto;
+pub mod daemon;
 pub mod frame;
 pub mod guest;
 pub mod migrate;
@@ -13,3 +14,4 @@ pub mod page;
 pub mod pipeline;
 pub mod protocol;
 pub mod transport;
+pub mod units;

@@ -29,3 +29,144 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
     }
     path
 }
+
+/// A `skyferryd` process with its own config, key and control socket, killed on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its scratch directory.
+    pub dir: PathBuf,
+    /// Its control socket.
+    pub socket: PathBuf,
+    /// Where it receives migrations, if it does.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Pre-shared keys for tests (`psk(1) != psk(2)`).
+pub fn psk(n: u8) -> String {
+    format!("{}\n", format!("{n:02x}").repeat(32))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Daemon {
+    /// Starts a daemon; `listen` makes it a destination too. `extra` is appended to the
+    /// config's `[source]` section.
+    pub fn start(name: &str, key: u8, listen: bool, extra: &str) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("skyferry-e2e-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let psk_path = dir.join("psk");
+        std::fs::write(&psk_path, psk(key)).expect("key file");
+        std::fs::set_permissions(&psk_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let socket = dir.join("control.sock");
+        let listen = listen.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let config = format!(
+            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\n\n[source]\npin_threads = false\ntimeout = \"10s\"\nstreams = 2\n{extra}\n",
+            socket,
+            psk_path,
+            listen.map(|a| a.to_string()).unwrap_or_default(),
+        );
+        let config_path = dir.join("skyferryd.toml");
+        std::fs::write(&config_path, config).expect("config");
+        let log = std::fs::File::create(dir.join("skyferryd.log")).expect("log file");
+        let child = Command::new(binary("skyferry-dataplane", "skyferryd"))
+            .arg("--config")
+            .arg(&config_path)
+            .stderr(log)
+            .spawn()
+            .expect("start skyferryd");
+        let d = Daemon {
+            child,
+            dir,
+            socket,
+            listen,
+        };
+        for _ in 0..200 {
+            if d.socket.exists() {
+                return d;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("skyferryd {name} did not come up: {}", d.log());
+    }
+
+    /// Runs `skyferry` against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("skyferry-ctl", "skyferry"))
+            .args(args)
+            .env("SKYFERRY_SOCKET", &self.socket)
+            .output()
+            .expect("run skyferry")
+    }
+
+    /// `skyferry status ID --json`, parsed.
+    pub fn status(&self, id: &str) -> serde_json::Value {
+        let out = self.cli(&["status", id, "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Polls until `pred` holds for the migration's status (or panics after `secs`).
+    pub fn wait_for(
+        &self,
+        id: &str,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let s = self.status(id);
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out; last status {s}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("skyferryd.log")).unwrap_or_default()
+    }
+
+    /// Kills the daemon with SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The final phases a migration can end in.
+pub fn is_final(s: &serde_json::Value) -> bool {
+    matches!(
+        s["phase"].as_str(),
+        Some("completed" | "aborted" | "failed" | "committed-unconfirmed")
+    )
+}

@@ -93,6 +93,49 @@ impl CodecConfig {
         }
     }
 
+    /// Applies an operator's optimization list: `all`, `none`, or a comma list of `zero`,
+    /// `cbr`, `delta` (the ones named are on, the others off).
+    pub fn set_optimizations(&mut self, list: &str) -> Result<(), String> {
+        let (mut zero, mut cbr, mut delta) = (false, false, false);
+        match list.trim() {
+            "all" => (zero, cbr, delta) = (true, true, true),
+            "none" => {}
+            items => {
+                for item in items.split(',').map(str::trim) {
+                    match item {
+                        "zero" => zero = true,
+                        "cbr" => cbr = true,
+                        "delta" => delta = true,
+                        other => {
+                            return Err(format!(
+                                "unknown optimization {other:?}: use all, none, or a list like zero,cbr,delta"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        (self.zero_pages, self.cbr, self.delta) = (zero, cbr, delta);
+        Ok(())
+    }
+
+    /// The optimizations on, as `set_optimizations` reads them.
+    pub fn optimizations(&self) -> String {
+        let on: Vec<&str> = [
+            (self.zero_pages, "zero"),
+            (self.cbr, "cbr"),
+            (self.delta, "delta"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        match on.len() {
+            0 => "none".into(),
+            3 => "all".into(),
+            _ => on.join(","),
+        }
+    }
+
     /// True when the block cache is kept (for CBR, deltas or both).
     pub fn uses_cache(&self) -> bool {
         self.cbr || self.delta

@@ -282,6 +282,7 @@ fn follow(
 ) -> Result<(), MigrateError> {
     rx.set_timeout(Some(Duration::from_millis(200)))?;
     let mut silent = Instant::now();
+    let mut seen_bytes = 0;
     let mut ready = false;
     loop {
         if abort.load(Ordering::Relaxed) {
@@ -290,6 +291,13 @@ fn follow(
         let msg = match rx.recv::<ToDest>() {
             Ok(m) => m,
             Err(e) if e.is_timeout() => {
+                // Data arriving is life too: iteration 1 of a large guest sends no control
+                // message for as long as it takes.
+                let now = pipeline.wire_bytes.load(Ordering::Relaxed);
+                if now != seen_bytes {
+                    seen_bytes = now;
+                    silent = Instant::now();
+                }
                 if silent.elapsed() > timeout {
                     return Err(MigrateError::Timeout(
                         timeout.as_secs(),

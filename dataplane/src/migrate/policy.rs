@@ -79,7 +79,7 @@ pub struct IterationReport {
 }
 
 /// Why pre-copy ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     /// Fewer than 50 pages left.

@@ -343,11 +343,24 @@ impl Run<'_> {
         it: u32,
         pages: DirtyBitmap,
     ) -> Result<Vec<u64>, MigrateError> {
+        let pages_in_iteration = pages.count();
+        let scanned_before = pipeline.pages_scanned.load(Ordering::Relaxed);
         pipeline
             .send_pages(it, pages)
             .map_err(|_| MigrateError::Peer("pipeline stopped".into()))?;
         loop {
             self.poll(session)?;
+            // Live progress within the iteration, for `watch` and `status`.
+            let done = pipeline.pages_scanned.load(Ordering::Relaxed) - scanned_before;
+            let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
+            let elapsed = self.started.elapsed().as_secs_f64();
+            self.update(|s| {
+                s.remaining = pages_in_iteration.saturating_sub(done);
+                s.wire_bytes = wire;
+                if elapsed > 0.0 {
+                    s.rate_bps = wire as f64 / elapsed;
+                }
+            });
             match pipeline.wait_flushed_timeout(it, Duration::from_millis(100)) {
                 Ok(Some(frames)) => return Ok(frames),
                 Ok(None) => {}

@@ -1,12 +1,12 @@
 //! What a migration is doing, for `skyferry status` and `watch`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::StopReason;
 use crate::codec::CodecStats;
 
 /// Which end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sends the guest.
@@ -16,7 +16,7 @@ pub enum Role {
 }
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Handshake and stream set-up.
@@ -48,7 +48,7 @@ impl Phase {
 }
 
 /// Bytes saved per optimization.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
     /// By zero pages and blocks.
     pub zero: u64,
@@ -59,7 +59,7 @@ pub struct Saved {
 }
 
 /// The state of one migration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationStatus {
     /// Migration id (hex in displays).
     pub id: u64,

@@ -74,6 +74,8 @@ pub struct SourcePipeline {
     threads: Vec<JoinHandle<Result<(), PipelineError>>>,
     /// Bytes written to the sockets so far.
     pub wire_bytes: Arc<AtomicU64>,
+    /// Pages read from the guest so far (all iterations).
+    pub pages_scanned: Arc<AtomicU64>,
     /// Codec counters per stream, updated after each batch.
     pub stats: Arc<Mutex<Vec<CodecStats>>>,
     streams: usize,
@@ -137,11 +139,13 @@ impl SourcePipeline {
         drop(out_tx);
 
         let (scan_tx, scan_rx) = bounded::<ScanCmd>(1);
+        let pages_scanned = Arc::new(AtomicU64::new(0));
+        let scanned = pages_scanned.clone();
         threads.push(spawn_stage(
             "sf-scan".into(),
             0,
             settings.pin_threads,
-            move || scan_stage(guest.as_ref(), &scan_rx, &work_txs, &batches),
+            move || scan_stage(guest.as_ref(), &scan_rx, &work_txs, &batches, &scanned),
         ));
         let limit = settings.max_bandwidth.map(|bps| {
             TokenBucket::new(
@@ -169,6 +173,7 @@ impl SourcePipeline {
             flushed,
             threads,
             wire_bytes,
+            pages_scanned,
             stats,
             streams: n,
             partial: (0, Vec::new()),
@@ -254,12 +259,14 @@ fn scan_stage(
     cmds: &Receiver<ScanCmd>,
     work: &[Sender<Work>],
     batches: &BatchPool,
+    scanned: &AtomicU64,
 ) -> Result<(), PipelineError> {
     let n = work.len();
     let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| Vec::with_capacity(BATCH_PAGES)).collect();
     let send = |s: usize, pfns: &mut Vec<Pfn>| -> Result<bool, PipelineError> {
         let mut b = batches.take();
         guest.read_pages(pfns, &mut b)?;
+        scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
         pfns.clear();
         Ok(work[s].send(Work::Batch(b)).is_ok())
     };

@@ -1,0 +1,263 @@
+//! Commands that drive a running `skyferryd`: start, abort, status, watch.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dataplane::daemon::control::{Request, Response, StartRequest, request};
+use dataplane::migrate::{MigrationStatus, Phase};
+use dataplane::units::{format_rate, format_size, parse_duration, parse_rate, parse_size};
+
+/// Where the daemon listens (`--socket`, or `SKYFERRY_SOCKET`).
+#[derive(clap::Args, Debug)]
+pub struct Socket {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        env = "SKYFERRY_SOCKET",
+        default_value = "/run/skyferry/control.sock"
+    )]
+    socket: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StartArgs {
+    #[command(flatten)]
+    socket: Socket,
+    /// Destination daemon's migration address, host:port.
+    #[arg(long)]
+    to: String,
+    /// Synthetic guest workload: kernel, tpcw, specjbb or idle.
+    #[arg(long, default_value = "tpcw")]
+    workload: String,
+    /// Guest memory (256MiB, 1GiB, 4G).
+    #[arg(long, default_value = "1GiB", value_parser = size)]
+    mem: u64,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Synthetic guest write-rate multiplier.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Guest name for displays.
+    #[arg(long)]
+    guest: Option<String>,
+    /// Data streams (default: the daemon's config).
+    #[arg(long)]
+    streams: Option<u32>,
+    /// smart or xen-default (default: the daemon's config).
+    #[arg(long)]
+    policy: Option<String>,
+    /// all, none, or a list like zero,cbr,delta (default: the daemon's config).
+    #[arg(long)]
+    optimizations: Option<String>,
+    /// Send-side limit (100Mbit, 1Gbit, 500MB/s; "none" for unlimited).
+    #[arg(long, value_parser = rate_or_none)]
+    max_bandwidth: Option<u64>,
+    /// Stop pre-copy once what remains fits in this pause (300ms, 1s).
+    #[arg(long, value_parser = duration)]
+    downtime_limit: Option<Duration>,
+    /// Print the migration id only.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AbortArgs {
+    #[command(flatten)]
+    socket: Socket,
+    /// Migration id (hex, as `status` shows it).
+    #[arg(value_parser = hex_id)]
+    id: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    socket: Socket,
+    /// One migration (hex id); all when absent.
+    #[arg(value_parser = hex_id)]
+    id: Option<u64>,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    socket: Socket,
+    /// Migration id (hex); the newest when absent.
+    #[arg(value_parser = hex_id)]
+    id: Option<u64>,
+    /// Refresh interval.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    interval: Duration,
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn rate_or_none(s: &str) -> Result<u64, String> {
+    if s == "none" {
+        Ok(0)
+    } else {
+        parse_rate(s).map_err(|e| e.to_string())
+    }
+}
+
+fn hex_id(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("invalid migration id {s:?}: use the hex id `skyferry status` shows"))
+}
+
+fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+    match request(socket, req)? {
+        Response::Error { message } => Err(message),
+        r => Ok(r),
+    }
+}
+
+fn statuses(socket: &Path, id: Option<u64>) -> Result<Vec<MigrationStatus>, String> {
+    match call(socket, &Request::Status { id })? {
+        Response::Status { migrations } => Ok(migrations),
+        other => Err(format!("unexpected response from skyferryd: {other:?}")),
+    }
+}
+
+pub fn start(a: &StartArgs) -> Result<(), String> {
+    let req = Request::Start(StartRequest {
+        to: a.to.clone(),
+        workload: a.workload.clone(),
+        mem: a.mem,
+        seed: a.seed,
+        speed: a.speed,
+        guest: a.guest.clone(),
+        streams: a.streams,
+        policy: a.policy.clone(),
+        optimizations: a.optimizations.clone(),
+        max_bandwidth: a.max_bandwidth,
+        downtime_limit_ms: a
+            .downtime_limit
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    });
+    match call(&a.socket.socket, &req)? {
+        Response::Started { id } if a.quiet => println!("{id:x}"),
+        Response::Started { id } => println!(
+            "started migration {id:x} to {}; follow it with: skyferry watch {id:x}",
+            a.to
+        ),
+        other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+    }
+    Ok(())
+}
+
+pub fn abort(a: &AbortArgs) -> Result<(), String> {
+    call(&a.socket.socket, &Request::Abort { id: a.id })?;
+    // Wait briefly for the migration to reach its final state, so the answer is definite.
+    for _ in 0..100 {
+        if let Some(s) = statuses(&a.socket.socket, Some(a.id))?.first()
+            && s.phase.is_final()
+        {
+            println!("migration {:x}: {}", a.id, describe_end(s));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "migration {:x}: abort requested; it stops at its next step",
+        a.id
+    );
+    Ok(())
+}
+
+fn describe_end(s: &MigrationStatus) -> String {
+    match s.phase {
+        Phase::Completed => "completed: the guest runs at the destination".into(),
+        Phase::Aborted => {
+            "aborted: the guest runs at the source, the destination discarded its copy".into()
+        }
+        Phase::Failed => format!(
+            "failed: the guest runs at the source ({})",
+            s.error.as_deref().unwrap_or("no detail")
+        ),
+        Phase::CommittedUnconfirmed => {
+            "committed but unconfirmed: the guest belongs to the destination; check it there".into()
+        }
+        p => format!("{p:?}"),
+    }
+}
+
+pub fn status(a: &StatusArgs) -> Result<(), String> {
+    let list = statuses(&a.socket.socket, a.id)?;
+    if a.json {
+        let v = if a.id.is_some() {
+            serde_json::to_value(&list[0])
+        } else {
+            serde_json::to_value(serde_json::json!({ "migrations": list }))
+        };
+        println!("{}", v.map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no migrations on this host");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  NOTE",
+        "ID", "ROLE", "GUEST", "PHASE", "ITER", "SENT", "REMAINING", "WIRE", "RATE"
+    );
+    for s in &list {
+        let note = s
+            .error
+            .clone()
+            .or_else(|| s.stop_reason.map(|r| format!("stop: {r:?}")))
+            .unwrap_or_default();
+        println!(
+            "{:<16x} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  {}",
+            s.id,
+            format!("{:?}", s.role).to_lowercase(),
+            s.guest,
+            format!("{:?}", s.phase).to_lowercase(),
+            s.iteration,
+            s.pages_sent,
+            s.remaining,
+            format_size(s.wire_bytes),
+            format_rate(s.rate_bps),
+            note
+        );
+    }
+    Ok(())
+}
+
+pub fn watch(a: &WatchArgs) -> Result<(), String> {
+    let id = match a.id {
+        Some(id) => id,
+        None => statuses(&a.socket.socket, None)?
+            .last()
+            .map(|s| s.id)
+            .ok_or("no migrations on this host to watch")?,
+    };
+    let mut view = crate::progress::Progress::new();
+    loop {
+        let s = statuses(&a.socket.socket, Some(id))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("migration {id:x} is gone"))?;
+        view.update(&s);
+        if s.phase.is_final() {
+            view.finish(&s);
+            println!("migration {id:x}: {}", describe_end(&s));
+            return if s.phase == Phase::Completed {
+                Ok(())
+            } else {
+                Err(describe_end(&s))
+            };
+        }
+        std::thread::sleep(a.interval);
+    }
+}

@@ -1,0 +1,840 @@
+//! Live progress of one migration and its final summary, for `skyferry demo` and `watch`.
+//!
+//! [`Progress`] takes [`MigrationStatus`] snapshots as often as the caller polls and shows
+//! them one of three ways ([`Style`]): on a terminal, a block of four lines redrawn in place
+//! (phase, pages, bytes, estimates) under a log of finished iterations; elsewhere (a pipe, a
+//! file, CI), plain lines, one per finished iteration and one per phase change; or nothing.
+//!
+//! The driver updates the status at iteration boundaries, so a snapshot shows the last
+//! finished iteration; an iteration that starts and ends between two polls does not get a
+//! log line of its own (the summary's iteration table has them all). The elapsed time runs
+//! on between updates, counted here.
+//!
+//! [`summary_table`] renders the end result: one row per iteration, then totals in human
+//! units.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use dataplane::codec::CodecStats;
+use dataplane::migrate::source::IterationRecord;
+use dataplane::migrate::{MigrationStatus, Phase, Role, StopReason};
+use dataplane::page::PAGE_SIZE;
+use dataplane::units::{format_duration, format_rate, format_size};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// A terminal: a status block redrawn in place under a log of iterations.
+    Live,
+    /// Not a terminal: a plain line per finished iteration and per phase change.
+    Lines,
+    /// Nothing.
+    Quiet,
+}
+
+/// A live progress display for one migration.
+pub struct Progress {
+    out: Box<dyn Write + Send>,
+    style: Style,
+    /// Terminal columns; status lines are cut to fit so the redraw never wraps.
+    width: usize,
+    /// Lines of the status block now on screen.
+    drawn: usize,
+    seen: Seen,
+    /// The last `elapsed_ms` seen and when: the clock runs on between status updates.
+    clock: Option<(u64, Instant)>,
+    frame: usize,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("style", &self.style)
+            .field("width", &self.width)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Progress {
+    /// Progress on standard output: live on a terminal, plain lines otherwise.
+    pub fn new() -> Self {
+        let out = std::io::stdout();
+        let style = if out.is_terminal() {
+            Style::Live
+        } else {
+            Style::Lines
+        };
+        Self::with_writer(Box::new(out), style, terminal_width())
+    }
+
+    /// Progress on standard error, live on a terminal and silent otherwise (for commands
+    /// whose standard output carries JSON).
+    pub fn stderr() -> Self {
+        let out = std::io::stderr();
+        let style = if out.is_terminal() {
+            Style::Live
+        } else {
+            Style::Quiet
+        };
+        Self::with_writer(Box::new(out), style, terminal_width())
+    }
+
+    /// Progress in `style` on any writer, with lines cut to `width` columns.
+    pub fn with_writer(out: Box<dyn Write + Send>, style: Style, width: usize) -> Self {
+        Progress {
+            out,
+            style,
+            width: width.max(20),
+            drawn: 0,
+            seen: Seen::default(),
+            clock: None,
+            frame: 0,
+        }
+    }
+
+    /// Shows a new snapshot. Output errors (a closed pipe) are ignored: progress is a view.
+    pub fn update(&mut self, st: &MigrationStatus) {
+        let _ = self.show(st, false);
+    }
+
+    /// Shows the last snapshot and leaves the screen clean for what follows (the status
+    /// block is removed; the log lines stay).
+    pub fn finish(&mut self, st: &MigrationStatus) {
+        let _ = self.show(st, true);
+    }
+
+    fn show(&mut self, st: &MigrationStatus, last: bool) -> std::io::Result<()> {
+        if self.style == Style::Quiet {
+            return Ok(());
+        }
+        let events = self.seen.advance(st);
+        let elapsed = self.elapsed(st);
+        let mut text = String::new();
+        if self.style == Style::Live && self.drawn > 0 {
+            // Back to the first line of the block, and clear to the end of the screen.
+            text.push('\r');
+            if self.drawn > 1 {
+                let _ = write!(text, "\x1b[{}A", self.drawn - 1);
+            }
+            text.push_str("\x1b[J");
+        }
+        for e in &events {
+            let _ = writeln!(text, "{}", e.text(elapsed));
+        }
+        self.drawn = 0;
+        if self.style == Style::Live && !last {
+            self.frame = self.frame.wrapping_add(1);
+            let block = live_block(st, elapsed, self.frame);
+            let cut: Vec<String> = block.iter().map(|l| cut(l, self.width - 1)).collect();
+            text.push_str(&cut.join("\n"));
+            self.drawn = cut.len();
+        }
+        self.out.write_all(text.as_bytes())?;
+        self.out.flush()
+    }
+
+    /// Elapsed time, running on between status updates until the migration ends.
+    fn elapsed(&mut self, st: &MigrationStatus) -> Duration {
+        let base = Duration::from_millis(st.elapsed_ms);
+        if st.phase.is_final() {
+            return base;
+        }
+        match self.clock {
+            Some((ms, at)) if ms == st.elapsed_ms => base + at.elapsed(),
+            _ => {
+                self.clock = Some((st.elapsed_ms, Instant::now()));
+                base
+            }
+        }
+    }
+}
+
+/// Terminal columns of standard output or error, 80 when unknown.
+fn terminal_width() -> usize {
+    terminal_size::terminal_size()
+        .or_else(|| terminal_size::terminal_size_of(std::io::stderr()))
+        .map_or(80, |(w, _)| usize::from(w.0))
+}
+
+/// `s` cut to `width` characters, with `...` where it was cut.
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(width.saturating_sub(3)).collect();
+    t.push_str("...");
+    t
+}
+
+/// What the display has already reported.
+#[derive(Debug, Default)]
+struct Seen {
+    started: bool,
+    /// Rank of the last phase reported (see [`rank`]).
+    rank: u8,
+    /// Last pre-copy iteration given a log line.
+    logged: u32,
+    /// Iteration of the last snapshot.
+    iteration: u32,
+}
+
+/// Phases in the order a migration passes them.
+fn rank(p: Phase) -> u8 {
+    match p {
+        Phase::Connecting => 0,
+        Phase::Iterating => 1,
+        Phase::StopAndCopy => 2,
+        Phase::Verifying => 3,
+        Phase::Completed | Phase::Aborted | Phase::Failed | Phase::CommittedUnconfirmed => 4,
+    }
+}
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    Start(String),
+    Iteration(String),
+    Phase(String),
+}
+
+impl Event {
+    fn text(&self, elapsed: Duration) -> String {
+        match self {
+            Event::Start(s) => s.clone(),
+            Event::Iteration(s) | Event::Phase(s) => {
+                format!("[{:>9}] {s}", format_duration(elapsed))
+            }
+        }
+    }
+}
+
+impl Seen {
+    /// The log lines a new snapshot calls for.
+    fn advance(&mut self, st: &MigrationStatus) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !self.started {
+            self.started = true;
+            let role = match st.role {
+                Role::Source => "to the destination",
+                Role::Destination => "from the source",
+            };
+            out.push(Event::Start(format!(
+                "migration {:016x}: guest {} ({}, {} pages) {role}",
+                st.id,
+                if st.guest.is_empty() { "-" } else { &st.guest },
+                format_size(st.guest_pages.saturating_mul(PAGE_SIZE as u64)),
+                group(st.guest_pages),
+            )));
+        }
+        let r = rank(st.phase);
+        // A finished pre-copy iteration: once iteration k + 1 has begun, the status holds
+        // k's counts; at stop-and-copy it holds the last iteration's.
+        let finished = match st.phase {
+            Phase::Iterating => st.iteration.saturating_sub(1),
+            Phase::StopAndCopy => st.iteration,
+            _ => 0,
+        };
+        if finished > self.logged && st.role == Role::Source {
+            self.logged = finished;
+            out.push(Event::Iteration(iteration_line(finished, st)));
+        } else if st.role == Role::Destination && st.iteration > self.iteration && r == 1 {
+            out.push(Event::Iteration(format!(
+                "iteration {} received: {} on the wire so far",
+                st.iteration,
+                format_size(st.wire_bytes)
+            )));
+        }
+        if r == 1 && self.rank < 1 && st.role == Role::Source {
+            out.push(Event::Phase(format!(
+                "iteration 1: sending all {} pages while the guest runs",
+                group(st.guest_pages)
+            )));
+        }
+        if r >= 2 && self.rank < 2 {
+            let reason = st.stop_reason.map_or("-".into(), stop_reason_name);
+            out.push(Event::Phase(if r == 2 {
+                format!(
+                    "stop and copy ({reason}): guest paused, {} pages left to send",
+                    group(st.remaining)
+                )
+            } else {
+                format!("stop and copy ({reason}): guest paused")
+            }));
+        }
+        if r >= 3 && self.rank < 3 && st.phase != Phase::Failed && st.phase != Phase::Aborted {
+            out.push(Event::Phase(format!(
+                "final copy: {} pages sent with the guest paused; the destination verifies",
+                group(st.last_sent)
+            )));
+        }
+        if r == 4 && self.rank < 4 {
+            out.push(Event::Phase(end_line(st)));
+        }
+        self.rank = self.rank.max(r);
+        self.iteration = st.iteration;
+        out
+    }
+}
+
+fn iteration_line(k: u32, st: &MigrationStatus) -> String {
+    let rate = format_rate(st.rate_bps);
+    let mut s = format!(
+        "iteration {k}: {} sent, {} dirtied | wire {} | {}",
+        group(st.last_sent),
+        group(st.last_dirtied),
+        format_size(st.wire_bytes),
+        rate.split(" (").next().unwrap_or(&rate),
+    );
+    if let Some(ms) = st.expected_downtime_ms {
+        let _ = write!(s, " | pause now ~{}", ms_text(ms));
+    }
+    s
+}
+
+/// The closing line for a finished migration.
+pub fn end_line(st: &MigrationStatus) -> String {
+    let err = st.error.as_deref().unwrap_or("no reason given");
+    match st.phase {
+        Phase::Completed => format!(
+            "completed in {}: guest paused {}, memory {}",
+            ms_text(st.elapsed_ms),
+            st.pause_ms.map_or("-".into(), ms_text),
+            match st.verified {
+                Some(true) => "verified at both ends",
+                Some(false) => "NOT verified",
+                None => "not verified",
+            }
+        ),
+        Phase::Aborted => format!("aborted: {err}; the guest keeps running at the source"),
+        Phase::Failed => format!("failed: {err}; the guest keeps running at the source"),
+        Phase::CommittedUnconfirmed => format!(
+            "committed, but the destination did not confirm that the guest started ({err}): \
+             start it there"
+        ),
+        _ => phase_name(st.phase).to_string(),
+    }
+}
+
+/// The status block for a terminal.
+fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<String> {
+    const SPIN: [char; 4] = ['|', '/', '-', '\\'];
+    let spin = SPIN[frame % SPIN.len()];
+    let phase = match st.phase {
+        Phase::Connecting => "connecting".to_string(),
+        Phase::Iterating => format!("iteration {} (pre-copy, guest running)", st.iteration),
+        Phase::StopAndCopy => "stop and copy (guest paused)".to_string(),
+        Phase::Verifying => "verifying at the destination".to_string(),
+        p => phase_name(p).to_string(),
+    };
+    let rate = if st.rate_bps > 0.0 {
+        format_rate(st.rate_bps)
+    } else {
+        "measuring".to_string()
+    };
+    let s = st.saved;
+    let saved = s.zero + s.cbr + s.delta;
+    vec![
+        format!("{spin} {phase} | {} | {rate}", format_duration(elapsed)),
+        format!(
+            "  pages  sent {} | dirtied last iteration {} | left {} of {}",
+            group(st.pages_sent),
+            group(st.last_dirtied),
+            group(st.remaining),
+            group(st.guest_pages)
+        ),
+        format!(
+            "  bytes  on the wire {} | saved {} (zero {}, CBR {}, delta {})",
+            format_size(st.wire_bytes),
+            format_size(saved),
+            format_size(s.zero),
+            format_size(s.cbr),
+            format_size(s.delta)
+        ),
+        format!(
+            "  next   ETA {} | pause if stopped now {}",
+            st.eta_ms.map_or("-".into(), ms_text),
+            st.expected_downtime_ms.map_or("-".into(), ms_text)
+        ),
+    ]
+}
+
+fn ms_text(ms: u64) -> String {
+    format_duration(Duration::from_millis(ms))
+}
+
+/// The operator's name of a phase (as in `status --json`).
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Connecting => "connecting",
+        Phase::Iterating => "iterating",
+        Phase::StopAndCopy => "stop-and-copy",
+        Phase::Verifying => "verifying",
+        Phase::Completed => "completed",
+        Phase::Aborted => "aborted",
+        Phase::Failed => "failed",
+        Phase::CommittedUnconfirmed => "committed-unconfirmed",
+    }
+}
+
+/// The name of a stop reason (as in JSON).
+pub fn stop_reason_name(r: StopReason) -> String {
+    serde_json::to_value(r)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{r:?}"))
+}
+
+/// What a stop reason means.
+fn stop_reason_text(r: StopReason) -> &'static str {
+    match r {
+        StopReason::FewPagesLeft => "fewer than 50 pages were left",
+        StopReason::MaxIterations => "30 iterations were done",
+        StopReason::MaxData => "3x guest memory was sent",
+        StopReason::LocalMinimum => "Smart Stop found a local minimum of remaining pages",
+        StopReason::WindowExhausted => "Smart Stop searched a whole window without a new minimum",
+        StopReason::DowntimeFits => "what remained fit in the downtime limit",
+        StopReason::Requested => "the coordinator or the operator asked",
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The final summary: an iteration table (when `iterations` is given) and the totals, in
+/// human units. `codec` adds the record and cache counters.
+pub fn summary_table(
+    st: &MigrationStatus,
+    codec: Option<&CodecStats>,
+    iterations: &[IterationRecord],
+) -> String {
+    let mut t = String::new();
+    let page = PAGE_SIZE as u64;
+    let guest_bytes = st.guest_pages.saturating_mul(page);
+    let _ = writeln!(
+        t,
+        "migration {:016x} ({}): guest {}, {} ({} pages): {}",
+        st.id,
+        match st.role {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        },
+        if st.guest.is_empty() { "-" } else { &st.guest },
+        format_size(guest_bytes),
+        group(st.guest_pages),
+        phase_name(st.phase)
+    );
+    if !iterations.is_empty() {
+        let rows: Vec<[String; 5]> = iterations
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let is_final = i + 1 == iterations.len() && st.stop_reason.is_some();
+                [
+                    if is_final {
+                        format!("{} (final, paused)", r.iteration)
+                    } else {
+                        r.iteration.to_string()
+                    },
+                    group(r.sent),
+                    if is_final {
+                        "-".to_string()
+                    } else {
+                        group(r.dirtied)
+                    },
+                    format_size(r.wire_bytes),
+                    ms_text(r.ms),
+                ]
+            })
+            .collect();
+        let head = [
+            "iteration",
+            "pages sent",
+            "dirtied meanwhile",
+            "on the wire",
+            "time",
+        ];
+        let mut w = head.map(str::len);
+        for r in &rows {
+            for (w, c) in w.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "  {:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
+            head[0],
+            head[1],
+            head[2],
+            head[3],
+            head[4],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+            w4 = w[4]
+        );
+        for r in &rows {
+            let _ = writeln!(
+                t,
+                "  {:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                w0 = w[0],
+                w1 = w[1],
+                w2 = w[2],
+                w3 = w[3],
+                w4 = w[4]
+            );
+        }
+    }
+    let mut kv: Vec<(&str, String)> = Vec::new();
+    let sent_bytes = st.pages_sent.saturating_mul(page);
+    let factor = if guest_bytes > 0 {
+        sent_bytes as f64 / guest_bytes as f64
+    } else {
+        0.0
+    };
+    kv.push((
+        "pages sent",
+        format!(
+            "{} ({}, {factor:.2}x guest memory)",
+            group(st.pages_sent),
+            format_size(sent_bytes)
+        ),
+    ));
+    let ratio = if sent_bytes > 0 {
+        format!(
+            ", {:.1}% of the pages' bytes",
+            st.wire_bytes as f64 * 100.0 / sent_bytes as f64
+        )
+    } else {
+        String::new()
+    };
+    kv.push((
+        "bytes on the wire",
+        format!("{}{ratio}", format_size(st.wire_bytes)),
+    ));
+    let s = st.saved;
+    kv.push((
+        "saved",
+        format!(
+            "zero {} | CBR {} | delta {} | total {}",
+            format_size(s.zero),
+            format_size(s.cbr),
+            format_size(s.delta),
+            format_size(s.zero + s.cbr + s.delta)
+        ),
+    ));
+    if let Some(c) = codec {
+        kv.push((
+            "records",
+            format!(
+                "zero {} | full {} | blocks {} | delta {}",
+                group(c.pages[0]),
+                group(c.pages[1]),
+                group(c.pages[2]),
+                group(c.pages[3])
+            ),
+        ));
+        kv.push((
+            "block cache",
+            format!(
+                "hits {} | misses {} | evictions {} | fingerprint collisions {} | delta overflows {}",
+                group(c.cache_hits),
+                group(c.cache_misses),
+                group(c.cache_evictions),
+                group(c.fingerprint_collisions),
+                group(c.delta_overflows)
+            ),
+        ));
+    }
+    kv.push(("total time", ms_text(st.elapsed_ms)));
+    kv.push(("guest paused", st.pause_ms.map_or("-".into(), ms_text)));
+    kv.push((
+        "stop reason",
+        st.stop_reason.map_or("-".into(), |r| {
+            format!("{}: {}", stop_reason_name(r), stop_reason_text(r))
+        }),
+    ));
+    kv.push(("average rate", format_rate(st.rate_bps)));
+    kv.push((
+        "memory verified",
+        match st.verified {
+            Some(true) => "yes: the memory digests match at both ends".into(),
+            Some(false) => "NO: the memory digests differ".into(),
+            None => "no (the migration did not reach verification)".into(),
+        },
+    ));
+    if let Some(e) = &st.error {
+        kv.push(("error", e.clone()));
+    }
+    let key_w = kv.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let _ = writeln!(t);
+    for (k, v) in kv {
+        let _ = writeln!(t, "  {k:<key_w$}  {v}");
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use dataplane::migrate::Saved;
+
+    use super::*;
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn status() -> MigrationStatus {
+        MigrationStatus::new(0xabc, Role::Source, "web-1", 262_144)
+    }
+
+    /// A migration as the driver reports it: 3 pre-copy iterations, then the final copy.
+    fn timeline() -> Vec<MigrationStatus> {
+        let mut v = Vec::new();
+        let mut s = status();
+        v.push(s.clone());
+        s.phase = Phase::Iterating;
+        s.iteration = 1;
+        v.push(s.clone());
+        for (it, sent, dirtied) in [(1, 262_144, 30_000), (2, 30_000, 9_000), (3, 9_000, 8_000)] {
+            s.pages_sent += sent;
+            s.last_sent = sent;
+            s.last_dirtied = dirtied;
+            s.remaining = dirtied;
+            s.wire_bytes += sent * 4096;
+            s.rate_bps = 117_500_000.0;
+            s.expected_downtime_ms = Some(dirtied / 30);
+            s.eta_ms = s.expected_downtime_ms;
+            s.elapsed_ms += 1000;
+            s.saved = Saved {
+                zero: 1 << 20,
+                cbr: 2 << 20,
+                delta: 3 << 20,
+            };
+            if it < 3 {
+                s.iteration = it + 1;
+                v.push(s.clone());
+            }
+        }
+        s.phase = Phase::StopAndCopy;
+        s.stop_reason = Some(StopReason::LocalMinimum);
+        v.push(s.clone());
+        s.phase = Phase::Verifying;
+        s.iteration = 4;
+        s.pages_sent += 8_100;
+        s.last_sent = 8_100;
+        s.remaining = 0;
+        v.push(s.clone());
+        s.phase = Phase::Completed;
+        s.verified = Some(true);
+        s.pause_ms = Some(95);
+        s.elapsed_ms = 3200;
+        v.push(s);
+        v
+    }
+
+    #[test]
+    fn lines_log_each_iteration_and_phase_once() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let tl = timeline();
+        for s in &tl {
+            p.update(s);
+            p.update(s); // polled twice: no repeats
+        }
+        p.finish(tl.last().unwrap());
+        let text = out.text();
+        assert!(!text.contains('\x1b'), "no escapes off a terminal:\n{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 8, "{text}");
+        assert!(lines[0].starts_with("migration 0000000000000abc: guest web-1 (1.00 GiB"));
+        assert!(lines[1].contains("iteration 1: sending all 262,144 pages"));
+        assert!(
+            lines[2].ends_with(
+                "iteration 1: 262,144 sent, 30,000 dirtied | wire 1.00 GiB | 940 Mbit/s | \
+                 pause now ~1.00 s"
+            ),
+            "{text}"
+        );
+        assert!(lines[3].contains("iteration 2: 30,000 sent, 9,000 dirtied"));
+        assert!(lines[4].contains("iteration 3: 9,000 sent, 8,000 dirtied"));
+        assert!(lines[5].contains("stop and copy (local-minimum): guest paused, 8,000 pages"));
+        assert!(lines[6].contains("final copy: 8,100 pages"));
+        assert!(
+            lines[7].contains("completed in 3.20 s: guest paused 95 ms, memory verified"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn skipped_phases_still_get_their_lines() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let tl = timeline();
+        p.update(&tl[1]);
+        p.finish(tl.last().unwrap());
+        let text = out.text();
+        assert!(
+            text.contains("stop and copy (local-minimum): guest paused\n"),
+            "{text}"
+        );
+        assert!(text.contains("final copy: 8,100 pages"));
+        assert!(text.contains("completed in"));
+    }
+
+    #[test]
+    fn failures_say_where_the_guest_runs() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let mut s = status();
+        s.phase = Phase::Failed;
+        s.error = Some("peer failed: disk full".into());
+        p.finish(&s);
+        let text = out.text();
+        assert!(
+            text.contains("failed: peer failed: disk full; the guest keeps running at the source"),
+            "{text}"
+        );
+        assert!(!text.contains("final copy"));
+    }
+
+    #[test]
+    fn live_redraws_in_place_and_fits_the_width() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Live, 60);
+        let tl = timeline();
+        p.update(&tl[1]);
+        p.update(&tl[2]);
+        let text = out.text();
+        // The second draw goes back up three lines and clears.
+        assert!(text.contains("\r\x1b[3A\x1b[J"), "{text:?}");
+        for line in text.split('\n') {
+            let visible = line.rsplit("\x1b[J").next().unwrap();
+            if visible.starts_with('[') || visible.starts_with("migration") {
+                continue; // log lines may be long
+            }
+            assert!(visible.chars().count() < 60, "{visible:?}");
+        }
+        p.finish(tl.last().unwrap());
+        let text = out.text();
+        assert!(text.ends_with("memory verified at both ends\n"), "{text:?}");
+    }
+
+    #[test]
+    fn quiet_writes_nothing() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Quiet, 80);
+        for s in timeline() {
+            p.update(&s);
+        }
+        assert!(out.text().is_empty());
+    }
+
+    #[test]
+    fn summary_is_aligned_and_human() {
+        let st = timeline().pop().unwrap();
+        let its = [
+            IterationRecord {
+                iteration: 1,
+                sent: 262_144,
+                dirtied: 30_000,
+                wire_bytes: 900 << 20,
+                ms: 7600,
+            },
+            IterationRecord {
+                iteration: 2,
+                sent: 30_000,
+                dirtied: 9_000,
+                wire_bytes: 100 << 20,
+                ms: 800,
+            },
+            IterationRecord {
+                iteration: 3,
+                sent: 9_000,
+                dirtied: 0,
+                wire_bytes: 30 << 20,
+                ms: 95,
+            },
+        ];
+        let codec = CodecStats {
+            pages: [10, 20, 30, 40],
+            ..CodecStats::default()
+        };
+        let t = summary_table(&st, Some(&codec), &its);
+        assert!(t.contains("1.00 GiB (262,144 pages): completed"), "{t}");
+        assert!(t.contains("3 (final, paused)"), "{t}");
+        let rows: Vec<&str> = t
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("iteration"))
+            .take(4)
+            .collect();
+        // Right-aligned columns: every row ends at the same column.
+        let ends: Vec<usize> = rows.iter().map(|l| l.len()).collect();
+        assert!(ends.iter().all(|&e| e == ends[0]), "{t}");
+        assert!(
+            t.contains("stop reason        local-minimum: Smart Stop"),
+            "{t}"
+        );
+        assert!(t.contains("records            zero 10 | full 20 | blocks 30 | delta 40"));
+        assert!(t.contains("average rate       940 Mbit/s (117.5 MB/s)"));
+        assert!(t.contains("memory verified    yes"));
+        assert!(t.contains("guest paused       95 ms"));
+    }
+
+    #[test]
+    fn grouping() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(262_144), "262,144");
+        assert_eq!(group(u64::MAX), "18,446,744,073,709,551,615");
+    }
+
+    #[test]
+    fn cutting() {
+        assert_eq!(cut("abcdef", 10), "abcdef");
+        assert_eq!(cut("abcdefghijkl", 8), "abcde...");
+    }
+}

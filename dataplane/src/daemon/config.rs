@@ -1,0 +1,362 @@
+//! The daemon's TOML configuration. Every key is documented in `configs/*.toml`; unknown keys
+//! are refused so a typo is an error rather than a silently ignored setting.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::codec::{CodecConfig, DEFAULT_DELTA_THRESHOLD};
+use crate::migrate::Policy;
+use crate::transport::{Congestion, SocketOptions};
+use crate::units::{parse_duration, parse_rate, parse_size};
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// the file cannot be read
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// the TOML is malformed, a key is unknown or a value is invalid
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
+}
+
+/// `[daemon]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSection {
+    /// Unix socket for the CLI, created mode 0600.
+    pub control_socket: PathBuf,
+    /// Pre-shared key file (64 hex digits); must not be readable by group or others.
+    pub psk_file: PathBuf,
+    /// Log filter (`error`..`trace`, or a tracing directive); `RUST_LOG` overrides it.
+    pub log: String,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection {
+            control_socket: "/run/skyferry/control.sock".into(),
+            psk_file: "/etc/skyferry/psk".into(),
+            log: "info".into(),
+        }
+    }
+}
+
+/// `[listen]`: receiving migrations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSection {
+    /// Address for incoming migrations; empty: this host does not receive.
+    pub address: String,
+    /// Largest guest accepted.
+    pub max_guest: String,
+    /// Most data streams one migration may open.
+    pub max_streams: u32,
+    /// How long a peer may stay silent.
+    pub timeout: String,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        ListenSection {
+            address: String::new(),
+            max_guest: "256GiB".into(),
+            max_streams: 16,
+            timeout: "30s".into(),
+        }
+    }
+}
+
+/// `[network]`: socket tuning for both roles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// SO_SNDBUF per data stream.
+    pub send_buffer: String,
+    /// SO_RCVBUF per data stream.
+    pub recv_buffer: String,
+    /// `bbr` or `cubic`.
+    pub congestion: String,
+    /// TCP_NODELAY.
+    pub nodelay: bool,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            send_buffer: "8MiB".into(),
+            recv_buffer: "8MiB".into(),
+            congestion: "bbr".into(),
+            nodelay: true,
+        }
+    }
+}
+
+/// `[source]`: defaults for migrations started on this host (the CLI may override).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceSection {
+    /// Data streams per migration.
+    pub streams: u32,
+    /// `smart` or `xen-default`.
+    pub policy: String,
+    /// Stop pre-copy once what remains fits in this pause (`""`: no limit).
+    pub downtime_limit: String,
+    /// Send-side rate limit (`""`: none).
+    pub max_bandwidth: String,
+    /// Data frame size.
+    pub frame_size: String,
+    /// Block cache per stream, each end.
+    pub cache: String,
+    /// `all`, `none`, or a list like `zero,cbr,delta`.
+    pub optimizations: String,
+    /// Largest page delta sent, bytes.
+    pub delta_threshold: usize,
+    /// Carry a running cache digest in frame headers.
+    pub verify_caches: bool,
+    /// Pin pipeline threads to cores.
+    pub pin_threads: bool,
+    /// How long the destination may stay silent.
+    pub timeout: String,
+}
+
+impl Default for SourceSection {
+    fn default() -> Self {
+        SourceSection {
+            streams: 4,
+            policy: "smart".into(),
+            downtime_limit: String::new(),
+            max_bandwidth: String::new(),
+            frame_size: "64KiB".into(),
+            cache: "100MiB".into(),
+            optimizations: "all".into(),
+            delta_threshold: DEFAULT_DELTA_THRESHOLD,
+            verify_caches: true,
+            pin_threads: true,
+            timeout: "30s".into(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// `[daemon]`
+    pub daemon: DaemonSection,
+    /// `[listen]`
+    pub listen: ListenSection,
+    /// `[network]`
+    pub network: NetworkSection,
+    /// `[source]`
+    pub source: SourceSection,
+}
+
+/// The configuration with every value parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Key file path.
+    pub psk_file: PathBuf,
+    /// Log filter.
+    pub log: String,
+    /// Where to receive migrations, if at all.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Largest guest accepted, pages.
+    pub max_guest_pages: u64,
+    /// Most streams accepted.
+    pub max_streams: u32,
+    /// Destination silence limit.
+    pub listen_timeout: Duration,
+    /// Socket tuning.
+    pub socket: SocketOptions,
+    /// Default streams.
+    pub streams: u32,
+    /// Default policy.
+    pub policy: Policy,
+    /// Default downtime limit.
+    pub downtime_limit: Option<Duration>,
+    /// Default rate limit, bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Data frame size.
+    pub frame_size: usize,
+    /// Default codec.
+    pub codec: CodecConfig,
+    /// Pin threads.
+    pub pin_threads: bool,
+    /// Source silence limit.
+    pub source_timeout: Duration,
+}
+
+impl DaemonConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks config text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let c: DaemonConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let key = |k: &str, e: String| invalid(format!("{k}: {e}"));
+        let size = |k: &str, v: &str| parse_size(v).map_err(|e| key(k, e.to_string()));
+        let dur = |k: &str, v: &str| parse_duration(v).map_err(|e| key(k, e.to_string()));
+        let opt = |v: &str| (!v.trim().is_empty()).then(|| v.to_string());
+
+        let listen = opt(&c.listen.address)
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| key("listen.address", format!("{a:?}: {e}")))
+            })
+            .transpose()?;
+        let mut codec = CodecConfig {
+            cache_bytes: size("source.cache", &c.source.cache)?,
+            delta_threshold: c.source.delta_threshold,
+            verify_caches: c.source.verify_caches,
+            ..CodecConfig::default()
+        };
+        codec
+            .set_optimizations(&c.source.optimizations)
+            .map_err(|e| key("source.optimizations", e))?;
+        codec.validate().map_err(|e| key("source", e.to_string()))?;
+        let frame_size =
+            usize::try_from(size("source.frame_size", &c.source.frame_size)?).unwrap_or(usize::MAX);
+        if !(crate::frame::MIN_FRAME_SIZE..=crate::frame::MAX_FRAME_SIZE).contains(&frame_size) {
+            return Err(key(
+                "source.frame_size",
+                format!(
+                    "must be between {} and {} bytes",
+                    crate::frame::MIN_FRAME_SIZE,
+                    crate::frame::MAX_FRAME_SIZE
+                ),
+            ));
+        }
+        if c.source.streams == 0 || c.source.streams > 64 {
+            return Err(key("source.streams", "must be between 1 and 64".into()));
+        }
+        Ok(Settings {
+            control_socket: c.daemon.control_socket,
+            psk_file: c.daemon.psk_file,
+            log: c.daemon.log,
+            listen,
+            max_guest_pages: size("listen.max_guest", &c.listen.max_guest)?
+                / crate::page::PAGE_SIZE as u64,
+            max_streams: c.listen.max_streams,
+            listen_timeout: dur("listen.timeout", &c.listen.timeout)?,
+            socket: SocketOptions {
+                send_buffer: usize::try_from(size("network.send_buffer", &c.network.send_buffer)?)
+                    .unwrap_or(usize::MAX),
+                recv_buffer: usize::try_from(size("network.recv_buffer", &c.network.recv_buffer)?)
+                    .unwrap_or(usize::MAX),
+                nodelay: c.network.nodelay,
+                congestion: c
+                    .network
+                    .congestion
+                    .parse::<Congestion>()
+                    .map_err(|e| key("network.congestion", e))?,
+            },
+            streams: c.source.streams,
+            policy: c
+                .source
+                .policy
+                .parse()
+                .map_err(|e| key("source.policy", e))?,
+            downtime_limit: opt(&c.source.downtime_limit)
+                .map(|v| dur("source.downtime_limit", &v))
+                .transpose()?,
+            max_bandwidth: opt(&c.source.max_bandwidth)
+                .map(|v| parse_rate(&v).map_err(|e| key("source.max_bandwidth", e.to_string())))
+                .transpose()?,
+            frame_size,
+            codec,
+            pin_threads: c.source.pin_threads,
+            source_timeout: dur("source.timeout", &c.source.timeout)?,
+        })
+    }
+}
+
+/// Reads the pre-shared key, refusing a file others can read.
+pub fn read_psk(path: &Path) -> Result<crate::crypto::PreSharedKey, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "key file {} has mode {mode:03o}; it must be readable by its owner only (chmod 600)",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    crate::crypto::PreSharedKey::from_hex(&text)
+        .map_err(|e| format!("key file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::DEFAULT_CACHE_BYTES;
+    use crate::frame::DEFAULT_FRAME_SIZE;
+
+    #[test]
+    fn the_example_configs_parse() {
+        for f in ["source.toml", "destination.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs")
+                .join(f);
+            DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_named() {
+        let p = Path::new("t.toml");
+        let e = DaemonConfig::parse("[source]\nstreemz = 3\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("streemz"), "{e}");
+        let e = DaemonConfig::parse("[source]\ncache = \"12XB\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("source.cache"), "{e}");
+        let e = DaemonConfig::parse("[source]\npolicy = \"fast\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smart or xen-default"), "{e}");
+        let e = DaemonConfig::parse("[network]\ncongestion = \"reno\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bbr or cubic"), "{e}");
+        let s = DaemonConfig::parse("", p).unwrap();
+        assert_eq!(s.listen, None);
+        assert_eq!(
+            s.codec,
+            CodecConfig {
+                cache_bytes: DEFAULT_CACHE_BYTES,
+                ..CodecConfig::default()
+            }
+        );
+        assert_eq!(s.frame_size, DEFAULT_FRAME_SIZE);
+    }
+}

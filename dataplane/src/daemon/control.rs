@@ -1,0 +1,175 @@
+//! The control socket: one JSON request per connection, one JSON response, each a line.
+//! Only the daemon's own user (or root) may use it: the socket file is mode 0600 and every
+//! connection's peer credentials are checked (SO_PEERCRED).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::registry::Registry;
+use crate::migrate::MigrationStatus;
+
+/// Largest request accepted.
+const MAX_REQUEST: u64 = 64 << 10;
+
+/// Start a migration of a synthetic guest hosted by this daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Destination daemon's migration address (`host:port`).
+    pub to: String,
+    /// Synthetic workload (`kernel`, `tpcw`, `specjbb`, `idle`).
+    pub workload: String,
+    /// Guest memory, bytes.
+    pub mem: u64,
+    /// Workload seed.
+    pub seed: u64,
+    /// Write-rate multiplier of the synthetic guest.
+    pub speed: f64,
+    /// Guest name for displays.
+    pub guest: Option<String>,
+    /// Overrides of the config's `[source]` defaults.
+    pub streams: Option<u32>,
+    /// `smart` or `xen-default`.
+    pub policy: Option<String>,
+    /// `all`, `none` or a list.
+    pub optimizations: Option<String>,
+    /// Bytes per second; 0 means unlimited.
+    pub max_bandwidth: Option<u64>,
+    /// Milliseconds.
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Start a migration.
+    Start(StartRequest),
+    /// Abort a migration before its commit.
+    Abort {
+        /// Migration id.
+        id: u64,
+    },
+    /// Status of one migration, or of all.
+    Status {
+        /// Migration id; all when absent.
+        id: Option<u64>,
+    },
+}
+
+/// A control response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// A migration started.
+    Started {
+        /// Its id.
+        id: u64,
+    },
+    /// Abort requested; the migration stops at its next step.
+    Aborting {
+        /// Its id.
+        id: u64,
+    },
+    /// Migrations known to this daemon.
+    Status {
+        /// Their states, oldest first.
+        migrations: Vec<MigrationStatus>,
+    },
+    /// The request failed.
+    Error {
+        /// Why, for the operator.
+        message: String,
+    },
+}
+
+/// Serves the control socket forever.
+pub fn serve(path: &Path, registry: &Arc<Registry>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        // A socket left by a daemon that died; refuse to remove anything else.
+        let meta = std::fs::symlink_metadata(path)?;
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::other(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!("control socket {}", path.display());
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let registry = registry.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = handle(conn, &registry) {
+                tracing::warn!("control connection: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn handle(conn: UnixStream, registry: &Arc<Registry>) -> std::io::Result<()> {
+    let mut out = conn.try_clone()?;
+    let response = match peer_allowed(&conn) {
+        Err(message) => Response::Error { message },
+        Ok(()) => {
+            let mut line = String::new();
+            BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+            match serde_json::from_str::<Request>(&line) {
+                Ok(req) => registry.handle(req),
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            }
+        }
+    };
+    let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+/// Only our own user (or root) may drive the daemon.
+fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() == me || cred.uid() == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} may not use this daemon (owner uid {me})",
+            cred.uid()
+        ))
+    }
+}
+
+/// Sends one request to a daemon and returns its response (the CLI's side).
+pub fn request(path: &Path, req: &Request) -> Result<Response, String> {
+    let mut conn = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach skyferryd at {}: {e} (is it running? pass --socket to use another)",
+            path.display()
+        )
+    })?;
+    let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    text.push('\n');
+    conn.write_all(text.as_bytes())
+        .map_err(|e| format!("sending to skyferryd: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from skyferryd: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("malformed response from skyferryd: {e}"))
+}

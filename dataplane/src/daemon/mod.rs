@@ -1,0 +1,13 @@
+//! `skyferryd`: configuration, the control socket and the registry of migrations.
+//!
+//! One daemon runs on each host. As a source it runs migrations the CLI starts; as a
+//! destination it listens on the migration port and receives them. Migrations arrive at a
+//! destination one after another (a later one waits in the listen backlog).
+
+pub mod config;
+pub mod control;
+pub mod registry;
+
+pub use config::{ConfigError, DaemonConfig};
+pub use control::{Request, Response, StartRequest};
+pub use registry::Registry;

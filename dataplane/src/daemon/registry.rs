@@ -1,0 +1,246 @@
+//! Every migration this daemon runs or has run, and the guests it hosts.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::config::Settings;
+use super::control::{Request, Response, StartRequest};
+use crate::crypto::PreSharedKey;
+use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
+use crate::guest::workload::Workload;
+use crate::guest::{DestGuest, SourceGuest};
+use crate::migrate::dest::{DestOptions, receive};
+use crate::migrate::source::{SourceOptions, migrate};
+use crate::migrate::{MigrationStatus, Role};
+use crate::page::PAGE_SIZE;
+
+struct Entry {
+    status: Arc<Mutex<MigrationStatus>>,
+    abort: Arc<AtomicBool>,
+    /// The guest, kept alive: at the source it runs here again if the migration fails; at
+    /// the destination it runs here once the migration completes.
+    _source: Option<Arc<dyn SourceGuest>>,
+    _target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
+}
+
+/// The daemon's state.
+pub struct Registry {
+    settings: Settings,
+    psk: PreSharedKey,
+    entries: Mutex<Vec<Entry>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A registry for a daemon with these settings.
+    pub fn new(settings: Settings, psk: PreSharedKey) -> Arc<Self> {
+        Arc::new(Registry {
+            settings,
+            psk,
+            entries: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Answers one control request.
+    pub fn handle(self: &Arc<Self>, req: Request) -> Response {
+        match req {
+            Request::Start(s) => match self.start(&s) {
+                Ok(id) => Response::Started { id },
+                Err(message) => Response::Error { message },
+            },
+            Request::Abort { id } => self.abort(id),
+            Request::Status { id } => {
+                let entries = self.entries.lock().expect("registry lock");
+                let migrations = entries
+                    .iter()
+                    .map(|e| e.status.lock().expect("status lock").clone())
+                    .filter(|s| id.is_none_or(|id| s.id == id))
+                    .collect::<Vec<_>>();
+                if let Some(id) = id
+                    && migrations.is_empty()
+                {
+                    return Response::Error {
+                        message: format!("no migration {id:x} on this host"),
+                    };
+                }
+                Response::Status { migrations }
+            }
+        }
+    }
+
+    fn abort(&self, id: u64) -> Response {
+        let entries = self.entries.lock().expect("registry lock");
+        let Some(e) = entries
+            .iter()
+            .find(|e| e.status.lock().expect("status lock").id == id)
+        else {
+            return Response::Error {
+                message: format!("no migration {id:x} on this host"),
+            };
+        };
+        let phase = e.status.lock().expect("status lock").phase;
+        if phase.is_final() {
+            return Response::Error {
+                message: format!(
+                    "migration {id:x} has already ended ({phase:?}); nothing to abort"
+                ),
+            };
+        }
+        e.abort.store(true, Ordering::Relaxed);
+        Response::Aborting { id }
+    }
+
+    fn start(self: &Arc<Self>, r: &StartRequest) -> Result<u64, String> {
+        let s = &self.settings;
+        let peer = std::net::ToSocketAddrs::to_socket_addrs(&r.to)
+            .map_err(|e| format!("destination {:?}: {e}", r.to))?
+            .next()
+            .ok_or_else(|| format!("destination {:?} resolves to no address", r.to))?;
+        let workload: Workload = r
+            .workload
+            .parse()
+            .map_err(|e: crate::guest::workload::UnknownWorkload| e.to_string())?;
+        let pages = r.mem / PAGE_SIZE as u64;
+        if pages == 0 {
+            return Err(format!(
+                "guest memory of {} bytes is less than a page",
+                r.mem
+            ));
+        }
+        let mut codec = s.codec.clone();
+        if let Some(o) = &r.optimizations {
+            codec.set_optimizations(o)?;
+        }
+        let policy = match &r.policy {
+            Some(p) => p.parse()?,
+            None => s.policy,
+        };
+        let streams = r.streams.unwrap_or(s.streams);
+        if !(1..=64).contains(&streams) {
+            return Err(format!("{streams} streams: use 1 to 64"));
+        }
+        let id = u64::from_le_bytes(
+            crate::crypto::HandshakeNonce::random()
+                .map_err(|e| e.to_string())?
+                .0[..8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        let label = r
+            .guest
+            .clone()
+            .unwrap_or_else(|| format!("{}-{:x}", workload, id & 0xffff));
+        let opts = SourceOptions {
+            peer,
+            psk: self.psk.clone(),
+            streams,
+            codec,
+            policy,
+            downtime_limit: r
+                .downtime_limit_ms
+                .map(std::time::Duration::from_millis)
+                .or(s.downtime_limit),
+            max_bandwidth: match r.max_bandwidth {
+                Some(0) => None,
+                Some(b) => Some(b),
+                None => s.max_bandwidth,
+            },
+            socket: s.socket.clone(),
+            frame_size: s.frame_size,
+            pin_threads: s.pin_threads,
+            timeout: s.source_timeout,
+            guest_label: label.clone(),
+        };
+        let guest: Arc<dyn SourceGuest> = Arc::new(
+            SyntheticGuest::with_options(
+                pages,
+                workload,
+                r.seed,
+                SyntheticOptions {
+                    speed: r.speed,
+                    writers: 1,
+                },
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let status = Arc::new(Mutex::new(MigrationStatus::new(
+            id,
+            Role::Source,
+            &label,
+            pages,
+        )));
+        let abort = Arc::new(AtomicBool::new(false));
+        self.entries.lock().expect("registry lock").push(Entry {
+            status: status.clone(),
+            abort: abort.clone(),
+            _source: Some(guest.clone()),
+            _target: Arc::default(),
+        });
+        std::thread::Builder::new()
+            .name(format!("sf-migrate-{:x}", id & 0xffff))
+            .spawn(move || match migrate(guest, &opts, id, &status, &abort) {
+                Ok(s) => tracing::info!(migration = id, phase = ?s.status.phase, "migration ended"),
+                Err(e) => tracing::warn!(migration = id, "migration failed: {e}"),
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(id)
+    }
+
+    /// Receives migrations on `listener`, one after another, forever.
+    pub fn listen(self: &Arc<Self>, listener: &TcpListener) {
+        let s = &self.settings;
+        let opts = DestOptions {
+            psk: self.psk.clone(),
+            socket: s.socket.clone(),
+            pin_threads: s.pin_threads,
+            timeout: s.listen_timeout,
+            max_guest_pages: s.max_guest_pages,
+            max_streams: s.max_streams,
+        };
+        loop {
+            let status = Arc::new(Mutex::new(MigrationStatus::new(
+                0,
+                Role::Destination,
+                "",
+                0,
+            )));
+            let abort = Arc::new(AtomicBool::new(false));
+            let target: Arc<Mutex<Option<Arc<dyn DestGuest>>>> = Arc::default();
+            self.entries.lock().expect("registry lock").push(Entry {
+                status: status.clone(),
+                abort: abort.clone(),
+                _source: None,
+                _target: target.clone(),
+            });
+            let slot = target.clone();
+            let factory = Box::new(move |h: &crate::protocol::Hello| {
+                if h.backend != "synthetic" {
+                    return Err(format!("this host cannot run {:?} guests", h.backend));
+                }
+                let t: Arc<dyn DestGuest> =
+                    Arc::new(SyntheticTarget::new(h.guest_pages).map_err(|e| e.to_string())?);
+                *slot.lock().expect("slot lock") = Some(t.clone());
+                Ok(t)
+            });
+            match receive(listener, &opts, factory, &status, &abort) {
+                Ok(_) => tracing::info!("migration received; the guest runs here"),
+                Err(e) => {
+                    tracing::warn!("incoming migration failed: {e}");
+                    // Discard the half-built guest.
+                    target.lock().expect("slot lock").take();
+                }
+            }
+            // Forget entries that never got past the handshake (id 0).
+            self.entries
+                .lock()
+                .expect("registry lock")
+                .retain(|e| e.status.lock().expect("status lock").id != 0);
+        }
+    }
+}
