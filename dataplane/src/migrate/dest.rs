@@ -149,6 +149,12 @@ pub fn receive(
             })
         }
         Err(e) => {
+            // The data streams may have closed under a wait because the operator aborted at
+            // the source: the Abort then already waits on the control channel. Say so.
+            let e = match rx.recv::<ToDest>() {
+                Ok(ToDest::Abort { operator: true, .. }) => MigrateError::Aborted,
+                _ => e,
+            };
             // Discard: stop the pipeline and drop the half-built guest.
             let _ = tx.send(&ToSource::Failed {
                 reason: e.to_string(),
@@ -368,8 +374,12 @@ fn follow(
                     "commit before the destination was ready".into(),
                 ));
             }
-            ToDest::Abort { reason } => {
-                return Err(MigrateError::Peer(format!("source aborted: {reason}")));
+            ToDest::Abort { reason, operator } => {
+                return Err(if operator {
+                    MigrateError::Aborted
+                } else {
+                    MigrateError::Peer(format!("source failed: {reason}"))
+                });
             }
         }
     }

@@ -185,6 +185,7 @@ impl Run<'_> {
                 // destination to discard, stop the pipeline, give the guest back its CPU.
                 let _ = session.tx.send(&ToDest::Abort {
                     reason: e.to_string(),
+                    operator: matches!(e, MigrateError::Aborted),
                 });
                 for s in session.data.iter().chain([&session.control]) {
                     let _ = s.shutdown(std::net::Shutdown::Both);

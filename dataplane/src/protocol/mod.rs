@@ -70,6 +70,8 @@ pub enum ToDest {
     Abort {
         /// Why, for the destination's status.
         reason: String,
+        /// The operator asked for it (else the source failed).
+        operator: bool,
     },
 }
 
