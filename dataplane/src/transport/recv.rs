@@ -60,22 +60,7 @@ pub fn receive_frames(
         checkers.iter().all(|c| c.max_frame() <= pool.frame_size()),
         "a checker accepts frames larger than the pool's buffers"
     );
-    let mut ring = IoUring::new(u32::try_from(2 * n.max(4)).unwrap_or(256)).map_err(|source| {
-        TransportError::Ring {
-            what: "create receive ring",
-            source,
-        }
-    })?;
-    let iovecs = pool.iovecs();
-    // SAFETY: every iovec describes a pool buffer, a heap allocation that is never resized.
-    // The kernel writes into a registered buffer only during a read we submit on it, and we
-    // submit only on buffers this thread holds (in `reading`) until the completion is reaped.
-    unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
-        TransportError::Ring {
-            what: "register receive buffers",
-            source,
-        }
-    })?;
+    let mut ring = pool.ring(n)?;
 
     let mut summary = RecvSummary {
         frames: vec![0; n],

@@ -50,23 +50,7 @@ pub fn send_frames(
     sent_bytes: &AtomicU64,
 ) -> Result<SendSummary, TransportError> {
     let n = sockets.len();
-    let mut ring = IoUring::new(u32::try_from(2 * n.max(4)).unwrap_or(256)).map_err(|source| {
-        TransportError::Ring {
-            what: "create send ring",
-            source,
-        }
-    })?;
-    let iovecs = pool.iovecs();
-    // SAFETY: every iovec describes a pool buffer, a heap allocation that is never resized.
-    // The kernel only touches a registered buffer during an operation we submit on it, and
-    // we submit only on buffers this thread holds (in `inflight`) until their completion is
-    // reaped, so no other code uses that memory meanwhile.
-    unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
-        TransportError::Ring {
-            what: "register send buffers",
-            source,
-        }
-    })?;
+    let mut ring = pool.ring(n)?;
 
     let mut queues: Vec<VecDeque<Outgoing>> = (0..n).map(|_| VecDeque::new()).collect();
     let mut inflight: Vec<Option<(Outgoing, usize)>> = (0..n).map(|_| None).collect();
