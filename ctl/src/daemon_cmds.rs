@@ -250,8 +250,8 @@ pub fn watch(a: &WatchArgs) -> Result<(), String> {
             .ok_or_else(|| format!("migration {id:x} is gone"))?;
         view.update(&s);
         if s.phase.is_final() {
+            // `finish` prints the closing line.
             view.finish(&s);
-            println!("migration {id:x}: {}", describe_end(&s));
             return if s.phase == Phase::Completed {
                 Ok(())
             } else {

@@ -344,11 +344,10 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
     vec![
         format!("{spin} {phase} | {} | {rate}", format_duration(elapsed)),
         format!(
-            "  pages  sent {} | dirtied last iteration {} | left {} of {}",
-            group(st.pages_sent),
-            group(st.last_dirtied),
+            "  pages  left {} | sent {} in finished iterations | last dirtied {}",
             group(st.remaining),
-            group(st.guest_pages)
+            group(st.pages_sent),
+            group(st.last_dirtied)
         ),
         format!(
             "  bytes  on the wire {} | saved {} (zero {}, CBR {}, delta {})",
