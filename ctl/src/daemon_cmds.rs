@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use dataplane::daemon::control::{Request, Response, StartRequest, request};
 use dataplane::migrate::{MigrationStatus, Phase};
-use dataplane::units::{format_rate, format_size, parse_duration, parse_rate, parse_size};
+use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
 /// Where the daemon listens (`--socket`, or `SKYFERRY_SOCKET`).
 #[derive(clap::Args, Debug)]
@@ -103,11 +103,10 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 fn rate_or_none(s: &str) -> Result<u64, String> {
-    if s == "none" {
-        Ok(0)
-    } else {
-        parse_rate(s).map_err(|e| e.to_string())
-    }
+    // 0 tells the daemon "no limit".
+    parse_rate_limit(s)
+        .map(|r| r.unwrap_or(0))
+        .map_err(|e| e.to_string())
 }
 
 fn hex_id(s: &str) -> Result<u64, String> {
