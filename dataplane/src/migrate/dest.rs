@@ -290,6 +290,8 @@ fn follow(
     let mut silent = Instant::now();
     let mut seen_bytes = 0;
     let mut ready = false;
+    // After Final: (iteration, our digest, state) until the source's digest arrives.
+    let mut final_state = None;
     loop {
         if abort.load(Ordering::Relaxed) {
             return Err(MigrateError::Aborted);
@@ -331,7 +333,6 @@ fn follow(
             ToDest::Final {
                 iteration,
                 frames,
-                digest,
                 state,
             } => {
                 status.lock().expect("status lock").phase = Phase::Verifying;
@@ -347,6 +348,12 @@ fn follow(
                 tracing::info!(ms = t.elapsed().as_millis(), "data plane closed");
                 let ours = guest.memory_digest();
                 tracing::info!(ms = t.elapsed().as_millis(), "memory digest taken");
+                final_state = Some((iteration, ours, state));
+            }
+            ToDest::Digest { digest } => {
+                let Some((iteration, ours, state)) = final_state.take() else {
+                    return Err(MigrateError::Peer("memory digest before Final".into()));
+                };
                 if ours != digest {
                     return Err(MigrateError::DigestMismatch {
                         ours: digest,

@@ -453,8 +453,6 @@ impl Run<'_> {
         it += 1;
         let last = next.count();
         let frames = self.send_iteration(session, pipeline, it, next)?;
-        // Everything is queued: close the data plane so the destination's pipeline ends
-        // (and releases guest memory) before it verifies.
         let since = |p: Option<Instant>| p.map_or(0, |p| millis(p.elapsed()));
         tracing::info!(
             migration = self.id,
@@ -462,6 +460,14 @@ impl Run<'_> {
             ms = since(self.paused),
             "final pages queued"
         );
+        // Final goes first so the destination hashes its copy while we hash ours.
+        session.tx.send(&ToDest::Final {
+            iteration: it,
+            frames,
+            state: self.guest.state()?,
+        })?;
+        // Everything is queued: close the data plane so the destination's pipeline ends
+        // (and releases guest memory) before it verifies.
         pipeline.finish()?;
         tracing::info!(
             migration = self.id,
@@ -469,18 +475,8 @@ impl Run<'_> {
             "data plane drained"
         );
         let digest = self.guest.memory_digest()?;
-        let state = self.guest.state()?;
-        tracing::info!(
-            migration = self.id,
-            ms = since(self.paused),
-            "digest and state taken"
-        );
-        session.tx.send(&ToDest::Final {
-            iteration: it,
-            frames,
-            digest,
-            state,
-        })?;
+        tracing::info!(migration = self.id, ms = since(self.paused), "digest taken");
+        session.tx.send(&ToDest::Digest { digest })?;
         let final_wire = pipeline.wire_bytes.load(Ordering::Relaxed) - wire_final;
         reports.push(IterationRecord {
             iteration: it,

@@ -233,9 +233,15 @@ struct StreamStage {
 impl StreamStage {
     /// Opens and decodes each frame the receive thread hands over, in order.
     fn run(&mut self, incoming: &Receiver<Incoming>) -> Result<(), PipelineError> {
+        let _stage = tracing::debug_span!("decode_stage", stream = self.stream).entered();
         for mut inc in incoming {
             let stream = self.stream;
-            let r = match self.opener.open(&mut inc.frame.frame.raw_mut()[..inc.len]) {
+            let opened = {
+                let _span = tracing::trace_span!("open").entered();
+                self.opener.open(&mut inc.frame.frame.raw_mut()[..inc.len])
+            };
+            let _span = tracing::trace_span!("decode").entered();
+            let r = match opened {
                 Ok(opened) => self
                     .decoder
                     .decode(

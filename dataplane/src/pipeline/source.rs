@@ -247,10 +247,12 @@ fn scan_stage(
     batches: &BatchPool,
     scanned: &AtomicU64,
 ) -> Result<(), PipelineError> {
+    let _stage = tracing::debug_span!("scan_stage").entered();
     let n = work.len();
     let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| Vec::with_capacity(BATCH_PAGES)).collect();
     let send = |s: usize, pfns: &mut Vec<Pfn>| -> Result<bool, PipelineError> {
         let mut b = batches.take();
+        let _span = tracing::trace_span!("read_pages", pages = pfns.len()).entered();
         guest.read_pages(pfns, &mut b)?;
         scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
         pfns.clear();
@@ -292,10 +294,12 @@ impl StreamStage {
     /// Encodes batches into frames, seals each frame as it fills and hands it to the send
     /// thread. Returns when the scan thread is done or a later stage has stopped.
     fn run(&mut self, work: &Receiver<Work>, batches: &BatchPool) {
+        let _stage = tracing::debug_span!("encode_stage", stream = self.stream).entered();
         let mut frame = self.pool.take();
         for w in work {
             match w {
                 Work::Batch(batch) => {
+                    let _span = tracing::trace_span!("encode", pages = batch.len()).entered();
                     for (pfn, page) in batch.iter() {
                         if !frame.frame.has_room() && !self.ship(&mut frame) {
                             return;
@@ -331,7 +335,10 @@ impl StreamStage {
     fn ship(&mut self, frame: &mut crate::transport::PoolFrame) -> bool {
         self.encoder.finish_frame(&mut frame.frame);
         let mut full = std::mem::replace(frame, self.pool.take());
-        let len = self.sealer.seal(&mut full.frame).len();
+        let len = {
+            let _span = tracing::trace_span!("seal").entered();
+            self.sealer.seal(&mut full.frame).len()
+        };
         self.out
             .send(Outgoing {
                 stream: self.stream,
