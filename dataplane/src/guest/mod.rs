@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn digest_is_the_hash_of_chunk_hashes_whatever_the_threads() {
         let mem: Vec<u8> = (0..(200 * DIGEST_CHUNK + 4096))
-            .map(|i| (i * 31 % 251) as u8)
+            .map(|i| u8::try_from(i * 31 % 251).expect("below 251"))
             .collect();
         let mut all = xxhash_rust::xxh3::Xxh3::new();
         for chunk in mem.chunks(DIGEST_CHUNK) {
