@@ -40,6 +40,9 @@ pub struct Args {
     /// Leave threads unpinned.
     #[arg(long)]
     no_pin: bool,
+    /// AES-256-GCM implementation, for the migration and its reference alike.
+    #[arg(long, default_value = "aws-lc-rs")]
+    cipher: dataplane::crypto::AeadImpl,
     /// A short run: 1 GiB guests unless --mem says otherwise.
     #[arg(long)]
     quick: bool,
@@ -85,6 +88,7 @@ struct CaseResult {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    cipher: &'static str,
     mem_bytes: u64,
     streams: u32,
     frame_size: usize,
@@ -189,6 +193,8 @@ fn run_case(args: &Args, case: &Case, pages: u64) -> Result<CaseResult, String> 
         args.frame_size.to_string(),
         "--seed".into(),
         args.seed.to_string(),
+        "--cipher".into(),
+        args.cipher.name().into(),
     ];
     if !args.no_pin {
         common.push("--pin".into());
@@ -256,7 +262,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             .into_iter()
             .map(Case::Mix)
             .chain(
-                [Workload::Kernel, Workload::Tpcw, Workload::Specjbb]
+                Workload::ALL
                     .into_iter()
                     .map(Case::Workload),
             )
@@ -276,6 +282,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let only =
         (results.len() == 1).then(|| serde_json::to_value(&results[0]).expect("serialisable"));
     let report = Report {
+        cipher: args.cipher.name(),
         mem_bytes: pages * PAGE_SIZE as u64,
         streams: args.streams,
         frame_size: args.frame_size,
@@ -293,10 +300,11 @@ pub fn run(args: &Args) -> Result<(), String> {
 
 fn print_table(r: &Report) {
     println!(
-        "pipeline: {} guest, {} stream(s), {} KiB frames, threads {}",
+        "pipeline: {} guest, {} stream(s), {} KiB frames, {}, threads {}",
         dataplane::units::format_size(r.mem_bytes),
         r.streams,
         r.frame_size >> 10,
+        r.cipher,
         if r.pinned { "pinned" } else { "unpinned" }
     );
     println!(

@@ -84,6 +84,9 @@ pub struct PeerArgs {
     /// Port of the listening end (source and reference sender).
     #[arg(long)]
     pub port: Option<u16>,
+    /// AES-256-GCM implementation.
+    #[arg(long, default_value = "aws-lc-rs")]
+    pub cipher: dataplane::crypto::AeadImpl,
 }
 
 /// What a migration source measured.
@@ -134,6 +137,7 @@ fn listen() -> TcpListener {
 }
 
 pub fn run(args: &PeerArgs) -> Result<(), String> {
+    dataplane::crypto::set_default_impl(args.cipher);
     match args.role {
         PeerRole::Source => source(args),
         PeerRole::Dest => dest(args),
