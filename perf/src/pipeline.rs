@@ -261,11 +261,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         (None, None) => [MixName::Unique, MixName::Zero, MixName::Redundant]
             .into_iter()
             .map(Case::Mix)
-            .chain(
-                Workload::ALL
-                    .into_iter()
-                    .map(Case::Workload),
-            )
+            .chain(Workload::ALL.into_iter().map(Case::Workload))
             .collect(),
     };
     let mut results = Vec::new();
@@ -308,7 +304,7 @@ fn print_table(r: &Report) {
         if r.pinned { "pinned" } else { "unpinned" }
     );
     println!(
-        "{:<18} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "{:<18} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "case",
         "guest GB/s",
         "wire Gb/s",
@@ -316,13 +312,15 @@ fn print_table(r: &Report) {
         "ratio",
         "src s/GB",
         "dst s/GB",
+        "ref src",
+        "ref dst",
         "src MiB",
         "dst MiB",
         "pause ms"
     );
     for c in &r.cases {
         println!(
-            "{:<18} {:>10.2} {:>9.2} {:>9.2} {:>6.2} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>8}",
+            "{:<18} {:>10.2} {:>9.2} {:>9.2} {:>6.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>8}",
             c.mix,
             c.guest_gbps,
             c.wire_gbps,
@@ -330,6 +328,8 @@ fn print_table(r: &Report) {
             c.ratio,
             c.src_cpu_s_per_gb,
             c.dst_cpu_s_per_gb,
+            c.ref_src_cpu_s_per_gb,
+            c.ref_dst_cpu_s_per_gb,
             c.src_peak_rss_mib,
             c.dst_peak_rss_mib,
             c.pause_ms
@@ -338,6 +338,7 @@ fn print_table(r: &Report) {
     println!(
         "guest GB/s: guest memory over the whole migration (connect to commit); ref: the same\n\
          bytes as sealed frames over the same streams, nothing else; s/GB: CPU-seconds per GB of\n\
-         guest memory; MiB: peak resident memory of each process, guest memory excluded."
+         guest memory (ref src/dst: the reference's); MiB: peak resident memory of each process,\n\
+         guest memory excluded."
     );
 }

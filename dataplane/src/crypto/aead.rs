@@ -176,9 +176,18 @@ mod tests {
             let tag = k.seal([2; 12], b"h", &mut body);
             let mut bad = tag;
             bad[0] ^= 1;
-            assert_eq!(k.open([2; 12], b"h", &mut body.clone(), &bad), Err(Unauthentic));
-            assert_eq!(k.open([2; 12], b"H", &mut body.clone(), &tag), Err(Unauthentic));
-            assert_eq!(k.open([3; 12], b"h", &mut body.clone(), &tag), Err(Unauthentic));
+            assert_eq!(
+                k.open([2; 12], b"h", &mut body.clone(), &bad),
+                Err(Unauthentic)
+            );
+            assert_eq!(
+                k.open([2; 12], b"H", &mut body.clone(), &tag),
+                Err(Unauthentic)
+            );
+            assert_eq!(
+                k.open([3; 12], b"h", &mut body.clone(), &tag),
+                Err(Unauthentic)
+            );
             assert!(k.open([2; 12], b"h", &mut body, &tag).is_ok());
             assert_eq!(body, vec![5u8; 100]);
         }

@@ -1,7 +1,9 @@
-//! The source pipeline: scan -> encode+seal[s] -> send.
+//! The source pipeline: scan -> read+encode+seal[s] -> send.
 //!
-//! Encoding and sealing a frame happen on the same thread, one after the other: the frame is
-//! still in that core's cache when it is sealed, and no hand-off sits between them.
+//! The scan thread only splits each iteration's pages into per-stream lists of page numbers.
+//! Each stream's thread copies its pages out of the guest, encodes and seals them: the stable
+//! copy, the frame it becomes and the sealing all stay in one core's cache, no page crosses
+//! between cores, and guest reads run on every stream at once.
 
 use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
@@ -47,7 +49,8 @@ pub struct Flushed {
 }
 
 enum Work {
-    Batch(PageBatch),
+    /// Pages to read and send (a recycled list; give it back).
+    Pages(Vec<Pfn>),
     Flush(u32),
 }
 
@@ -95,7 +98,8 @@ impl SourcePipeline {
         let stats = Arc::new(Mutex::new(vec![CodecStats::default(); n]));
         let (flushed_tx, flushed) = bounded(4 * n);
         let (out_tx, out_rx) = bounded::<Outgoing>(n * FRAMES_PER_STREAM / 2);
-        let batches = BatchPool::new(4 * n + 4);
+        let lists = PfnPool::new(4 * n + 4);
+        let pages_scanned = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         let mut work_txs = Vec::with_capacity(n);
 
@@ -111,27 +115,25 @@ impl SourcePipeline {
                 flushed: flushed_tx.clone(),
                 stats: stats.clone(),
             };
-            let batches = batches.clone();
+            let (lists, guest, scanned) = (lists.clone(), guest.clone(), pages_scanned.clone());
             threads.push(spawn_stage(
                 format!("sf-encode-{s}"),
                 1 + s,
                 settings.pin_threads,
-                move || {
-                    stream.run(&work_rx, &batches);
-                    Ok(())
-                },
+                move || stream.run(guest.as_ref(), &work_rx, &lists, &scanned),
             ));
         }
         drop(out_tx);
 
         let (scan_tx, scan_rx) = bounded::<ScanCmd>(1);
-        let pages_scanned = Arc::new(AtomicU64::new(0));
-        let scanned = pages_scanned.clone();
         threads.push(spawn_stage(
             "sf-scan".into(),
             0,
             settings.pin_threads,
-            move || scan_stage(guest.as_ref(), &scan_rx, &work_txs, &batches, &scanned),
+            move || {
+                scan_stage(&scan_rx, &work_txs, &lists);
+                Ok(())
+            },
         ));
         let limit = settings.max_bandwidth.map(|bps| {
             TokenBucket::new(
@@ -215,68 +217,60 @@ impl SourcePipeline {
     }
 }
 
-/// Recycled page batches.
+/// Recycled lists of page numbers.
 #[derive(Clone)]
-struct BatchPool {
-    tx: Sender<PageBatch>,
-    rx: Receiver<PageBatch>,
+struct PfnPool {
+    tx: Sender<Vec<Pfn>>,
+    rx: Receiver<Vec<Pfn>>,
 }
 
-impl BatchPool {
+impl PfnPool {
     fn new(n: usize) -> Self {
         let (tx, rx) = bounded(n);
         for _ in 0..n {
-            tx.send(PageBatch::with_capacity(BATCH_PAGES))
-                .expect("sized");
+            tx.send(Vec::with_capacity(BATCH_PAGES)).expect("sized");
         }
-        BatchPool { tx, rx }
+        PfnPool { tx, rx }
     }
-    fn take(&self) -> PageBatch {
+    fn take(&self) -> Vec<Pfn> {
         self.rx.recv().expect("pool holds its sender")
     }
-    fn give(&self, mut b: PageBatch) {
-        b.clear();
-        let _ = self.tx.send(b);
+    fn give(&self, mut list: Vec<Pfn>) {
+        list.clear();
+        let _ = self.tx.send(list);
     }
 }
 
-fn scan_stage(
-    guest: &dyn SourceGuest,
-    cmds: &Receiver<ScanCmd>,
-    work: &[Sender<Work>],
-    batches: &BatchPool,
-    scanned: &AtomicU64,
-) -> Result<(), PipelineError> {
+/// Splits each iteration's pages into per-stream lists and marks its end on every stream.
+/// Returns when the driver is done or a stream thread has stopped.
+fn scan_stage(cmds: &Receiver<ScanCmd>, work: &[Sender<Work>], lists: &PfnPool) {
     let _stage = tracing::debug_span!("scan_stage").entered();
     let n = work.len();
-    let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| Vec::with_capacity(BATCH_PAGES)).collect();
-    let send = |s: usize, pfns: &mut Vec<Pfn>| -> Result<bool, PipelineError> {
-        let mut b = batches.take();
-        let _span = tracing::trace_span!("read_pages", pages = pfns.len()).entered();
-        guest.read_pages(pfns, &mut b)?;
-        scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        pfns.clear();
-        Ok(work[s].send(Work::Batch(b)).is_ok())
-    };
+    let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| lists.take()).collect();
     for cmd in cmds {
         let ScanCmd::Iteration { iteration, pages } = cmd;
         for pfn in pages.iter() {
             let s = stream_of(pfn, n);
             pending[s].push(pfn);
-            if pending[s].len() == BATCH_PAGES && !send(s, &mut pending[s])? {
-                return Ok(()); // a later stage stopped; its error is the one to report
+            if pending[s].len() == BATCH_PAGES {
+                let full = std::mem::replace(&mut pending[s], lists.take());
+                if work[s].send(Work::Pages(full)).is_err() {
+                    return; // a stream stopped; its error is the one to report
+                }
             }
         }
         for s in 0..n {
-            if !pending[s].is_empty() && !send(s, &mut pending[s])? {
-                return Ok(());
+            if !pending[s].is_empty() {
+                let part = std::mem::replace(&mut pending[s], lists.take());
+                if work[s].send(Work::Pages(part)).is_err() {
+                    return;
+                }
             }
             if work[s].send(Work::Flush(iteration)).is_err() {
-                return Ok(());
+                return;
             }
         }
     }
-    Ok(())
 }
 
 /// One stream's encoder and sealer.
@@ -291,27 +285,42 @@ struct StreamStage {
 }
 
 impl StreamStage {
-    /// Encodes batches into frames, seals each frame as it fills and hands it to the send
-    /// thread. Returns when the scan thread is done or a later stage has stopped.
-    fn run(&mut self, work: &Receiver<Work>, batches: &BatchPool) {
+    /// Reads each list's pages from the guest, encodes them into frames, seals each frame as
+    /// it fills and hands it to the send thread. Returns when the scan thread is done or a
+    /// later stage has stopped.
+    fn run(
+        &mut self,
+        guest: &dyn SourceGuest,
+        work: &Receiver<Work>,
+        lists: &PfnPool,
+        scanned: &AtomicU64,
+    ) -> Result<(), PipelineError> {
         let _stage = tracing::debug_span!("encode_stage", stream = self.stream).entered();
         let mut frame = self.pool.take();
+        let mut batch = PageBatch::with_capacity(BATCH_PAGES);
         for w in work {
             match w {
-                Work::Batch(batch) => {
+                Work::Pages(pfns) => {
+                    {
+                        let _span =
+                            tracing::trace_span!("read_pages", pages = pfns.len()).entered();
+                        batch.clear();
+                        guest.read_pages(&pfns, &mut batch)?;
+                    }
+                    scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    lists.give(pfns);
                     let _span = tracing::trace_span!("encode", pages = batch.len()).entered();
                     for (pfn, page) in batch.iter() {
                         if !frame.frame.has_room() && !self.ship(&mut frame) {
-                            return;
+                            return Ok(());
                         }
                         self.encoder.encode_page(pfn, page, &mut frame.frame);
                     }
-                    batches.give(batch);
                     self.publish_stats();
                 }
                 Work::Flush(iteration) => {
                     if !frame.frame.is_empty() && !self.ship(&mut frame) {
-                        return;
+                        return Ok(());
                     }
                     // Exact counters at every iteration's end, whoever is reading.
                     self.stats.lock().expect("stats lock")[self.stream]
@@ -322,12 +331,13 @@ impl StreamStage {
                         frames: self.sealer.next_seq(),
                     };
                     if self.flushed.send(f).is_err() {
-                        return;
+                        return Ok(());
                     }
                 }
             }
         }
         self.pool.give(frame);
+        Ok(())
     }
 
     /// Seals `frame` and queues it for sending, leaving a fresh frame in its place; false
