@@ -31,7 +31,7 @@ if ! command -v inferno-flamegraph >/dev/null || ! command -v inferno-collapse-p
     cargo install inferno --locked
 fi
 
-RUSTFLAGS="${RUSTFLAGS:-} -C force-frame-pointers=yes" \
+RUSTFLAGS="${RUSTFLAGS:--C target-cpu=x86-64-v3} -C force-frame-pointers=yes" \
     cargo build --profile profiling -p skyferry-perf --bin skyferry-bench
 bench=target/profiling/skyferry-bench
 

@@ -40,6 +40,10 @@ pub struct Args {
     /// Leave threads unpinned.
     #[arg(long)]
     no_pin: bool,
+    /// Turn off the running cache digest in frame headers (the decoder then hashes no
+    /// inserted block; the end-to-end memory digest still checks everything).
+    #[arg(long)]
+    no_verify_caches: bool,
     /// AES-256-GCM implementation, for the migration and its reference alike.
     #[arg(long, default_value = "aws-lc-rs")]
     cipher: dataplane::crypto::AeadImpl,
@@ -205,6 +209,9 @@ fn run_case(args: &Args, case: &Case, pages: u64) -> Result<CaseResult, String> 
     let mut dest = Peer::spawn(PeerRole::Dest, &common, &[])?;
     let port = dest.port()?;
     let mut extra = case.peer_args();
+    if args.no_verify_caches {
+        extra.push("--no-verify-caches".into());
+    }
     extra.extend(["--port".into(), port]);
     let source = Peer::spawn(PeerRole::Source, &common, &extra)?;
     let (src, src_rss): (SourceReport, _) = source.finish()?;

@@ -84,6 +84,9 @@ pub struct PeerArgs {
     /// Port of the listening end (source and reference sender).
     #[arg(long)]
     pub port: Option<u16>,
+    /// No running cache digest in frame headers (source).
+    #[arg(long)]
+    pub no_verify_caches: bool,
     /// AES-256-GCM implementation.
     #[arg(long, default_value = "aws-lc-rs")]
     pub cipher: dataplane::crypto::AeadImpl,
@@ -201,6 +204,7 @@ fn source(args: &PeerArgs) -> Result<(), String> {
     let port = args.port.ok_or("--port is required")?;
     let mut codec = CodecConfig::default();
     codec.set_optimizations("all")?;
+    codec.verify_caches = !args.no_verify_caches;
     let opts = SourceOptions {
         peer: SocketAddr::from(([127, 0, 0, 1], port)),
         psk: psk(),

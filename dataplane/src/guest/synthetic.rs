@@ -31,7 +31,9 @@ use super::shm::SharedMemory;
 use super::workload::{
     Layout, Modulation, PageAccess, Rng, SALT_PHASE, Workload, WriterCore, WriterState, mix64,
 };
-use super::{DestGuest, DirtyBitmap, GuestError, PageWriter, SourceGuest, memory_digest};
+use super::{
+    DestGuest, DirtyBitmap, GuestError, PageWriter, SourceGuest, memory_digest, memory_digest_known,
+};
 use crate::codec::PageSink;
 use crate::page::{PAGE_SIZE, Page, PageBatch, Pfn};
 
@@ -829,6 +831,13 @@ impl SourceGuest for SyntheticGuest {
         self.with_memory(memory_digest)
     }
 
+    fn memory_digest_with(
+        &self,
+        known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    ) -> Result<u64, GuestError> {
+        self.with_memory(|m| memory_digest_known(m, known))
+    }
+
     fn hand_over(&self) -> Result<(), GuestError> {
         self.engine.stop()
     }
@@ -1030,6 +1039,10 @@ impl DestGuest for SyntheticTarget {
     /// Waits (up to 10 s, then panics) until every page writer has been dropped; briefly
     /// pauses the guest if it runs.
     fn memory_digest(&self) -> u64 {
+        self.memory_digest_with(&|_| None)
+    }
+
+    fn memory_digest_with(&self, known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
         let inner = &*self.inner;
         let deadline = Instant::now() + WRITERS_GONE_TIMEOUT;
         let mut ctl = lock(&inner.ctl);
@@ -1054,7 +1067,7 @@ impl DestGuest for SyntheticTarget {
                         // SAFETY: every writer is parked and cannot resume while the engine's
                         // control lock is held (we run inside `quiescent`); no page writer is
                         // open and none can be opened after start.
-                        memory_digest(unsafe { inner.mem.bytes() })
+                        memory_digest_known(unsafe { inner.mem.bytes() }, known)
                     })
                     .expect("writers parked by pause");
                 // Only `hand_over`-like stops make resume fail; the target never stops its
@@ -1064,7 +1077,7 @@ impl DestGuest for SyntheticTarget {
             }
             // SAFETY: no page writer is open, none can be opened while `ctl` is held, and no
             // engine runs: nothing writes guest memory while the slice lives.
-            None => memory_digest(unsafe { inner.mem.bytes() }),
+            None => memory_digest_known(unsafe { inner.mem.bytes() }, known),
         }
     }
 

@@ -346,8 +346,14 @@ fn follow(
                 // and releases guest memory before it is hashed.
                 pipeline.finish()?;
                 tracing::info!(ms = t.elapsed().as_millis(), "data plane closed");
-                let ours = guest.memory_digest();
-                tracing::info!(ms = t.elapsed().as_millis(), "memory digest taken");
+                let known = |c| pipeline.digests.known(c);
+                let ours = guest.memory_digest_with(&known);
+                tracing::info!(
+                    ms = t.elapsed().as_millis(),
+                    reused = pipeline.digests.valid_chunks(),
+                    of = pipeline.digests.chunks(),
+                    "memory digest taken (chunks hashed on arrival reused)"
+                );
                 final_state = Some((iteration, ours, state));
             }
             ToDest::Digest { digest } => {

@@ -399,6 +399,7 @@ impl Run<'_> {
             })?;
             next = DirtyBitmap::new(pages);
             self.guest.collect_dirty(&mut next)?;
+            pipeline.digests.invalidate_dirty(&next);
             let dirtied = next.count();
             let report = IterationReport {
                 iteration: it,
@@ -450,6 +451,7 @@ impl Run<'_> {
         self.paused = Some(Instant::now());
         let wire_final = pipeline.wire_bytes.load(Ordering::Relaxed);
         self.guest.collect_dirty(&mut next)?;
+        pipeline.digests.invalidate_dirty(&next);
         it += 1;
         let last = next.count();
         let frames = self.send_iteration(session, pipeline, it, next)?;
@@ -474,8 +476,15 @@ impl Run<'_> {
             ms = since(self.paused),
             "data plane drained"
         );
-        let digest = self.guest.memory_digest()?;
-        tracing::info!(migration = self.id, ms = since(self.paused), "digest taken");
+        let known = |c| pipeline.digests.known(c);
+        let digest = self.guest.memory_digest_with(&known)?;
+        tracing::info!(
+            migration = self.id,
+            ms = since(self.paused),
+            reused = pipeline.digests.valid_chunks(),
+            of = pipeline.digests.chunks(),
+            "digest taken (chunks hashed while sending reused)"
+        );
         session.tx.send(&ToDest::Digest { digest })?;
         let final_wire = pipeline.wire_bytes.load(Ordering::Relaxed) - wire_final;
         reports.push(IterationRecord {

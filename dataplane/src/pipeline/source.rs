@@ -15,6 +15,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use super::{PipelineError, Stopped, join_all, spawn_stage, stream_of};
 use crate::codec::{CodecConfig, CodecStats, Encoder};
 use crate::crypto::{Sealer, StreamKey};
+use crate::guest::chunk_digest::{ChunkDigests, ChunkHasher};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::page::{PageBatch, Pfn};
 use crate::transport::{FramePool, Outgoing, TokenBucket, send_frames};
@@ -79,6 +80,9 @@ pub struct SourcePipeline {
     pub pages_scanned: Arc<AtomicU64>,
     /// Codec counters per stream, updated after each batch.
     pub stats: Arc<Mutex<Vec<CodecStats>>>,
+    /// Digest chunks the stream threads hashed as they read them in order; the driver
+    /// invalidates them from the dirty log.
+    pub digests: Arc<ChunkDigests>,
     streams: usize,
     /// Flush reports received so far for the iteration being waited on.
     partial: (u32, Vec<Option<u64>>),
@@ -92,6 +96,7 @@ impl SourcePipeline {
         keys: &[StreamKey],
         settings: &SourceSettings,
     ) -> Result<Self, crate::codec::ConfigError> {
+        let digests = Arc::new(ChunkDigests::new(guest.page_count()));
         let n = sockets.len();
         let pool = FramePool::new((n * FRAMES_PER_STREAM).max(4), settings.frame_size);
         let wire_bytes = Arc::new(AtomicU64::new(0));
@@ -114,6 +119,8 @@ impl SourcePipeline {
                 out: out_tx.clone(),
                 flushed: flushed_tx.clone(),
                 stats: stats.clone(),
+                digests: digests.clone(),
+                hasher: ChunkHasher::default(),
             };
             let (lists, guest, scanned) = (lists.clone(), guest.clone(), pages_scanned.clone());
             threads.push(spawn_stage(
@@ -163,6 +170,7 @@ impl SourcePipeline {
             wire_bytes,
             pages_scanned,
             stats,
+            digests,
             streams: n,
             partial: (0, Vec::new()),
         })
@@ -282,6 +290,8 @@ struct StreamStage {
     out: Sender<Outgoing>,
     flushed: Sender<Flushed>,
     stats: Arc<Mutex<Vec<CodecStats>>>,
+    digests: Arc<ChunkDigests>,
+    hasher: ChunkHasher,
 }
 
 impl StreamStage {
@@ -314,6 +324,8 @@ impl StreamStage {
                         if !frame.frame.has_room() && !self.ship(&mut frame) {
                             return Ok(());
                         }
+                        // The copy is in this core's cache now: hash it for the digest too.
+                        self.hasher.feed(&self.digests, pfn, page, false);
                         self.encoder.encode_page(pfn, page, &mut frame.frame);
                     }
                     self.publish_stats();
