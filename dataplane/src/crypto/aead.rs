@@ -156,7 +156,9 @@ mod tests {
             Aead::new(AeadImpl::RustCrypto, &key),
         );
         for len in [0, 1, 15, 16, 17, 1000, 65_000] {
-            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let plain: Vec<u8> = (0..len)
+                .map(|i: usize| u8::try_from(i % 251).expect("small"))
+                .collect();
             let (mut x, mut y) = (plain.clone(), plain.clone());
             let tx = a.seal([1; 12], b"header", &mut x);
             let ty = b.seal([1; 12], b"header", &mut y);
