@@ -194,10 +194,10 @@ fn source(args: &PeerArgs) -> Result<(), String> {
                 speed: 0.0, // static memory: the pipeline's speed, not the guest's
                 writers: 1,
             };
-            Arc::new(
-                SyntheticGuest::with_options(args.pages, w, args.seed, opts)
-                    .map_err(|e| e.to_string())?,
-            )
+            let g = SyntheticGuest::with_options(args.pages, w, args.seed, opts)
+                .map_err(|e| e.to_string())?;
+            g.preallocate().map_err(|e| e.to_string())?;
+            Arc::new(g)
         }
         _ => return Err("give exactly one of --mix and --workload".into()),
     };

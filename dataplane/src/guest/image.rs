@@ -36,6 +36,8 @@ impl ImageGuest {
         for (pfn, page) in (0..).zip(mem.as_mut_slice().chunks_exact_mut(PAGE_SIZE)) {
             fill(pfn, page);
         }
+        // Zero pages too are memory the guest has: reading them must not allocate them.
+        mem.populate()?;
         Ok(ImageGuest {
             mem,
             pages,

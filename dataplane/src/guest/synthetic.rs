@@ -75,9 +75,9 @@ fn index_of(pfn: Pfn) -> usize {
 
 /// A shared-memory mapping of `pages` pages, accessed only through `base`.
 struct GuestMemory {
-    /// Owns the mapping (unmapped on drop); not touched otherwise, so no reference to guest
-    /// memory is ever formed through it.
-    _map: SharedMemory,
+    /// Owns the mapping (unmapped on drop); used only to populate it, so no reference to
+    /// guest memory is ever formed through it.
+    map: SharedMemory,
     /// Start of the mapping (page-aligned), taken once at creation.
     base: *mut u8,
     len: usize,
@@ -112,7 +112,7 @@ impl GuestMemory {
         let mut map = SharedMemory::new("skyferry-synthetic-guest", len, populate)?;
         let base = map.as_mut_ptr();
         Ok(GuestMemory {
-            _map: map,
+            map,
             base,
             len,
             pages,
@@ -722,6 +722,13 @@ impl SyntheticGuest {
         Ok(SyntheticGuest { engine, options })
     }
 
+    /// Faults in every page the model left untouched (zero pages cost no memory until
+    /// then), as a real guest's memory is resident: benchmarks call it so that reading a
+    /// zero page costs what it costs on a hypervisor, not a page allocation.
+    pub fn preallocate(&self) -> Result<(), GuestError> {
+        self.engine.shared.mem.map.populate()
+    }
+
     /// The workload model.
     pub fn workload(&self) -> Workload {
         self.engine.shared.layout.workload()
@@ -975,6 +982,15 @@ impl PageSink for TargetWriter {
         // while any page writer is open (`start` refuses, `writer` refuses after start), and
         // the digest waits until every page writer is dropped.
         unsafe { &mut *mem.base.add(offset).cast::<Page>() }
+    }
+
+    fn zero_page(&mut self, pfn: Pfn) {
+        // A fresh destination is all zeros: reading is cheaper than writing, and leaves the
+        // cache lines clean.
+        let page = self.page_mut(pfn);
+        if !page.is_zero() {
+            page.0.fill(0);
+        }
     }
 }
 
