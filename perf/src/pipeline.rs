@@ -3,9 +3,11 @@
 //! Source and destination are separate processes (this binary, role `pipeline-peer`) over
 //! loopback TCP; the guest's memory is static, so every page crosses once and the figure is
 //! the pipeline's speed. Each case is followed, in the same run, by its reference: the same
-//! number of TCP streams carrying the guest's bytes as frames sealed and opened with the
-//! same cipher, and nothing else: the limit of encrypted transfer on this machine. The
-//! ratio of the two is the figure that travels between machines.
+//! number of TCP streams carrying the guest's bytes from memory to memory as frames sealed
+//! and opened with the same cipher, and nothing else (each sender thread copies its share
+//! into a frame, seals and writes it; each receiver reads, opens and copies it into place):
+//! the limit of encrypted transfer on this machine. The ratio of the two is the figure that
+//! travels between machines.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -344,8 +346,8 @@ fn print_table(r: &Report) {
     }
     println!(
         "guest GB/s: guest memory over the whole migration (connect to commit); ref: the same\n\
-         bytes as sealed frames over the same streams, nothing else; s/GB: CPU-seconds per GB of\n\
-         guest memory (ref src/dst: the reference's); MiB: peak resident memory of each process,\n\
-         guest memory excluded."
+         bytes from memory to memory as sealed frames over the same streams, nothing else;\n\
+         s/GB: CPU-seconds per GB of guest memory (ref src/dst: the reference's); MiB: peak\n\
+         resident memory of each process, guest memory excluded."
     );
 }
