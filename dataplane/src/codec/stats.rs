@@ -30,6 +30,10 @@ pub struct CodecStats {
     pub cache_evictions: u64,
     /// Deltas abandoned because they grew past the threshold (source only).
     pub delta_overflows: u64,
+    /// Frames whose body travelled compressed.
+    pub frames_compressed: u64,
+    /// Body bytes compression saved (records in minus compressed bytes out).
+    pub saved_compress: u64,
 }
 
 impl CodecStats {
@@ -58,5 +62,7 @@ impl CodecStats {
         self.fingerprint_collisions += o.fingerprint_collisions;
         self.cache_evictions += o.cache_evictions;
         self.delta_overflows += o.delta_overflows;
+        self.frames_compressed += o.frames_compressed;
+        self.saved_compress += o.saved_compress;
     }
 }
