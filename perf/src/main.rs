@@ -3,8 +3,12 @@
 //! Every throughput is printed beside a reference measured in the same run (memcpy of the same
 //! bytes), because absolute figures on a shared machine mean little; the ratio travels.
 
+mod cipher;
 mod codec;
 mod measure;
+mod pipeline;
+mod pipeline_peer;
+mod procstat;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -21,11 +25,30 @@ enum Bench {
     /// Page codec and sealing: encode/decode/seal/open GB/s and bytes out per byte in, for
     /// several page mixes, beside memcpy.
     Codec(codec::Args),
+    /// AES-256-GCM implementations and block hashes on one core, beside memcpy: the figures
+    /// behind the choice of cipher and build flags.
+    Cipher(cipher::Args),
+    /// Whole migrations between two processes over loopback, for page mixes and workload
+    /// models, beside the same run's encrypted-transfer reference.
+    Pipeline(pipeline::Args),
+    /// One end of a `pipeline` run (started by `pipeline` itself).
+    #[command(hide = true)]
+    PipelinePeer(pipeline_peer::PeerArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     match cli.bench {
         Bench::Codec(args) => codec::run(&args),
+        Bench::Cipher(args) => cipher::run(&args),
+        Bench::Pipeline(args) => exit_on_error(pipeline::run(&args)),
+        Bench::PipelinePeer(args) => exit_on_error(pipeline_peer::run(&args)),
+    }
+}
+
+fn exit_on_error(r: Result<(), String>) {
+    if let Err(e) = r {
+        eprintln!("skyferry-bench: {e}");
+        std::process::exit(1);
     }
 }

@@ -13,9 +13,9 @@
 //! Both ends apply every record through [`CacheState::commit`], so they cannot disagree about
 //! what to insert, where, or what a page's base is.
 
-use hashbrown::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::page_index::PageIndex;
 use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, Block, Page, Pfn};
 
 /// Page-index marker for a block known to be zero (never stored).
@@ -136,7 +136,7 @@ pub struct CacheState {
     /// The FIFO store.
     pub store: BlockStore,
     /// Page number -> the page's blocks as last sent; `None` when deltas are off.
-    pages: Option<HashMap<Pfn, [u64; BLOCKS_PER_PAGE], ahash::RandomState>>,
+    pages: Option<PageIndex>,
     /// Running digest of every insertion, when the self-check is on.
     digest: Option<u64>,
     evictions: u64,
@@ -148,7 +148,7 @@ impl CacheState {
     pub fn new(capacity: usize, page_index: bool, verify: bool) -> Self {
         CacheState {
             store: BlockStore::new(capacity),
-            pages: page_index.then(HashMap::default),
+            pages: page_index.then(|| PageIndex::new(capacity)),
             digest: verify.then_some(0),
             evictions: 0,
         }
@@ -178,14 +178,14 @@ impl CacheState {
 
     /// The blocks page `pfn` had when last sent, if all of them are still cached.
     pub fn base(&self, pfn: Pfn) -> Option<[u64; BLOCKS_PER_PAGE]> {
-        let seqs = *self.pages.as_ref()?.get(&pfn)?;
+        let seqs = self.pages.as_ref()?.get(pfn)?;
         seqs.iter()
             .all(|&s| s == ZERO_SEQ || self.store.is_live(s))
             .then_some(seqs)
     }
 
     /// Records that `page` was just sent (or received) as page `pfn`, block `i` meeting
-    /// `fates[i]`. `on_insert(i, seq, evicted)` is told of each insertion, in block order.
+    /// `fates[i]`. `on_insert(i, seq)` is told of each insertion, in block order.
     /// `xxh3(i)` returns block `i`'s XXH3-64 if the caller already has it (the digest needs
     /// it), else `None`.
     pub fn commit(
@@ -194,7 +194,7 @@ impl CacheState {
         page: &Page,
         fates: &[Fate; BLOCKS_PER_PAGE],
         xxh3: impl Fn(usize) -> Option<u64>,
-        mut on_insert: impl FnMut(usize, u64, Option<u64>),
+        mut on_insert: impl FnMut(usize, u64),
     ) {
         let mut seqs = [ZERO_SEQ; BLOCKS_PER_PAGE];
         for (i, (fate, block)) in fates.iter().zip(page.blocks()).enumerate() {
@@ -211,13 +211,16 @@ impl CacheState {
                             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
                             .rotate_left(23);
                     }
-                    on_insert(i, seq, evicted);
+                    on_insert(i, seq);
                     seq
                 }
             };
         }
         if let Some(pages) = &mut self.pages {
-            pages.insert(pfn, seqs);
+            // A zero page stays a base (sparse writes to it make small deltas); as its
+            // newest block counts as oldest, it is the first to go from a full bucket.
+            let store = &self.store;
+            pages.insert(pfn, seqs, |s| s == ZERO_SEQ || store.is_live(s));
         }
     }
 
@@ -234,8 +237,8 @@ impl CacheState {
         }
         if let Some(pages) = &self.pages {
             let mut live: Vec<_> = pages
-                .keys()
-                .filter_map(|&p| Some((p, self.base(p)?)))
+                .iter()
+                .filter_map(|(p, _)| Some((p, self.base(p)?)))
                 .collect();
             live.sort_unstable();
             for (pfn, seqs) in live {
@@ -292,7 +295,7 @@ mod tests {
             Fate::Insert,
             Fate::Insert,
         ];
-        c.commit(7, &page, &fates, |_| None, |_, _, _| {});
+        c.commit(7, &page, &fates, |_| None, |_, _| {});
         assert_eq!(c.base(7), Some([0, ZERO_SEQ, 1, 2]));
         assert_eq!(c.base(8), None);
         c.store.push(&block(9));

@@ -327,7 +327,7 @@ impl Decoder {
     fn commit(&mut self, pfn: Pfn, page: &Page, fates: &[Fate; BLOCKS_PER_PAGE]) {
         if let Some(cache) = &mut self.cache {
             let before = cache.evictions();
-            cache.commit(pfn, page, fates, |_| None, |_, _, _| {});
+            cache.commit(pfn, page, fates, |_| None, |_, _| {});
             self.stats.cache_evictions += cache.evictions() - before;
         }
     }

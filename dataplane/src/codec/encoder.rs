@@ -196,13 +196,7 @@ impl<H: BlockHasher> Encoder<H> {
             self.count(RecordKind::Zero);
             self.stats.saved_zero += PAGE_SIZE as u64;
             if let Some(cache) = &mut self.cache {
-                cache.commit(
-                    pfn,
-                    page,
-                    &[Fate::Keep(ZERO_SEQ); 4],
-                    |_| None,
-                    |_, _, _| {},
-                );
+                cache.commit(pfn, page, &[Fate::Keep(ZERO_SEQ); 4], |_| None, |_, _| {});
             }
         } else if self.cache.is_some() {
             self.encode_cached(pfn, page, frame);
@@ -244,16 +238,18 @@ impl<H: BlockHasher> Encoder<H> {
             plan.hashed[i] = true;
             match index.lookup(fp) {
                 // Confirm the bytes: a fingerprint only nominates a candidate.
-                Some(seq) if cache.store.get(seq) == block => {
+                Some(seq) if cache.store.is_live(seq) && cache.store.get(seq) == block => {
                     plan.codes[i] = BlockCode::Ref;
                     plan.fates[i] = Fate::Keep(seq);
                     plan.refs += 1;
                     self.stats.cache_hits += 1;
                 }
-                Some(_) => {
+                Some(seq) if cache.store.is_live(seq) => {
                     self.stats.fingerprint_collisions += 1;
                     self.stats.cache_misses += 1;
                 }
+                // Indexed, but the FIFO has dropped it since.
+                Some(_) => self.stats.cache_misses += 1,
                 None => self.stats.cache_misses += 1,
             }
         }
@@ -337,7 +333,7 @@ impl<H: BlockHasher> Encoder<H> {
         let (index, hasher) = (&mut self.index, &self.hasher);
         let reuse = hasher.is_xxh3();
         let known = |i: usize| (reuse && plan.hashed[i]).then_some(plan.fps[i]);
-        cache.commit(pfn, page, &plan.fates, known, |i, seq, evicted| {
+        cache.commit(pfn, page, &plan.fates, known, |i, seq| {
             if let Some(index) = index {
                 // A block a delta touched was not hashed if CBR had seen it as zero.
                 let fp = if plan.hashed[i] {
@@ -345,7 +341,7 @@ impl<H: BlockHasher> Encoder<H> {
                 } else {
                     hasher.fingerprint(&page.blocks()[i])
                 };
-                index.inserted(fp, seq, evicted);
+                index.inserted(fp, seq);
             }
         });
         self.stats.cache_evictions += cache.evictions() - before;

@@ -27,6 +27,7 @@ pub mod decoder;
 pub mod delta;
 pub mod encoder;
 pub mod fingerprint;
+pub mod page_index;
 pub mod stats;
 pub mod wire;
 

@@ -7,6 +7,8 @@
 //! starting the guest once the migration commits.
 
 pub mod dirty;
+pub mod image;
+pub mod shm;
 pub mod synthetic;
 pub mod workload;
 

@@ -27,8 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memmap2::{MmapMut, MmapOptions};
-
+use super::shm::SharedMemory;
 use super::workload::{
     Layout, Modulation, PageAccess, Rng, SALT_PHASE, Workload, WriterCore, WriterState, mix64,
 };
@@ -72,18 +71,18 @@ fn index_of(pfn: Pfn) -> usize {
 // Guest memory
 // ---------------------------------------------------------------------------------------
 
-/// An anonymous mapping of `pages` pages, accessed only through `base`.
+/// A shared-memory mapping of `pages` pages, accessed only through `base`.
 struct GuestMemory {
     /// Owns the mapping (unmapped on drop); not touched otherwise, so no reference to guest
     /// memory is ever formed through it.
-    _map: MmapMut,
+    _map: SharedMemory,
     /// Start of the mapping (page-aligned), taken once at creation.
     base: *mut u8,
     len: usize,
     pages: u64,
 }
 
-// SAFETY: `GuestMemory` is a pointer to a private anonymous mapping it owns; the mapping is not
+// SAFETY: `GuestMemory` is a pointer to a mapping of a memfd that only it can reach; the mapping is not
 // tied to a thread. Every access through `base` is either atomic (`page_words`), or happens
 // under the conditions `bytes`, `fill` and the destination's page writers document.
 unsafe impl Send for GuestMemory {}
@@ -100,7 +99,7 @@ impl std::fmt::Debug for GuestMemory {
 }
 
 impl GuestMemory {
-    fn new(pages: u64) -> Result<Self, GuestError> {
+    fn new(pages: u64, populate: bool) -> Result<Self, GuestError> {
         if pages == 0 {
             return Err(backend_err("create", "a guest needs at least one page"));
         }
@@ -108,10 +107,7 @@ impl GuestMemory {
             .checked_mul(PAGE_SIZE as u64)
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| backend_err("create", format!("{pages} pages do not fit in memory")))?;
-        let mut map = MmapOptions::new()
-            .len(len)
-            .map_anon()
-            .map_err(|e| backend_err("map guest memory", e.to_string()))?;
+        let mut map = SharedMemory::new("skyferry-synthetic-guest", len, populate)?;
         let base = map.as_mut_ptr();
         Ok(GuestMemory {
             _map: map,
@@ -525,6 +521,20 @@ struct SavedState {
     writers: Vec<WriterState>,
 }
 
+/// The state blob of a guest that runs nothing: an idle-model synthetic guest at speed 0.
+/// Guests without writers of their own (an [`ImageGuest`](super::image::ImageGuest)) send it,
+/// so a [`SyntheticTarget`] can receive them and "run" them after the commit.
+pub fn stopped_state(pages: u64) -> Vec<u8> {
+    SavedState {
+        workload: Workload::Idle,
+        seed: 0,
+        pages,
+        speed: 0.0,
+        writers: vec![WriterState::initial(Workload::Idle, 0, 0)],
+    }
+    .encode()
+}
+
 impl SavedState {
     /// Little-endian: magic, version u16, name length u8 and name, seed u64, pages u64,
     /// speed f64 bits u64, writers u16, tiers u8, then per writer rng u64, steps u64 and a
@@ -701,7 +711,7 @@ impl SyntheticGuest {
             ));
         }
         let layout = Arc::new(Layout::new(workload, pages, seed));
-        let mut mem = GuestMemory::new(pages)?;
+        let mut mem = GuestMemory::new(pages, false)?;
         mem.fill(&layout);
         let states = (0..options.writers)
             .map(|i| WriterState::initial(workload, seed, i))
@@ -853,9 +863,19 @@ struct TargetControl {
 }
 
 impl SyntheticTarget {
-    /// An empty (all-zero) guest of `pages` pages.
+    /// An empty (all-zero) guest of `pages` pages, its memory faulted in as pages arrive.
     pub fn new(pages: u64) -> Result<Self, GuestError> {
-        let mem = GuestMemory::new(pages)?;
+        Self::build(pages, false)
+    }
+
+    /// An empty guest whose memory is faulted in now, as a hypervisor that preallocates
+    /// guest memory does (benchmarks use it to keep page-fault cost out of the pipeline's).
+    pub fn preallocated(pages: u64) -> Result<Self, GuestError> {
+        Self::build(pages, true)
+    }
+
+    fn build(pages: u64, populate: bool) -> Result<Self, GuestError> {
+        let mem = GuestMemory::new(pages, populate)?;
         Ok(SyntheticTarget {
             inner: Arc::new(TargetInner {
                 owners: (0..pages).map(|_| AtomicU32::new(0)).collect(),

@@ -1,29 +1,23 @@
-//! The destination pipeline: recv -> open[s] -> decode[s] -> guest memory.
+//! The destination pipeline: recv -> open+decode[s] -> guest memory.
+//!
+//! A frame is opened and decoded on the same thread, while it is still in that core's cache.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, bounded};
 
 use super::{PipelineError, join_all, spawn_stage, stream_of};
 use crate::codec::{CodecConfig, CodecStats, Decoder};
 use crate::crypto::{Opener, StreamKey};
-use crate::frame::HEADER_LEN;
 use crate::guest::DestGuest;
-use crate::transport::{FramePool, Incoming, PoolFrame, receive_frames};
+use crate::transport::{FramePool, Incoming, receive_frames};
 
 /// Frames each stream may hold between the socket and its decoder.
 const FRAMES_PER_STREAM: usize = 16;
-
-struct Opened {
-    frame: PoolFrame,
-    body_len: usize,
-    records: u32,
-    digest: Option<u64>,
-}
 
 /// Decoding progress the destination driver waits on.
 #[derive(Debug)]
@@ -32,13 +26,19 @@ pub struct SinkProgress {
     failed: Mutex<Option<String>>,
     changed: Condvar,
     lock: Mutex<()>,
+    /// Someone is in `wait_for`: only then does a decoded frame take the lock to wake them.
+    waiting: AtomicBool,
 }
 
 impl SinkProgress {
     fn bump(&self, stream: usize) {
-        self.decoded[stream].fetch_add(1, Ordering::Release);
-        let _g = self.lock.lock().expect("progress lock");
-        self.changed.notify_all();
+        // SeqCst pairs with `wait_for`: either it sees this count, or this sees `waiting`
+        // and wakes it (under the lock it holds while checking), so no wake-up is lost.
+        self.decoded[stream].fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().expect("progress lock");
+            self.changed.notify_all();
+        }
     }
 
     fn fail(&self, why: String) {
@@ -61,7 +61,19 @@ impl SinkProgress {
     /// Waits until each stream s has decoded `frames[s]` frames. `Err` with the reason when
     /// the pipeline failed first, or when `timeout` passes without progress.
     pub fn wait_for(&self, frames: &[u64], timeout: Duration) -> Result<(), String> {
-        let mut g = self.lock.lock().expect("progress lock");
+        let g = self.lock.lock().expect("progress lock");
+        self.waiting.store(true, Ordering::SeqCst);
+        let r = self.wait_locked(g, frames, timeout);
+        self.waiting.store(false, Ordering::SeqCst);
+        r
+    }
+
+    fn wait_locked(
+        &self,
+        mut g: std::sync::MutexGuard<'_, ()>,
+        frames: &[u64],
+        timeout: Duration,
+    ) -> Result<(), String> {
         let mut last = self.decoded();
         loop {
             if let Some(why) = self.failed.lock().expect("progress lock").clone() {
@@ -118,6 +130,7 @@ impl SinkPipeline {
             failed: Mutex::new(None),
             changed: Condvar::new(),
             lock: Mutex::new(()),
+            waiting: AtomicBool::new(false),
         });
         let stats = Arc::new(Mutex::new(vec![CodecStats::default(); n]));
         let wire_bytes = Arc::new(AtomicU64::new(0));
@@ -128,44 +141,31 @@ impl SinkPipeline {
 
         for (s, key) in keys.iter().enumerate().take(n) {
             let (in_tx, in_rx) = bounded::<Incoming>(FRAMES_PER_STREAM / 2);
-            let (dec_tx, dec_rx) = bounded::<Opened>(FRAMES_PER_STREAM / 2);
             incoming_txs.push(in_tx);
-            let mut opener = Opener::new(key, frame_size);
+            let opener = Opener::new(key, frame_size);
             checkers.push(opener.header_checker());
-            let (pool_o, prog_o) = (pool.clone(), progress.clone());
-            threads.push(spawn_stage(
-                format!("sf-open-{s}"),
-                1 + 2 * s,
-                pin,
-                move || {
-                    open_stage(s, &mut opener, &in_rx, &dec_tx, &pool_o)
-                        .inspect_err(|e| prog_o.fail(e.to_string()))
-                },
-            ));
             let mut decoder = Decoder::new(codec.clone(), page_count).map_err(|e| {
                 PipelineError::Guest(crate::guest::GuestError::BadState(e.to_string()))
             })?;
             decoder.restrict_to(move |pfn| stream_of(pfn, n) == s);
-            let mut writer = guest.writer(Box::new(move |pfn| stream_of(pfn, n) == s))?;
-            let (pool_d, prog_d, stats_d) = (pool.clone(), progress.clone(), stats.clone());
+            let mut stage = StreamStage {
+                stream: s,
+                opener,
+                decoder,
+                writer: guest.writer(Box::new(move |pfn| stream_of(pfn, n) == s))?,
+                pool: pool.clone(),
+                stats: stats.clone(),
+                progress: progress.clone(),
+            };
+            let progress = progress.clone();
             threads.push(spawn_stage(
                 format!("sf-decode-{s}"),
-                2 + 2 * s,
+                1 + s,
                 pin,
                 move || {
-                    for o in &dec_rx {
-                        let body = &o.frame.frame.raw(HEADER_LEN + o.body_len)[HEADER_LEN..];
-                        let r = decoder.decode(body, o.records, o.digest, writer.as_mut());
-                        pool_d.give(o.frame);
-                        stats_d.lock().expect("stats lock")[s] = decoder.stats().clone();
-                        if let Err(source) = r {
-                            let e = PipelineError::Decode { stream: s, source };
-                            prog_d.fail(e.to_string());
-                            return Err(e);
-                        }
-                        prog_d.bump(s);
-                    }
-                    Ok(())
+                    stage
+                        .run(&in_rx)
+                        .inspect_err(|e| progress.fail(e.to_string()))
                 },
             ));
         }
@@ -219,27 +219,42 @@ impl SinkPipeline {
     }
 }
 
-fn open_stage(
+/// One stream's opener and decoder.
+struct StreamStage {
     stream: usize,
-    opener: &mut Opener,
-    incoming: &Receiver<Incoming>,
-    decode: &Sender<Opened>,
-    pool: &FramePool,
-) -> Result<(), PipelineError> {
-    for mut inc in incoming {
-        let opened = opener
-            .open(&mut inc.frame.frame.raw_mut()[..inc.len])
-            .map_err(|source| PipelineError::Open { stream, source })?;
-        let o = Opened {
-            body_len: opened.body.len(),
-            records: opened.records,
-            digest: opened.cache_digest,
-            frame: inc.frame,
-        };
-        if let Err(e) = decode.send(o) {
-            pool.give(e.into_inner().frame);
-            return Ok(());
+    opener: Opener,
+    decoder: Decoder,
+    writer: Box<dyn crate::guest::PageWriter>,
+    pool: FramePool,
+    stats: Arc<Mutex<Vec<CodecStats>>>,
+    progress: Arc<SinkProgress>,
+}
+
+impl StreamStage {
+    /// Opens and decodes each frame the receive thread hands over, in order.
+    fn run(&mut self, incoming: &Receiver<Incoming>) -> Result<(), PipelineError> {
+        for mut inc in incoming {
+            let stream = self.stream;
+            let r = match self.opener.open(&mut inc.frame.frame.raw_mut()[..inc.len]) {
+                Ok(opened) => self
+                    .decoder
+                    .decode(
+                        opened.body,
+                        opened.records,
+                        opened.cache_digest,
+                        self.writer.as_mut(),
+                    )
+                    .map_err(|source| PipelineError::Decode { stream, source }),
+                Err(source) => Err(PipelineError::Open { stream, source }),
+            };
+            self.pool.give(inc.frame);
+            r?;
+            if let Ok(mut all) = self.stats.try_lock() {
+                all[stream].clone_from(self.decoder.stats());
+            }
+            self.progress.bump(stream);
         }
+        self.stats.lock().expect("stats lock")[self.stream].clone_from(self.decoder.stats());
+        Ok(())
     }
-    Ok(())
 }

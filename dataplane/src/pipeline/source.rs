@@ -1,4 +1,7 @@
-//! The source pipeline: scan -> encode[s] -> seal[s] -> send.
+//! The source pipeline: scan -> encode+seal[s] -> send.
+//!
+//! Encoding and sealing a frame happen on the same thread, one after the other: the frame is
+//! still in that core's cache when it is sealed, and no hand-off sits between them.
 
 use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
@@ -45,11 +48,6 @@ pub struct Flushed {
 
 enum Work {
     Batch(PageBatch),
-    Flush(u32),
-}
-
-enum Sealing {
-    Frame(crate::transport::PoolFrame),
     Flush(u32),
 }
 
@@ -103,35 +101,23 @@ impl SourcePipeline {
 
         for (s, key) in keys.iter().enumerate().take(n) {
             let (work_tx, work_rx) = bounded::<Work>(4);
-            let (seal_tx, seal_rx) = bounded::<Sealing>(FRAMES_PER_STREAM / 2);
             work_txs.push(work_tx);
-            let mut encoder = Encoder::new(settings.codec.clone())?;
-            let (pool_e, batches_e, stats_e) = (pool.clone(), batches.clone(), stats.clone());
+            let mut stream = StreamStage {
+                stream: s,
+                encoder: Encoder::new(settings.codec.clone())?,
+                sealer: Sealer::new(key),
+                pool: pool.clone(),
+                out: out_tx.clone(),
+                flushed: flushed_tx.clone(),
+                stats: stats.clone(),
+            };
+            let batches = batches.clone();
             threads.push(spawn_stage(
                 format!("sf-encode-{s}"),
-                1 + 2 * s,
+                1 + s,
                 settings.pin_threads,
                 move || {
-                    encode_stage(
-                        s,
-                        &mut encoder,
-                        &work_rx,
-                        &seal_tx,
-                        &pool_e,
-                        &batches_e,
-                        &stats_e,
-                    );
-                    Ok(())
-                },
-            ));
-            let mut sealer = Sealer::new(key);
-            let (out_tx, flushed_tx) = (out_tx.clone(), flushed_tx.clone());
-            threads.push(spawn_stage(
-                format!("sf-seal-{s}"),
-                2 + 2 * s,
-                settings.pin_threads,
-                move || {
-                    seal_stage(s, &mut sealer, &seal_rx, &out_tx, &flushed_tx);
+                    stream.run(&work_rx, &batches);
                     Ok(())
                 },
             ));
@@ -291,81 +277,75 @@ fn scan_stage(
     Ok(())
 }
 
-fn encode_stage(
+/// One stream's encoder and sealer.
+struct StreamStage {
     stream: usize,
-    encoder: &mut Encoder,
-    work: &Receiver<Work>,
-    seal: &Sender<Sealing>,
-    pool: &FramePool,
-    batches: &BatchPool,
-    stats: &Mutex<Vec<CodecStats>>,
-) {
-    let mut frame = pool.take();
-    for w in work {
-        match w {
-            Work::Batch(batch) => {
-                for (pfn, page) in batch.iter() {
-                    if !frame.frame.has_room() {
-                        encoder.finish_frame(&mut frame.frame);
-                        let full = std::mem::replace(&mut frame, pool.take());
-                        if seal.send(Sealing::Frame(full)).is_err() {
+    encoder: Encoder,
+    sealer: Sealer,
+    pool: FramePool,
+    out: Sender<Outgoing>,
+    flushed: Sender<Flushed>,
+    stats: Arc<Mutex<Vec<CodecStats>>>,
+}
+
+impl StreamStage {
+    /// Encodes batches into frames, seals each frame as it fills and hands it to the send
+    /// thread. Returns when the scan thread is done or a later stage has stopped.
+    fn run(&mut self, work: &Receiver<Work>, batches: &BatchPool) {
+        let mut frame = self.pool.take();
+        for w in work {
+            match w {
+                Work::Batch(batch) => {
+                    for (pfn, page) in batch.iter() {
+                        if !frame.frame.has_room() && !self.ship(&mut frame) {
                             return;
                         }
+                        self.encoder.encode_page(pfn, page, &mut frame.frame);
                     }
-                    encoder.encode_page(pfn, page, &mut frame.frame);
+                    batches.give(batch);
+                    self.publish_stats();
                 }
-                batches.give(batch);
-                stats.lock().expect("stats lock")[stream] = encoder.stats().clone();
-            }
-            Work::Flush(iteration) => {
-                if !frame.frame.is_empty() {
-                    encoder.finish_frame(&mut frame.frame);
-                    let full = std::mem::replace(&mut frame, pool.take());
-                    if seal.send(Sealing::Frame(full)).is_err() {
+                Work::Flush(iteration) => {
+                    if !frame.frame.is_empty() && !self.ship(&mut frame) {
+                        return;
+                    }
+                    // Exact counters at every iteration's end, whoever is reading.
+                    self.stats.lock().expect("stats lock")[self.stream]
+                        .clone_from(self.encoder.stats());
+                    let f = Flushed {
+                        stream: self.stream,
+                        iteration,
+                        frames: self.sealer.next_seq(),
+                    };
+                    if self.flushed.send(f).is_err() {
                         return;
                     }
                 }
-                if seal.send(Sealing::Flush(iteration)).is_err() {
-                    return;
-                }
             }
         }
+        self.pool.give(frame);
     }
-    pool.give(frame);
-}
 
-fn seal_stage(
-    stream: usize,
-    sealer: &mut Sealer,
-    frames: &Receiver<Sealing>,
-    out: &Sender<Outgoing>,
-    flushed: &Sender<Flushed>,
-) {
-    for msg in frames {
-        match msg {
-            Sealing::Frame(mut f) => {
-                let len = sealer.seal(&mut f.frame).len();
-                if out
-                    .send(Outgoing {
-                        stream,
-                        frame: f,
-                        len,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Sealing::Flush(iteration) => {
-                let f = Flushed {
-                    stream,
-                    iteration,
-                    frames: sealer.next_seq(),
-                };
-                if flushed.send(f).is_err() {
-                    return;
-                }
-            }
+    /// Seals `frame` and queues it for sending, leaving a fresh frame in its place; false
+    /// when the send thread has stopped.
+    fn ship(&mut self, frame: &mut crate::transport::PoolFrame) -> bool {
+        self.encoder.finish_frame(&mut frame.frame);
+        let mut full = std::mem::replace(frame, self.pool.take());
+        let len = self.sealer.seal(&mut full.frame).len();
+        self.out
+            .send(Outgoing {
+                stream: self.stream,
+                frame: full,
+                len,
+            })
+            .is_ok()
+    }
+
+    /// Publishes the counters for status readers, never waiting for them: if a reader holds
+    /// the lock, the next batch publishes.
+    fn publish_stats(&self) {
+        if let Ok(mut all) = self.stats.try_lock() {
+            all[self.stream].clone_from(self.encoder.stats());
         }
     }
 }

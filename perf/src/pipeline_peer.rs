@@ -1,0 +1,384 @@
+//! The processes `skyferry-bench pipeline` starts: one end of a migration, or one end of the
+//! reference transfer (sealed frames over the same number of TCP streams, nothing else).
+//!
+//! Each prints what it measured as one JSON line on stdout; a listening end first prints its
+//! port on a line of its own.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args as ClapArgs, ValueEnum};
+use dataplane::codec::CodecConfig;
+use dataplane::crypto::{Direction, Opener, PreSharedKey, Sealer};
+use dataplane::frame::{FrameBuf, HEADER_LEN};
+use dataplane::guest::image::ImageGuest;
+use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
+use dataplane::guest::workload::Workload;
+use dataplane::guest::{DestGuest, SourceGuest};
+use dataplane::migrate::dest::{DestOptions, receive};
+use dataplane::migrate::policy::Policy;
+use dataplane::migrate::source::{SourceOptions, migrate};
+use dataplane::migrate::status::{MigrationStatus, Role};
+use dataplane::page::PAGE_SIZE;
+use dataplane::transport::SocketOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::procstat::cpu_seconds;
+use crate::workload::Rng;
+
+/// Which end this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerRole {
+    /// Migration source: builds the guest, migrates it.
+    Source,
+    /// Migration destination: receives into a preallocated guest.
+    Dest,
+    /// Reference sender: seals frames and writes them.
+    RefSend,
+    /// Reference receiver: reads frames and opens them.
+    RefRecv,
+}
+
+/// A page mix held as a static memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixName {
+    /// Distinct random pages: nothing to save, every byte crosses.
+    Unique,
+    /// All-zero pages.
+    Zero,
+    /// In each 2 MiB run, one page in eight is random; the others are made of four of their
+    /// 1 KiB blocks, half of them with an 8-64 byte edit.
+    Redundant,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+pub struct PeerArgs {
+    /// This process's role.
+    #[arg(long, value_enum)]
+    pub role: PeerRole,
+    /// Guest pages.
+    #[arg(long)]
+    pub pages: u64,
+    /// Static page mix (source).
+    #[arg(long, value_enum)]
+    pub mix: Option<MixName>,
+    /// Workload model whose initial memory the guest holds, static (source).
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// TCP streams.
+    #[arg(long)]
+    pub streams: u32,
+    /// Frame size in bytes.
+    #[arg(long)]
+    pub frame_size: usize,
+    /// Pin pipeline threads.
+    #[arg(long)]
+    pub pin: bool,
+    /// Content seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Port of the listening end (source and reference sender).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+/// What a migration source measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SourceReport {
+    pub elapsed_s: f64,
+    pub cpu_s: f64,
+    pub wire_bytes: u64,
+    pub pause_ms: u64,
+    pub iterations: usize,
+    pub verified: bool,
+}
+
+/// What a migration destination measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DestReport {
+    pub cpu_s: f64,
+    pub verified: bool,
+}
+
+/// What a reference end measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RefReport {
+    /// Receiver: from the first connection accepted to the last frame opened.
+    pub elapsed_s: f64,
+    pub cpu_s: f64,
+    pub bytes: u64,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn psk() -> PreSharedKey {
+    PreSharedKey::from_bytes([0x5c; 32])
+}
+
+fn emit<T: Serialize>(report: &T) {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, report).expect("stdout");
+    writeln!(out).expect("stdout");
+    out.flush().expect("stdout");
+}
+
+fn listen() -> TcpListener {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    println!("{}", l.local_addr().expect("bound").port());
+    std::io::stdout().flush().expect("stdout");
+    l
+}
+
+pub fn run(args: &PeerArgs) -> Result<(), String> {
+    match args.role {
+        PeerRole::Source => source(args),
+        PeerRole::Dest => dest(args),
+        PeerRole::RefSend => ref_send(args),
+        PeerRole::RefRecv => ref_recv(args),
+    }
+}
+
+/// Fills 1 KiB block `i` of page `pfn` with random bytes that depend only on (seed, pfn, i).
+fn random_block(seed: u64, pfn: u64, i: u64, out: &mut [u8]) {
+    Rng(seed ^ (pfn * 4 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15)).fill(out);
+}
+
+/// Fills page `pfn` of mix `mix`.
+fn fill_mix(mix: MixName, seed: u64, pfn: u64, page: &mut [u8]) {
+    const RUN: u64 = 512; // pages per 2 MiB run: one stream's share, whatever the stream count
+    const POOL: u64 = RUN / 8;
+    let random_page = |pfn: u64, page: &mut [u8]| {
+        for (i, b) in (0..).zip(page.chunks_exact_mut(1024)) {
+            random_block(seed, pfn, i, b);
+        }
+    };
+    match mix {
+        MixName::Zero => {}
+        MixName::Unique => random_page(pfn, page),
+        MixName::Redundant if pfn % RUN < POOL => random_page(pfn, page),
+        MixName::Redundant => {
+            let mut rng = Rng(seed.rotate_left(17) ^ pfn);
+            for b in page.chunks_exact_mut(1024) {
+                let from = pfn - pfn % RUN + rng.next() % POOL;
+                random_block(seed, from, rng.next() % 4, b);
+            }
+            if pfn.is_multiple_of(2) {
+                let len = 8 + rng.below(57);
+                let at = rng.below(PAGE_SIZE - len + 1);
+                rng.fill(&mut page[at..at + len]);
+            }
+        }
+    }
+}
+
+fn source(args: &PeerArgs) -> Result<(), String> {
+    let guest: Arc<dyn SourceGuest> = match (&args.mix, &args.workload) {
+        (Some(mix), None) => Arc::new(
+            ImageGuest::new(args.pages, |pfn, page| fill_mix(*mix, args.seed, pfn, page))
+                .map_err(|e| e.to_string())?,
+        ),
+        (None, Some(w)) => {
+            let w: Workload = w.parse().map_err(|e| format!("{e}"))?;
+            let opts = SyntheticOptions {
+                speed: 0.0, // static memory: the pipeline's speed, not the guest's
+                writers: 1,
+            };
+            Arc::new(
+                SyntheticGuest::with_options(args.pages, w, args.seed, opts)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        _ => return Err("give exactly one of --mix and --workload".into()),
+    };
+    let port = args.port.ok_or("--port is required")?;
+    let mut codec = CodecConfig::default();
+    codec.set_optimizations("all")?;
+    let opts = SourceOptions {
+        peer: SocketAddr::from(([127, 0, 0, 1], port)),
+        psk: psk(),
+        streams: args.streams,
+        codec,
+        policy: Policy::Smart,
+        downtime_limit: None,
+        max_bandwidth: None,
+        socket: SocketOptions::default(),
+        frame_size: args.frame_size,
+        pin_threads: args.pin,
+        timeout: TIMEOUT,
+        guest_label: "bench".into(),
+    };
+    let status = Arc::new(Mutex::new(MigrationStatus::new(
+        1,
+        Role::Source,
+        "bench",
+        args.pages,
+    )));
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let summary =
+        migrate(guest, &opts, 1, &status, &AtomicBool::new(false)).map_err(|e| e.to_string())?;
+    let elapsed_s = t0.elapsed().as_secs_f64();
+    emit(&SourceReport {
+        elapsed_s,
+        cpu_s: cpu_seconds() - cpu0,
+        wire_bytes: summary.status.wire_bytes,
+        pause_ms: summary.status.pause_ms.unwrap_or(0),
+        iterations: summary.iterations.len(),
+        verified: summary.status.verified == Some(true),
+    });
+    Ok(())
+}
+
+fn dest(args: &PeerArgs) -> Result<(), String> {
+    let target = SyntheticTarget::preallocated(args.pages).map_err(|e| e.to_string())?;
+    let listener = listen();
+    let opts = DestOptions {
+        psk: psk(),
+        socket: SocketOptions::default(),
+        pin_threads: args.pin,
+        timeout: TIMEOUT,
+        max_guest_pages: args.pages,
+        max_streams: 64,
+    };
+    let status = Arc::new(Mutex::new(MigrationStatus::new(
+        1,
+        Role::Destination,
+        "bench",
+        args.pages,
+    )));
+    let cpu0 = cpu_seconds();
+    let summary = receive(
+        &listener,
+        &opts,
+        Box::new(move |_| Ok(Arc::new(target) as Arc<dyn DestGuest>)),
+        &status,
+        &AtomicBool::new(false),
+    )
+    .map_err(|e| e.to_string())?;
+    emit(&DestReport {
+        cpu_s: cpu_seconds() - cpu0,
+        verified: summary.status.verified == Some(true),
+    });
+    Ok(())
+}
+
+/// Stream keys for the reference, derived as a migration's are.
+fn ref_keys(stream: u32) -> dataplane::crypto::StreamKey {
+    use dataplane::crypto::{HandshakeNonce, MigrationKeys};
+    MigrationKeys::derive(
+        &psk(),
+        7,
+        &HandshakeNonce([1; 32]),
+        &HandshakeNonce([2; 32]),
+    )
+    .stream_key(stream, Direction::SourceToDest)
+}
+
+/// Bytes each reference stream carries: the guest's bytes split evenly.
+fn per_stream(args: &PeerArgs) -> u64 {
+    args.pages * PAGE_SIZE as u64 / u64::from(args.streams)
+}
+
+fn ref_send(args: &PeerArgs) -> Result<(), String> {
+    let port = args.port.ok_or("--port is required")?;
+    let socket = SocketOptions::default();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..args.streams)
+        .map(|s| {
+            let (frame_size, total, seed) = (args.frame_size, per_stream(args), args.seed);
+            let socket = socket.clone();
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut conn =
+                    TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+                socket.apply(&conn).map_err(|e| e.to_string())?;
+                // Connections may be accepted in any order: say which stream this is.
+                conn.write_all(&s.to_le_bytes())
+                    .map_err(|e| e.to_string())?;
+                let mut sealer = Sealer::new(&ref_keys(s));
+                let mut frame = FrameBuf::new(frame_size);
+                let mut body = vec![0u8; frame.body_capacity()];
+                Rng(seed + u64::from(s)).fill(&mut body);
+                frame.append_raw_records(&body, 1);
+                let mut sent = 0u64;
+                while sent < total {
+                    // Sealing encrypts in place; sealing the ciphertext again costs the same.
+                    let wire = sealer.seal(&mut frame);
+                    conn.write_all(wire).map_err(|e| e.to_string())?;
+                    sent += frame.body_len() as u64;
+                }
+                conn.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| e.to_string())?;
+                Ok(sent)
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    for t in threads {
+        bytes += t.join().map_err(|_| "sender thread panicked")??;
+    }
+    emit(&RefReport {
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        cpu_s: cpu_seconds() - cpu0,
+        bytes,
+    });
+    Ok(())
+}
+
+fn ref_recv(args: &PeerArgs) -> Result<(), String> {
+    let listener = listen();
+    let socket = SocketOptions::default();
+    let mut conns = Vec::new();
+    let mut t0 = None;
+    for _ in 0..args.streams {
+        let (c, _) = listener.accept().map_err(|e| e.to_string())?;
+        t0.get_or_insert_with(Instant::now);
+        socket.apply(&c).map_err(|e| e.to_string())?;
+        conns.push(c);
+    }
+    let (t0, cpu0) = (t0.expect("at least one stream"), cpu_seconds());
+    let threads: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let frame_size = args.frame_size;
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut id = [0u8; 4];
+                conn.read_exact(&mut id).map_err(|e| e.to_string())?;
+                let s = u32::from_le_bytes(id);
+                let mut opener = Opener::new(&ref_keys(s), frame_size);
+                let mut buf = vec![0u8; frame_size];
+                let mut bytes = 0u64;
+                loop {
+                    match conn.read_exact(&mut buf[..HEADER_LEN]) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    let len = opener.check_header(&buf).map_err(|e| e.to_string())?;
+                    conn.read_exact(&mut buf[HEADER_LEN..len])
+                        .map_err(|e| e.to_string())?;
+                    bytes += opener
+                        .open(&mut buf[..len])
+                        .map_err(|e| e.to_string())?
+                        .body
+                        .len() as u64;
+                }
+                Ok(bytes)
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    for t in threads {
+        bytes += t.join().map_err(|_| "receiver thread panicked")??;
+    }
+    emit(&RefReport {
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        cpu_s: cpu_seconds() - cpu0,
+        bytes,
+    });
+    Ok(())
+}
