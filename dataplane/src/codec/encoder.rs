@@ -11,7 +11,7 @@ use super::fingerprint::{BlockHasher, FingerprintIndex, Xxh3};
 use super::stats::CodecStats;
 use super::wire::{BlockCode, RecordKind, varint_len};
 use super::{CodecConfig, ConfigError};
-use crate::frame::FrameBuf;
+use crate::frame::{DEFAULT_FRAME_SIZE, FrameBuf, HEADER_LEN, TAG_LEN};
 use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, PageBatch, Pfn, is_zero};
 
 /// Encodes one stream's pages into records.
@@ -62,9 +62,20 @@ impl BlockPlan {
 }
 
 impl Encoder<Xxh3> {
-    /// An encoder with the production fingerprint.
+    /// An encoder with the production fingerprint, for frames of the default size.
     pub fn new(config: CodecConfig) -> Result<Self, ConfigError> {
-        Self::with_hasher(config, Xxh3)
+        Self::with_frame_size(config, DEFAULT_FRAME_SIZE)
+    }
+
+    /// An encoder for frames of `frame_size` bytes: with compression on, its scratch is
+    /// made now, so not even the first frame allocates.
+    pub fn with_frame_size(config: CodecConfig, frame_size: usize) -> Result<Self, ConfigError> {
+        let mut e = Self::with_hasher(config, Xxh3)?;
+        if e.config.compression != Compression::Off {
+            let body = frame_size.saturating_sub(HEADER_LEN + TAG_LEN);
+            e.compressor = Some(Compressor::new(body));
+        }
+        Ok(e)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::transport::SendMeter;
 const TICK: Duration = Duration::from_millis(250);
 
 /// Names of the source pipeline's threads (`/proc` shows 15 bytes of a name).
-const SOURCE_THREADS: [&str; 4] = ["sf-scan", "sf-encode", "sf-seal", "sf-send"];
+const SOURCE_THREADS: [&str; 3] = ["sf-scan", "sf-encode", "sf-send"];
 
 /// Linux reports CPU times in /proc in USER_HZ ticks, 100 per second on every architecture
 /// it runs on (a fixed ABI value, unlike the kernel's HZ).

@@ -142,11 +142,13 @@ impl SinkPipeline {
         for (s, key) in keys.iter().enumerate().take(n) {
             let (in_tx, in_rx) = bounded::<Incoming>(FRAMES_PER_STREAM / 2);
             incoming_txs.push(in_tx);
-            let opener = Opener::new(key, frame_size);
+            let mut opener = Opener::new(key, frame_size);
+            opener.allow_compression(codec.compression);
             checkers.push(opener.header_checker());
-            let mut decoder = Decoder::new(codec.clone(), page_count).map_err(|e| {
-                PipelineError::Guest(crate::guest::GuestError::BadState(e.to_string()))
-            })?;
+            let mut decoder = Decoder::with_frame_size(codec.clone(), page_count, frame_size)
+                .map_err(|e| {
+                    PipelineError::Guest(crate::guest::GuestError::BadState(e.to_string()))
+                })?;
             decoder.restrict_to(move |pfn| stream_of(pfn, n) == s);
             let mut stage = StreamStage {
                 stream: s,
@@ -238,8 +240,9 @@ impl StreamStage {
             let r = match self.opener.open(&mut inc.frame.frame.raw_mut()[..inc.len]) {
                 Ok(opened) => self
                     .decoder
-                    .decode(
+                    .decode_compressed(
                         opened.body,
+                        opened.compression,
                         opened.records,
                         opened.cache_digest,
                         self.writer.as_mut(),
