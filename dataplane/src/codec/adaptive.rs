@@ -170,11 +170,13 @@ impl Default for Tuning {
 }
 
 /// Priors for a level never run yet: CPU seconds per input byte and out/in ratio, measured
-/// on this project's synthetic guest content with `skyferry-bench compress --levels` (2 vCPU
-/// AMD EPYC). They only decide the first climb; measured values replace them.
-const PRIOR_COST: [f64; 3] = [1.0 / 0.9e9, 1.0 / 0.45e9, 1.0 / 0.3e9];
+/// on skyferry's frames of the `kernel` model's memory with `skyferry-bench compress --quick
+/// --levels-only` (2 vCPU AMD EPYC, shared and loaded; thread CPU time: lz4 0.24-0.29 GB/s,
+/// zstd1 0.18-0.19, zstd3 0.12-0.15; ratios 0.607, 0.471, 0.433). They only decide the first
+/// climb to each rung; measured values replace them.
+const PRIOR_COST: [f64; 3] = [1.0 / 0.25e9, 1.0 / 0.18e9, 1.0 / 0.13e9];
 /// See [`PRIOR_COST`].
-const PRIOR_RATIO: [f64; 3] = [0.55, 0.45, 0.42];
+const PRIOR_RATIO: [f64; 3] = [0.61, 0.47, 0.43];
 
 /// Why the controller changed level (for logs and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

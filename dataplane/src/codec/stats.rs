@@ -1,12 +1,12 @@
 //! Per-stream codec counters.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::wire::RecordKind;
 
 /// Counters one encoder or decoder keeps. "Saved" counts payload bytes a full page would have
 /// cost and this record did not; record headers (kind and page number) are in `bytes_out`.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodecStats {
     /// Pages by record kind: zero, full, blocks, delta.
     pub pages: [u64; 4],
