@@ -107,6 +107,11 @@ fn emit<T: Serialize>(report: &T) {
 }
 
 pub fn run(args: &PeerArgs) -> Result<(), String> {
+    // RUST_LOG=info shows the auto controller's decisions (on stderr).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     match args.end {
         End::Source => source(args),
         End::Dest => dest(args),

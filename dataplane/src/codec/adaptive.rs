@@ -10,13 +10,13 @@
 //!   time spent with nothing to send (starved: the stages before it are slower);
 //! - the **compress step**: its CPU time, bytes in and bytes out (its cost and ratio);
 //! - the **CPU**: how busy the busiest source pipeline thread was, and how many cores of the
-//!   host stood idle;
+//!   host stood idle (or ran only others' niced background work);
 //! - **goodput**: guest bytes sent per second.
 //!
-//! and climbs a ladder `off -> lz4 -> zstd1 -> zstd3` one rung at a time while the send stage
-//! waits on the link and the next rung's predicted extra CPU fits in what is idle; it steps
-//! down when compression saves too little, or when the send stage starves with the CPU busy
-//! and goodput fell below what the rung below achieved. Each step down for CPU doubles the
+//! and climbs a ladder `off -> lz4 -> zstd1 -> zstd3`, as many rungs at once as fit, while the
+//! send stage waits on the link and the predicted extra CPU fits in what is idle; it steps
+//! down one rung when the send stage starves with the CPU busy and goodput fell below what
+//! the rung below achieved, and to off when compression saves too little. Each step down for CPU doubles the
 //! wait before the next climb (2 s up to 60 s), so a wrong guess costs little.
 //!
 //! This module is sans-IO: [`Controller::observe`] takes a [`Window`] of measurements and
@@ -108,7 +108,8 @@ pub struct Window {
     pub compress_time: Duration,
     /// CPU share (0..=1) of the busiest source pipeline thread.
     pub busiest_thread: f64,
-    /// Host cores that stood idle, on average (e.g. 1.4 of 2).
+    /// Host cores the migration could have had, on average (e.g. 1.4 of 2): idle, or running
+    /// other processes' niced background work.
     pub idle_cpus: f64,
 }
 
@@ -295,27 +296,30 @@ impl Controller {
             if self.ratio[level.index()].is_some_and(|r| 1.0 - r < t.min_saving) {
                 return Some(self.step_down(None, Reason::SavesTooLittle));
             }
-            if cpu_bound
-                && self.goodput[r - 1].is_none_or(|below| goodput < below * t.goodput_margin)
-            {
+            // Against the nearest rung below that ran link-bound (off always has, before
+            // the first climb).
+            let below = self.goodput[..r].iter().rev().flatten().next();
+            if cpu_bound && below.is_none_or(|&b| goodput < b * t.goodput_margin) {
                 let below = Level::ALL[..level.index()].last().copied();
                 return Some(self.step_down(below, Reason::CpuBound));
             }
         }
-        let next = Level::ALL.get(r).copied();
-        if let Some(next) = next
-            && link_bound
-            && self.clock >= self.hold_until
-            && self.affordable(next, w)
-        {
-            self.level = Some(next);
-            self.settle = self.tuning.settle_windows;
-            return Some(Step {
-                level: self.level,
-                reason: Reason::LinkBound,
-            });
+        if !link_bound || self.clock < self.hold_until {
+            return None;
         }
-        None
+        // As high as the CPU affords in one step: every window spent below the right rung
+        // sends bytes that compression would have saved.
+        let top = Level::ALL[r..]
+            .iter()
+            .take_while(|&&l| self.affordable(l, w))
+            .last()
+            .copied()?;
+        self.level = Some(top);
+        self.settle = self.tuning.settle_windows;
+        Some(Step {
+            level: self.level,
+            reason: Reason::LinkBound,
+        })
     }
 
     /// Would running `next` instead of the current level fit in the CPU that is idle?
@@ -399,12 +403,14 @@ mod tests {
     fn a_saturated_link_with_idle_cpu_climbs_to_the_top_rung() {
         let mut c = Controller::new(1, Tuning::default());
         let steps = run(&mut c, |l| link_bound(l, 0.5), 20);
+        // In one step: every rung fits in the idle CPU.
         assert_eq!(
-            steps.iter().map(|s| s.level).collect::<Vec<_>>(),
-            [Some(Level::Lz4), Some(Level::Zstd1), Some(Level::Zstd3)]
+            steps,
+            [Step {
+                level: Some(Level::Zstd3),
+                reason: Reason::LinkBound
+            }]
         );
-        assert!(steps.iter().all(|s| s.reason == Reason::LinkBound));
-        assert_eq!(c.level(), Some(Level::Zstd3));
     }
 
     #[test]
@@ -479,7 +485,7 @@ mod tests {
         for _ in 0..8 {
             steps.extend(c.observe(&link_bound(c.level(), 0.99)));
         }
-        assert_eq!(steps[0].level, Some(Level::Lz4));
+        assert!(steps[0].level.is_some());
         assert_eq!(
             steps[1],
             Step {

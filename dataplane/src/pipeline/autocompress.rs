@@ -103,14 +103,16 @@ pub(super) fn run(
 }
 
 /// CPU use since the previous sample, from /proc: the busiest source pipeline thread (share
-/// of one core) and the host's idle cores.
+/// of one core) and the host cores a normal-priority migration could have: idle, or running
+/// niced background work (which the scheduler gives way to us at weight 1024 against 15 for
+/// nice 19), but never our own work when this process is niced itself.
 #[derive(Debug, Default)]
 struct CpuSampler {
     at: Option<Instant>,
     /// (tid, user + system ticks) at the previous sample.
     threads: Vec<(u32, u64)>,
-    /// (idle, total) jiffies summed over all CPUs at the previous sample.
-    host: Option<(u64, u64)>,
+    /// Host (available, total) jiffies and this process's ticks at the previous sample.
+    host: Option<(HostJiffies, u64)>,
 }
 
 impl CpuSampler {
@@ -131,17 +133,25 @@ impl CpuSampler {
         }
         self.threads = threads;
 
-        let host = host_jiffies();
+        let own = std::fs::read_to_string("/proc/self/stat").ok();
+        let own_ticks = own.as_deref().and_then(cpu_ticks).unwrap_or(0);
+        let niced = own.as_deref().and_then(nice_value).unwrap_or(0) > 0;
+        let host = host_jiffies().map(|h| (h, own_ticks));
         let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         let idle = match (self.host, host) {
-            (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => {
-                (i1.saturating_sub(i0)) as f64 / (t1 - t0) as f64 * cpus
+            (Some((h0, o0)), Some((h1, o1))) if h1.total > h0.total => {
+                let mut free = (h1.idle - h0.idle) + (h1.nice - h0.nice);
+                if niced {
+                    // Our own niced work shows as nice time: it is not spare.
+                    free = free.saturating_sub(o1.saturating_sub(o0));
+                }
+                free as f64 / (h1.total - h0.total) as f64 * cpus
             }
             // Unknown: claim nothing idle, so `auto` never compresses on a guess.
             _ => 0.0,
         };
         self.host = host;
-        (busiest, idle)
+        (busiest, idle.min(cpus))
     }
 }
 
@@ -176,21 +186,41 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// (idle + iowait, total) jiffies of all CPUs, from the first line of /proc/stat.
-fn host_jiffies() -> Option<(u64, u64)> {
+/// Jiffies summed over all CPUs since boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HostJiffies {
+    /// Idle and iowait.
+    idle: u64,
+    /// Running niced processes.
+    nice: u64,
+    /// Everything.
+    total: u64,
+}
+
+/// The first line of /proc/stat.
+fn host_jiffies() -> Option<HostJiffies> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     parse_host(stat.lines().next()?)
 }
 
-fn parse_host(line: &str) -> Option<(u64, u64)> {
+fn parse_host(line: &str) -> Option<HostJiffies> {
     let mut f = line.split_whitespace();
     if f.next()? != "cpu" {
         return None;
     }
     // user nice system idle iowait irq softirq steal (guest time is inside user already).
     let v: Vec<u64> = f.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
-    let idle = v.get(3)? + v.get(4)?;
-    Some((idle, v.iter().sum()))
+    Some(HostJiffies {
+        idle: v.get(3)? + v.get(4)?,
+        nice: *v.get(1)?,
+        total: v.iter().sum(),
+    })
+}
+
+/// The nice value from a /proc/.../stat line (field 19).
+fn nice_value(stat: &str) -> Option<i64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(16)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -199,16 +229,18 @@ mod tests {
 
     #[test]
     fn proc_lines_parse() {
-        let stat = "1234 (sf-encode 0) R 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0";
+        let stat = "1234 (sf-encode 0) R 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 19 1";
         assert_eq!(cpu_ticks(stat), Some(281));
+        assert_eq!(nice_value(stat), Some(19));
         assert_eq!(cpu_ticks("garbage"), None);
         let host = "cpu  1149466 9679 111640 780522 105369 0 6103 81314 0 0";
         assert_eq!(
             parse_host(host),
-            Some((
-                780522 + 105369,
-                1149466 + 9679 + 111640 + 780522 + 105369 + 6103 + 81314
-            ))
+            Some(HostJiffies {
+                idle: 780522 + 105369,
+                nice: 9679,
+                total: 1149466 + 9679 + 111640 + 780522 + 105369 + 6103 + 81314
+            })
         );
         assert_eq!(parse_host("cpu0 1 2 3 4 5 6 7 8"), None);
     }
