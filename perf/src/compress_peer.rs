@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,11 +118,11 @@ pub fn run(args: &PeerArgs) -> Result<(), String> {
     }
 }
 
-/// CPU seconds used so far by this process's threads whose name starts with `prefix`
-/// (10 ms resolution: /proc counts in 1/100 s).
-fn threads_cpu(prefix: &str) -> f64 {
+/// CPU time used so far by this process's live threads whose name starts with `prefix`, in
+/// the 1/100 s ticks /proc counts in.
+fn threads_ticks(prefix: &str) -> u64 {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
+        return 0;
     };
     let ticks: u64 = dir
         .filter_map(|e| {
@@ -137,7 +137,7 @@ fn threads_cpu(prefix: &str) -> f64 {
             Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
         })
         .sum();
-    ticks as f64 / 100.0
+    ticks
 }
 
 fn source(args: &PeerArgs) -> Result<(), String> {
@@ -179,7 +179,21 @@ fn source(args: &PeerArgs) -> Result<(), String> {
         "bench",
         args.pages,
     )));
-    let (cpu0, guest0) = (cpu_seconds(), threads_cpu("synth-writer"));
+    // The writers end when the guest is handed over, taking their CPU time out of /proc with
+    // them: sample it meanwhile (they are parked from the pause on, so the last sample is
+    // their whole share).
+    let guest_ticks = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (ticks, on) = (guest_ticks.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while on.load(Ordering::Relaxed) {
+                ticks.fetch_max(threads_ticks("synth-writer"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let (cpu0, guest0) = (cpu_seconds(), threads_ticks("synth-writer"));
     let t0 = Instant::now();
     let summary = migrate(
         guest.clone() as Arc<dyn SourceGuest>,
@@ -190,9 +204,12 @@ fn source(args: &PeerArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let elapsed_s = t0.elapsed().as_secs_f64();
-    // The writers are still there (the guest is held): read them before it is dropped.
-    let guest_cpu_s = threads_cpu("synth-writer") - guest0;
-    let cpu_s = cpu_seconds() - cpu0 - guest_cpu_s;
+    let cpu1 = cpu_seconds();
+    guest_ticks.fetch_max(threads_ticks("synth-writer"), Ordering::Relaxed);
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().map_err(|_| "sampler thread panicked")?;
+    let guest_cpu_s = guest_ticks.load(Ordering::Relaxed).saturating_sub(guest0) as f64 / 100.0;
+    let cpu_s = cpu1 - cpu0 - guest_cpu_s;
     drop(guest);
     emit(&SourceReport {
         elapsed_s,
