@@ -50,6 +50,10 @@ pub struct StartArgs {
     /// all, none, or a list like zero,cbr,delta (default: the daemon's config).
     #[arg(long)]
     optimizations: Option<String>,
+    /// Frame compression: off, lz4, zstd1, zstd3, or auto (only while the link, not the CPU,
+    /// is the bottleneck). Default: the daemon's config.
+    #[arg(long, value_parser = compression)]
+    compression: Option<String>,
     /// Send-side limit (100Mbit, 1Gbit, 500MB/s; "none" for unlimited).
     #[arg(long, value_parser = rate_or_none)]
     max_bandwidth: Option<u64>,
@@ -109,6 +113,11 @@ fn rate_or_none(s: &str) -> Result<u64, String> {
         .map_err(|e| e.to_string())
 }
 
+fn compression(s: &str) -> Result<String, String> {
+    s.parse::<dataplane::codec::Compression>()
+        .map(|c| c.name().to_string())
+}
+
 fn hex_id(s: &str) -> Result<u64, String> {
     u64::from_str_radix(s.trim_start_matches("0x"), 16)
         .map_err(|_| format!("invalid migration id {s:?}: use the hex id `skyferry status` shows"))
@@ -139,6 +148,7 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         streams: a.streams,
         policy: a.policy.clone(),
         optimizations: a.optimizations.clone(),
+        compression: a.compression.clone(),
         max_bandwidth: a.max_bandwidth,
         downtime_limit_ms: a
             .downtime_limit

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use dataplane::codec::{CodecConfig, CodecStats};
+use dataplane::codec::{CodecConfig, CodecStats, Compression};
 use dataplane::crypto::PreSharedKey;
 use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
 use dataplane::guest::workload::Workload;
@@ -63,6 +63,10 @@ pub struct Args {
     /// Codec optimizations: all, none, or a comma list of zero, cbr, delta.
     #[arg(long, default_value = "all", value_name = "LIST", value_parser = parse_optimizations)]
     optimizations: Optimizations,
+    /// Frame compression after the codec: off, lz4, zstd1, zstd3, or auto (on only while the
+    /// link, not the CPU, is the bottleneck).
+    #[arg(long, default_value = "off", value_name = "MODE")]
+    compression: Compression,
     /// Data streams (TCP connections).
     #[arg(
         long,
@@ -205,7 +209,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let pages = args.mem / page;
-    let codec = args.optimizations.codec();
+    let codec = CodecConfig {
+        compression: args.compression,
+        ..args.optimizations.codec()
+    };
     check_memory(args.mem, args.streams, &codec)?;
 
     let mut view = if args.json {
@@ -224,9 +231,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             args.speed
         );
         println!(
-            "  policy {} | optimizations {} | {} stream{} | rate limit {}{}",
+            "  policy {} | optimizations {} | compression {} | {} stream{} | rate limit {}{}",
             args.policy,
             optimizations_text(args.optimizations),
+            args.compression,
             args.streams,
             if args.streams == 1 { "" } else { "s" },
             args.max_bandwidth
@@ -511,6 +519,7 @@ fn json_report(
         "workload": args.workload.name(),
         "policy": args.policy.name(),
         "optimizations": args.optimizations.names(),
+        "compression": args.compression.name(),
         "streams": args.streams,
         "seed": args.seed,
         "speed": args.speed,
@@ -528,6 +537,7 @@ fn json_report(
             "zero": status.saved.zero,
             "cbr": status.saved.cbr,
             "delta": status.saved.delta,
+            "compress": status.saved.compress,
         },
         "stop_reason": status.stop_reason.map(stop_reason_name),
         "rate_bps": status.rate_bps,

@@ -340,7 +340,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
         "measuring".to_string()
     };
     let s = st.saved;
-    let saved = s.zero + s.cbr + s.delta;
+    let saved = s.zero + s.cbr + s.delta + s.compress;
     vec![
         format!("{spin} {phase} | {} | {rate}", format_duration(elapsed)),
         format!(
@@ -350,12 +350,13 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
             group(st.last_dirtied)
         ),
         format!(
-            "  bytes  on the wire {} | saved {} (zero {}, CBR {}, delta {})",
+            "  bytes  on the wire {} | saved {} (zero {}, CBR {}, delta {}{})",
             format_size(st.wire_bytes),
             format_size(saved),
             format_size(s.zero),
             format_size(s.cbr),
-            format_size(s.delta)
+            format_size(s.delta),
+            compress_text(s.compress, ", compression ")
         ),
         format!(
             "  next   ETA {} | pause if stopped now {}",
@@ -539,11 +540,12 @@ pub fn summary_table(
     kv.push((
         "saved",
         format!(
-            "zero {} | CBR {} | delta {} | total {}",
+            "zero {} | CBR {} | delta {}{} | total {}",
             format_size(s.zero),
             format_size(s.cbr),
             format_size(s.delta),
-            format_size(s.zero + s.cbr + s.delta)
+            compress_text(s.compress, " | compression "),
+            format_size(s.zero + s.cbr + s.delta + s.compress)
         ),
     ));
     if let Some(c) = codec {
@@ -595,6 +597,15 @@ pub fn summary_table(
         let _ = writeln!(t, "  {k:<key_w$}  {v}");
     }
     t
+}
+
+/// What compression saved, behind `label`; nothing when it saved nothing (it is off).
+fn compress_text(saved: u64, label: &str) -> String {
+    if saved == 0 {
+        String::new()
+    } else {
+        format!("{label}{}", format_size(saved))
+    }
 }
 
 #[cfg(test)]
@@ -651,6 +662,7 @@ mod tests {
                 zero: 1 << 20,
                 cbr: 2 << 20,
                 delta: 3 << 20,
+                compress: 0,
             };
             if it < 3 {
                 s.iteration = it + 1;

@@ -14,6 +14,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::codec::compress::Algorithm;
 use crate::codec::wire::{MAX_RECORD_LEN, RecordWriter};
 
 /// "SKYF".
@@ -33,8 +34,14 @@ pub const MAX_FRAME_SIZE: usize = 16 << 20;
 
 /// Header flag: `cache_digest` holds the sender's running cache digest after this frame.
 pub const FLAG_CACHE_DIGEST: u16 = 1;
+/// Header flag: the body is one lz4 block (`lz4_flex` block format) that decompresses to the
+/// records; `body_len` is the compressed length.
+pub const FLAG_LZ4: u16 = 1 << 1;
+/// Header flag: the body is one zstd frame (any level) with its content size, which
+/// decompresses to the records. At most one compression flag is set.
+pub const FLAG_ZSTD: u16 = 1 << 2;
 /// Flags this version understands.
-pub const KNOWN_FLAGS: u16 = FLAG_CACHE_DIGEST;
+pub const KNOWN_FLAGS: u16 = FLAG_CACHE_DIGEST | FLAG_LZ4 | FLAG_ZSTD;
 
 /// The frame header, little-endian on the wire.
 #[derive(
@@ -75,6 +82,7 @@ pub struct FrameBuf {
     records: u32,
     next_pfn: u64,
     cache_digest: Option<u64>,
+    compression: Option<Algorithm>,
 }
 
 impl std::fmt::Debug for FrameBuf {
@@ -83,6 +91,7 @@ impl std::fmt::Debug for FrameBuf {
             .field("size", &self.buf.len())
             .field("body_len", &self.body_len)
             .field("records", &self.records)
+            .field("compression", &self.compression)
             .finish()
     }
 }
@@ -104,6 +113,7 @@ impl FrameBuf {
             records: 0,
             next_pfn: 0,
             cache_digest: None,
+            compression: None,
         }
     }
 
@@ -148,6 +158,7 @@ impl FrameBuf {
         self.records = 0;
         self.next_pfn = 0;
         self.cache_digest = None;
+        self.compression = None;
     }
 
     /// Appends one record through `write`, which must write exactly one record.
@@ -156,6 +167,7 @@ impl FrameBuf {
     /// If the frame has no room (check [`has_room`](Self::has_room) first).
     pub fn append_record<R>(&mut self, write: impl FnOnce(&mut RecordWriter<'_>) -> R) -> R {
         assert!(self.has_room(), "frame full");
+        assert!(self.compression.is_none(), "frame already compressed");
         let end = HEADER_LEN + self.body_capacity();
         let mut w =
             RecordWriter::resume(&mut self.buf[HEADER_LEN..end], self.body_len, self.next_pfn);
@@ -190,6 +202,28 @@ impl FrameBuf {
     /// The cache digest the header will carry.
     pub fn cache_digest(&self) -> Option<u64> {
         self.cache_digest
+    }
+
+    /// Replaces the records with their compressed form (`bytes`, shorter than the body); the
+    /// header will carry `algorithm`'s flag. The record count stays: it counts what the
+    /// receiver finds after decompressing. No record may be appended afterwards.
+    ///
+    /// # Panics
+    /// If `bytes` is not shorter than the body, or the body is already compressed.
+    pub fn set_compressed_body(&mut self, algorithm: Algorithm, bytes: &[u8]) {
+        assert!(
+            bytes.len() < self.body_len,
+            "compression must shrink the body"
+        );
+        assert!(self.compression.is_none(), "body already compressed");
+        self.buf[HEADER_LEN..HEADER_LEN + bytes.len()].copy_from_slice(bytes);
+        self.body_len = bytes.len();
+        self.compression = Some(algorithm);
+    }
+
+    /// How the body is compressed, if it is.
+    pub fn compression(&self) -> Option<Algorithm> {
+        self.compression
     }
 
     /// The whole buffer: the sealer writes around the body; a receiver reads a frame off the

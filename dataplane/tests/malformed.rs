@@ -6,8 +6,9 @@ mod common;
 use common::sealer_opener;
 use dataplane::codec::delta::DeltaError;
 use dataplane::codec::wire::{BlockCode, RecordKind, RecordWriter, WireError};
-use dataplane::codec::{CodecConfig, DecodeError, Decoder};
-use dataplane::frame::{DEFAULT_FRAME_SIZE, FrameBuf};
+use dataplane::codec::{Algorithm, CodecConfig, CompressError, Compression, DecodeError, Decoder};
+use dataplane::crypto::OpenError;
+use dataplane::frame::{DEFAULT_FRAME_SIZE, FLAG_LZ4, FrameBuf, HEADER_LEN, TAG_LEN};
 use dataplane::page::{BLOCK_SIZE, PAGE_SIZE, Page};
 
 const PAGES: u64 = 16;
@@ -314,4 +315,160 @@ fn pages_of_another_stream_are_refused() {
         Err(DecodeError::NotThisStream { pfn: 3 })
     );
     assert_eq!(mem[3].0[0], 9, "nothing written");
+}
+
+/// An authentic frame whose body is `packed`, flagged as compressed with `algorithm`.
+fn compressed_wire(
+    algorithm: Algorithm,
+    packed: &[u8],
+    records: u32,
+    agreed: Compression,
+) -> (Vec<u8>, dataplane::crypto::Opener) {
+    let (mut sealer, mut opener) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    opener.allow_compression(agreed);
+    let mut f = FrameBuf::new(DEFAULT_FRAME_SIZE);
+    // Room first, then the hostile bytes in its place (a real sender only ever shrinks).
+    f.append_raw_records(&vec![0; packed.len() + 1], records);
+    f.set_compressed_body(algorithm, packed);
+    (sealer.seal(&mut f).to_vec(), opener)
+}
+
+fn decode_packed(
+    algorithm: Algorithm,
+    packed: &[u8],
+    records: u32,
+    agreed: Compression,
+) -> Result<(), DecodeError> {
+    let (mut wire, mut opener) = compressed_wire(algorithm, packed, records, agreed);
+    let o = opener.open(&mut wire).unwrap();
+    assert_eq!(o.compression, Some(algorithm));
+    let config = CodecConfig {
+        compression: agreed,
+        ..no_verify()
+    };
+    let mut dec = Decoder::new(config, PAGES).unwrap();
+    let mut mem = vec![Page::zeroed(); PAGES_USIZE];
+    let r = dec.decode_compressed(
+        o.body,
+        o.compression,
+        o.records,
+        o.cache_digest,
+        mem.as_mut_slice(),
+    );
+    if r.is_err() {
+        // Like any refused frame, it poisons the stream.
+        let zero = body(|w| w.header(RecordKind::Zero, 0));
+        assert_eq!(
+            dec.decode(&zero, 1, None, mem.as_mut_slice()),
+            Err(DecodeError::Poisoned)
+        );
+    }
+    r
+}
+
+#[test]
+fn compressed_records_decode_like_plain_ones() {
+    let pages = body(|w| {
+        for pfn in 0..2 {
+            w.header(RecordKind::Full, pfn);
+            w.bytes(&[0x61; PAGE_SIZE]);
+        }
+    });
+    let lz4 = lz4_flex::block::compress(&pages);
+    assert_eq!(
+        decode_packed(Algorithm::Lz4, &lz4, 2, Compression::Lz4),
+        Ok(())
+    );
+    let zstd = zstd::bulk::compress(&pages, 3).unwrap();
+    assert_eq!(
+        decode_packed(Algorithm::Zstd, &zstd, 2, Compression::Auto),
+        Ok(())
+    );
+    // Decompression only restores the bytes: bad records inside are refused as usual.
+    let garbage = lz4_flex::block::compress(&[9, 0, 0, 0]);
+    assert!(matches!(
+        decode_packed(Algorithm::Lz4, &garbage, 1, Compression::Lz4),
+        Err(DecodeError::Wire(WireError::UnknownKind { kind: 9, .. }))
+    ));
+}
+
+/// Regression: a few hundred bytes that would expand past a frame (a decompression bomb)
+/// are refused without writing more than one frame body.
+#[test]
+fn decompression_bombs_are_refused() {
+    let huge = vec![0u8; 4 * DEFAULT_FRAME_SIZE];
+    let lz4 = lz4_flex::block::compress(&huge);
+    assert!(lz4.len() < 2048);
+    let limit = DEFAULT_FRAME_SIZE - HEADER_LEN - TAG_LEN;
+    assert_eq!(
+        decode_packed(Algorithm::Lz4, &lz4, 1, Compression::Auto),
+        Err(DecodeError::Decompress(CompressError::TooLarge {
+            algorithm: Algorithm::Lz4,
+            limit
+        }))
+    );
+    let zstd = zstd::bulk::compress(&huge, 1).unwrap();
+    assert_eq!(
+        decode_packed(Algorithm::Zstd, &zstd, 1, Compression::Zstd1),
+        Err(DecodeError::Decompress(CompressError::TooLarge {
+            algorithm: Algorithm::Zstd,
+            limit
+        }))
+    );
+}
+
+#[test]
+fn corrupt_compressed_bodies_are_typed_errors() {
+    let records = body(|w| {
+        w.header(RecordKind::Full, 1);
+        w.bytes(&[0x42; PAGE_SIZE]);
+    });
+    let mut lz4 = lz4_flex::block::compress(&records);
+    let last = lz4.len() - 1;
+    lz4.truncate(last);
+    assert!(matches!(
+        decode_packed(Algorithm::Lz4, &lz4, 1, Compression::Lz4),
+        Err(DecodeError::Decompress(CompressError::Malformed {
+            algorithm: Algorithm::Lz4,
+            ..
+        }))
+    ));
+    // lz4 bytes under the zstd flag.
+    assert!(matches!(
+        decode_packed(Algorithm::Zstd, &lz4, 1, Compression::Auto),
+        Err(DecodeError::Decompress(CompressError::Malformed {
+            algorithm: Algorithm::Zstd,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn compression_the_ends_did_not_agree_on_is_refused() {
+    let records = body(|w| {
+        w.header(RecordKind::Full, 1);
+        w.bytes(&[0x42; PAGE_SIZE]);
+    });
+    let lz4 = lz4_flex::block::compress(&records);
+    // The opener refuses it from the header alone...
+    for agreed in [Compression::Off, Compression::Zstd1, Compression::Zstd3] {
+        let (wire, opener) = compressed_wire(Algorithm::Lz4, &lz4, 1, agreed);
+        assert_eq!(
+            opener.check_header(&wire),
+            Err(OpenError::CompressionNotAgreed {
+                flags: FLAG_LZ4,
+                agreed
+            })
+        );
+    }
+    // ...and a decoder asked to take it anyway refuses too.
+    let mut dec = Decoder::new(no_verify(), PAGES).unwrap();
+    let mut mem = vec![Page::zeroed(); PAGES_USIZE];
+    assert_eq!(
+        dec.decode_compressed(&lz4, Some(Algorithm::Lz4), 1, None, mem.as_mut_slice()),
+        Err(DecodeError::CompressionNotAgreed {
+            algorithm: Algorithm::Lz4,
+            agreed: Compression::Off
+        })
+    );
 }

@@ -221,3 +221,43 @@ fn abort_leaves_the_guest_running_at_the_source() {
     assert!(o.guest.writes() > before);
     assert!(o.guest.resume().is_ok() || o.guest.writes() > before);
 }
+
+#[test]
+fn compressed_frames_migrate_and_verify() {
+    use dataplane::codec::Compression;
+    for compression in [Compression::Zstd1, Compression::Lz4] {
+        let codec = CodecConfig {
+            compression,
+            ..CodecConfig::default()
+        };
+        let o = run(Workload::Kernel, Policy::Smart, codec, 1, None);
+        let s = o.source.expect("source");
+        let d = o.dest.expect("destination");
+        assert_eq!(s.status.phase, Phase::Completed, "{compression}");
+        assert_eq!(s.status.verified, Some(true));
+        // Kernel-compile memory is mostly text and code: frames shrink.
+        assert!(
+            s.codec.frames_compressed > 0,
+            "{compression}: {:?}",
+            s.codec
+        );
+        assert_eq!(s.codec.frames_compressed, d.codec.frames_compressed);
+        assert_eq!(s.codec.saved_compress, d.codec.saved_compress);
+        assert_eq!(s.status.saved.compress, s.codec.saved_compress);
+    }
+}
+
+#[test]
+fn auto_compression_migrates_and_verifies() {
+    // Whether `auto` compresses here depends on this host's load; either way the guest must
+    // arrive intact.
+    let codec = CodecConfig {
+        compression: dataplane::codec::Compression::Auto,
+        ..CodecConfig::default()
+    };
+    let o = run(Workload::Tpcw, Policy::Smart, codec, 1, None);
+    let s = o.source.expect("source");
+    let d = o.dest.expect("destination");
+    assert_eq!(s.status.verified, Some(true));
+    assert_eq!(s.codec.frames_compressed, d.codec.frames_compressed);
+}

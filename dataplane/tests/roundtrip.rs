@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Link, Rng};
-use dataplane::codec::{BlockHasher, CodecConfig, RecordKind, Xxh3};
+use dataplane::codec::{BlockHasher, CodecConfig, Compression, RecordKind, Xxh3};
 use dataplane::frame::MIN_FRAME_SIZE;
 use dataplane::page::{BLOCK_SIZE, Block, PAGE_SIZE, Page, PageBatch};
 use proptest::prelude::*;
@@ -53,15 +53,23 @@ fn config() -> impl Strategy<Value = CodecConfig> {
         any::<[bool; 4]>(),
         prop_oneof![Just(1u64), Just(3), Just(4), Just(9), Just(64), Just(4096)],
         prop_oneof![Just(1usize), Just(24), Just(700), Just(1536), Just(4095)],
+        // Fixed levels only: `auto` without a controller compresses nothing.
+        prop_oneof![
+            2 => Just(Compression::Off),
+            1 => Just(Compression::Lz4),
+            1 => Just(Compression::Zstd1),
+            1 => Just(Compression::Zstd3),
+        ],
     )
         .prop_map(
-            |([zero, cbr, delta, verify], blocks, threshold)| CodecConfig {
+            |([zero, cbr, delta, verify], blocks, threshold, compression)| CodecConfig {
                 zero_pages: zero,
                 cbr,
                 delta,
                 cache_bytes: blocks * BLOCK_SIZE as u64,
                 delta_threshold: threshold,
                 verify_caches: verify,
+                compression,
             },
         )
 }
@@ -272,4 +280,56 @@ fn both_ends_may_reset_their_caches_between_frames() {
     for (i, p) in pages.iter().enumerate() {
         assert_eq!(&link.dest[i], p);
     }
+}
+
+#[test]
+fn compression_shrinks_text_and_keeps_pages_exact() {
+    // Text-like pages: every block distinct (CBR finds nothing), but compressible.
+    let mut rng = Rng(21);
+    let words: [&[u8]; 6] = [
+        b"return ", b"struct ", b"int ", b"if (x) ", b"{\n\t", b"};\n",
+    ];
+    let pages: Vec<Page> = (0..64)
+        .map(|_| {
+            let mut p = Page::zeroed();
+            let mut at = 0;
+            while at < PAGE_SIZE {
+                let w = words[rng.below(words.len())];
+                let n = w.len().min(PAGE_SIZE - at);
+                p.0[at..at + n].copy_from_slice(&w[..n]);
+                at += n;
+            }
+            p.0[..8].copy_from_slice(&rng.next().to_le_bytes());
+            p
+        })
+        .collect();
+    let mut batch = PageBatch::with_capacity(64);
+    for (i, p) in pages.iter().enumerate() {
+        batch.push(i as u64, &p.0);
+    }
+    let mut wire = Vec::new();
+    for compression in [
+        Compression::Off,
+        Compression::Lz4,
+        Compression::Zstd1,
+        Compression::Zstd3,
+    ] {
+        let config = CodecConfig {
+            compression,
+            ..CodecConfig::default()
+        };
+        let mut link = Link::new(config, Xxh3, 64, 64 << 10);
+        link.send(&batch);
+        assert_eq!(link.dest, pages, "{compression}");
+        assert!(link.caches_agree());
+        let (enc, dec) = (link.enc.stats(), link.dec.stats());
+        assert_eq!(
+            enc.frames_compressed, dec.frames_compressed,
+            "{compression}"
+        );
+        assert_eq!(enc.saved_compress, dec.saved_compress, "{compression}");
+        wire.push(link.wire_bytes);
+    }
+    assert!(wire[1] < wire[0] / 2, "{wire:?}");
+    assert!(wire[3] <= wire[2] && wire[2] < wire[1], "{wire:?}");
 }

@@ -177,3 +177,46 @@ fn frames_of_another_stream_or_direction_do_not_open() {
         Err(OpenError::WrongStream { .. })
     ));
 }
+
+#[test]
+fn compressed_frames_carry_their_flag_and_it_is_authenticated() {
+    use dataplane::codec::{Algorithm, Compression};
+    use dataplane::frame::{FLAG_LZ4, FLAG_ZSTD};
+    let (mut s, mut o) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    o.allow_compression(Compression::Auto);
+    let mut f = frame_with(&[5u8; 300], None);
+    f.set_compressed_body(Algorithm::Zstd, &[1, 2, 3]);
+    let wire = s.seal(&mut f).to_vec();
+    assert_eq!(wire.len(), HEADER_LEN + 3 + TAG_LEN);
+    assert_eq!(u16::from_le_bytes([wire[6], wire[7]]), FLAG_ZSTD);
+    let mut copy = wire.clone();
+    let opened = o.open(&mut copy).unwrap();
+    assert_eq!(opened.compression, Some(Algorithm::Zstd));
+    assert_eq!(opened.body, &[1, 2, 3]);
+
+    // Swapping the algorithm flag passes the header check (both are agreed) but not the tag.
+    let (_, mut o) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    o.allow_compression(Compression::Auto);
+    let mut swapped = wire.clone();
+    swapped[6..8].copy_from_slice(&FLAG_LZ4.to_le_bytes());
+    assert!(matches!(
+        o.open(&mut swapped),
+        Err(OpenError::Tampered { .. })
+    ));
+    // Both algorithms at once is no sender's frame.
+    let mut both = wire.clone();
+    both[6..8].copy_from_slice(&(FLAG_LZ4 | FLAG_ZSTD).to_le_bytes());
+    assert!(matches!(
+        o.check_header(&both),
+        Err(OpenError::CompressionNotAgreed { .. })
+    ));
+    // An opener that agreed on none refuses it before reading the body.
+    let (_, plain) = sealer_opener(1, 1, DEFAULT_FRAME_SIZE);
+    assert_eq!(
+        plain.check_header(&wire),
+        Err(OpenError::CompressionNotAgreed {
+            flags: FLAG_ZSTD,
+            agreed: Compression::Off
+        })
+    );
+}

@@ -154,6 +154,8 @@ fn diff(now: &CodecStats, before: &CodecStats) -> CodecStats {
         fingerprint_collisions: d(now.fingerprint_collisions, before.fingerprint_collisions),
         cache_evictions: d(now.cache_evictions, before.cache_evictions),
         delta_overflows: d(now.delta_overflows, before.delta_overflows),
+        frames_compressed: d(now.frames_compressed, before.frames_compressed),
+        saved_compress: d(now.saved_compress, before.saved_compress),
     }
 }
 
@@ -422,6 +424,8 @@ pub fn run(args: &Args) {
         cache_bytes: args.cache_mib << 20,
         delta_threshold: args.delta_threshold,
         verify_caches: !args.no_verify,
+        // Compression has its own benchmark (`compress`).
+        compression: dataplane::codec::Compression::Off,
     };
     if let Err(e) = config.validate() {
         eprintln!("skyferry-bench: {e}");

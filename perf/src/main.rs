@@ -5,6 +5,8 @@
 
 mod cipher;
 mod codec;
+mod compress;
+mod compress_peer;
 mod measure;
 mod pipeline;
 mod pipeline_peer;
@@ -31,6 +33,12 @@ enum Bench {
     /// Whole migrations between two processes over loopback, for page mixes and workload
     /// models, beside the same run's encrypted-transfer reference.
     Pipeline(pipeline::Args),
+    /// The paper's compressed-tunnel comparison (Fig. 18) through a rate-limited link, with
+    /// skyferry's adaptive compression beside it, and at an unlimited link.
+    Compress(compress::Args),
+    /// One end of a `compress` run (started by `compress` itself).
+    #[command(hide = true)]
+    CompressPeer(compress_peer::PeerArgs),
     /// One end of a `pipeline` run (started by `pipeline` itself).
     #[command(hide = true)]
     PipelinePeer(pipeline_peer::PeerArgs),
@@ -43,6 +51,8 @@ fn main() {
         Bench::Cipher(args) => cipher::run(&args),
         Bench::Pipeline(args) => exit_on_error(pipeline::run(&args)),
         Bench::PipelinePeer(args) => exit_on_error(pipeline_peer::run(&args)),
+        Bench::Compress(args) => exit_on_error(compress::run(&args)),
+        Bench::CompressPeer(args) => exit_on_error(compress_peer::run(&args)),
     }
 }
 

@@ -13,7 +13,10 @@
 //! ```
 //!
 //! Inputs shorter than the 11-byte header are padded with zeros. Control bits 2..=6 pick the
-//! codec config of both ends (see [`config`]) and whether the warm-up runs.
+//! codec config of both ends (see [`config`]) and whether the warm-up runs. Control bit 7 has
+//! both ends agree on `compression = auto`; in sealed-body mode the first body byte then
+//! picks how the rest is flagged (bit 0: 0 lz4, 1 zstd) and the rest goes out as that
+//! compressed body (a body of fewer than two bytes goes out uncompressed).
 //!
 //! In sealed-body mode the body is sealed with the fixed stream key and opened, so the decoder
 //! sees arbitrary records behind valid crypto. Before that, a warm-up encodes, seals, opens
@@ -24,7 +27,7 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use dataplane::codec::{CodecConfig, DecodeError, Decoder, Encoder};
+use dataplane::codec::{Algorithm, CodecConfig, Compression, DecodeError, Decoder, Encoder};
 use dataplane::crypto::{
     Direction, HandshakeNonce, MigrationKeys, OpenError, Opener, PreSharedKey, Sealer, StreamKey,
 };
@@ -56,6 +59,8 @@ pub const CONTROL_NO_VERIFY: u8 = 1 << 4;
 pub const CONTROL_NO_ZERO_PAGES: u8 = 1 << 5;
 /// Control bit 6: skip the warm-up (the fuzzed frame is the stream's first).
 pub const CONTROL_NO_WARM_UP: u8 = 1 << 6;
+/// Control bit 7: both ends agree on compression; the sealed body is flagged compressed.
+pub const CONTROL_COMPRESSED: u8 = 1 << 7;
 
 /// What happened to one input (the fuzz target ignores it; tests check seeds with it).
 #[derive(Debug)]
@@ -96,6 +101,11 @@ pub fn config(control: u8) -> CodecConfig {
         delta: control & CONTROL_NO_DELTA == 0,
         cache_bytes: CACHE_BYTES,
         verify_caches: control & CONTROL_NO_VERIFY == 0,
+        compression: if control & CONTROL_COMPRESSED != 0 {
+            Compression::Auto
+        } else {
+            Compression::Off
+        },
         ..CodecConfig::default()
     }
 }
@@ -128,8 +138,9 @@ fn raw_frame(control: u8, wire: &[u8], mem: &mut [Page]) -> Outcome {
         .opener
         .check_header(&buf[..buf.len().min(HEADER_LEN)]);
     match session.opener.open(&mut buf) {
-        Ok(frame) => Outcome::Decoded(session.decoder.decode(
+        Ok(frame) => Outcome::Decoded(session.decoder.decode_compressed(
             frame.body,
+            frame.compression,
             frame.records,
             frame.cache_digest,
             session.mem,
@@ -154,7 +165,22 @@ fn sealed_body(control: u8, rest: &[u8], mem: &mut [Page]) -> Outcome {
 
     let mut frame = FrameBuf::new(FRAME_SIZE);
     // The body is cut to the frame's capacity; the header claims `records` whatever it holds.
-    frame.append_raw_records(body, u32::from(records));
+    match body.split_first() {
+        Some((&pick, packed)) if control & CONTROL_COMPRESSED != 0 && !packed.is_empty() => {
+            let packed = &packed[..packed.len().min(frame.body_capacity() - 1)];
+            // Room first, then the fuzzed bytes in its place as the compressed body.
+            frame.append_raw_records(&vec![0; packed.len() + 1], u32::from(records));
+            let algorithm = if pick & 1 == 0 {
+                Algorithm::Lz4
+            } else {
+                Algorithm::Zstd
+            };
+            frame.set_compressed_body(algorithm, packed);
+        }
+        _ => {
+            frame.append_raw_records(body, u32::from(records));
+        }
+    }
     frame.set_cache_digest((control & CONTROL_DIGEST != 0).then_some(digest));
     session.transfer(&mut frame)
 }
@@ -173,9 +199,11 @@ impl<'m> Session<'m> {
     fn new(control: u8, mem: &'m mut [Page]) -> Self {
         let key = stream_key();
         let config = config(control);
+        let mut opener = Opener::new(key, FRAME_SIZE);
+        opener.allow_compression(config.compression);
         Session {
             sealer: Sealer::new(key),
-            opener: Opener::new(key, FRAME_SIZE),
+            opener,
             encoder: Encoder::new(config.clone()).expect("fuzz config is valid"),
             decoder: Decoder::new(config, PAGE_COUNT).expect("fuzz config is valid"),
             mem,
@@ -197,8 +225,9 @@ impl<'m> Session<'m> {
             "cache digest changed in transit"
         );
         assert!(opened.body == body, "body changed in transit");
-        Outcome::Decoded(self.decoder.decode(
+        Outcome::Decoded(self.decoder.decode_compressed(
             opened.body,
+            opened.compression,
             opened.records,
             opened.cache_digest,
             self.mem,
@@ -328,7 +357,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     large.push((11, pattern(8)));
     large.push((12, pattern(9)));
 
-    let mut out = Vec::new();
+    let mut out = compressed_seeds();
     for control in controls {
         for (name, pages) in [("small", &small), ("large", &large)] {
             // Sealed body: the next frame after the warm-up.
@@ -363,6 +392,47 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             input.extend_from_slice(s.sealer.seal(&mut frame));
             out.push((format!("raw-{control:02x}-{name}"), input));
         }
+    }
+    out
+}
+
+/// Sealed-body seeds whose body is the real encoder's records after the warm-up, compressed
+/// with each algorithm (control bit 7).
+fn compressed_seeds() -> Vec<(String, Vec<u8>)> {
+    use dataplane::codec::Level;
+    use dataplane::codec::compress::Compressor;
+    let text = |seed: u8| {
+        let mut p = Page::zeroed();
+        for (i, b) in p.0.iter_mut().enumerate() {
+            *b = b"static int page_text(void);\n"[i % 28];
+        }
+        p.0[..8].fill(seed);
+        p
+    };
+    let pages = [(20, text(1)), (21, text(2)), (9, Page::zeroed())];
+    let control = CONTROL_DIGEST | CONTROL_COMPRESSED;
+    let mut out = Vec::new();
+    for (pick, level) in [(0u8, Level::Lz4), (1, Level::Zstd1)] {
+        let mut mem = vec![Page::zeroed(); PAGE_COUNT as usize];
+        let mut s = Session::new(control | CONTROL_SEALED, &mut mem);
+        s.warm_up();
+        let mut frame = FrameBuf::new(FRAME_SIZE);
+        for (pfn, page) in &pages {
+            s.encoder.encode_page(*pfn, page, &mut frame);
+        }
+        s.encoder.finish_frame(&mut frame);
+        let mut c = Compressor::new(frame.body_capacity());
+        let packed = c
+            .compress(level, frame.body())
+            .expect("text pages compress")
+            .to_vec();
+        let mut input = vec![control | CONTROL_SEALED];
+        let records = u16::try_from(frame.records()).expect("a few records");
+        input.extend_from_slice(&records.to_le_bytes());
+        input.extend_from_slice(&frame.cache_digest().unwrap_or(0).to_le_bytes());
+        input.push(pick);
+        input.extend_from_slice(&packed);
+        out.push((format!("sealed-{control:02x}-{level}"), input));
     }
     out
 }

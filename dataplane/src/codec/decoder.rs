@@ -1,10 +1,12 @@
 //! The destination side of the codec.
 
 use super::block_cache::{CacheState, Fate, ZERO_SEQ};
+use super::compress::{Algorithm, CompressError, Decompressor};
 use super::delta::{self, DeltaError};
 use super::stats::CodecStats;
 use super::wire::{BlockCode, RecordKind, RecordReader, WireError};
 use super::{CodecConfig, ConfigError};
+use crate::frame::{DEFAULT_FRAME_SIZE, HEADER_LEN, TAG_LEN};
 use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, Pfn};
 
 /// Where decoded pages go: the destination guest's memory.
@@ -98,6 +100,17 @@ pub enum DecodeError {
         /// The page number.
         pfn: Pfn,
     },
+    /// a compressed body that does not decompress within a frame
+    #[error(transparent)]
+    Decompress(#[from] CompressError),
+    /// a body compressed with an algorithm the handshake did not agree on
+    #[error("frame compressed with {algorithm}, but this stream agreed on compression = {agreed}")]
+    CompressionNotAgreed {
+        /// The algorithm the header names.
+        algorithm: Algorithm,
+        /// The setting both ends agreed on.
+        agreed: super::Compression,
+    },
     /// an earlier frame failed; the stream cannot continue
     #[error("decoder stopped after an earlier error; the stream must be restarted")]
     Poisoned,
@@ -111,6 +124,8 @@ pub struct Decoder {
     stats: CodecStats,
     poisoned: bool,
     owns: Option<Box<dyn Fn(Pfn) -> bool + Send>>,
+    /// Present when the config allows compression; bounded by one frame body.
+    decompressor: Option<Decompressor>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -124,9 +139,22 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
-    /// A decoder for a guest of `page_count` pages. `config` must equal the encoder's.
+    /// A decoder for a guest of `page_count` pages and frames of the default size. `config`
+    /// must equal the encoder's.
     pub fn new(config: CodecConfig, page_count: u64) -> Result<Self, ConfigError> {
+        Self::with_frame_size(config, page_count, DEFAULT_FRAME_SIZE)
+    }
+
+    /// A decoder for frames of up to `frame_size` bytes on the wire: a compressed body may
+    /// decompress to at most what such a frame holds uncompressed.
+    pub fn with_frame_size(
+        config: CodecConfig,
+        page_count: u64,
+        frame_size: usize,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
+        let decompressor = (config.compression != super::Compression::Off)
+            .then(|| Decompressor::new(frame_size.saturating_sub(HEADER_LEN + TAG_LEN)));
         let cache = config
             .uses_cache()
             .then(|| CacheState::new(config.cache_blocks(), config.delta, config.verify_caches));
@@ -137,6 +165,7 @@ impl Decoder {
             stats: CodecStats::default(),
             poisoned: false,
             owns: None,
+            decompressor,
         })
     }
 
@@ -186,6 +215,50 @@ impl Decoder {
             return Err(DecodeError::Poisoned);
         }
         let result = self.decode_body(body, records, cache_digest, sink);
+        self.poisoned = result.is_err();
+        result
+    }
+
+    /// Like [`decode`](Self::decode), for a body that may be compressed: `compression` is
+    /// what the frame header says (`OpenedFrame::compression`).
+    pub fn decode_compressed(
+        &mut self,
+        body: &[u8],
+        compression: Option<Algorithm>,
+        records: u32,
+        cache_digest: Option<u64>,
+        sink: &mut (impl PageSink + ?Sized),
+    ) -> Result<(), DecodeError> {
+        let Some(algorithm) = compression else {
+            return self.decode(body, records, cache_digest, sink);
+        };
+        if self.poisoned {
+            return Err(DecodeError::Poisoned);
+        }
+        let agreed = self.config.compression;
+        // Taken out for the call, so the records (in its scratch) and `self` can both be
+        // borrowed; moving it allocates nothing.
+        let result = match self.decompressor.take() {
+            Some(mut d) if agreed.accepts(algorithm) => {
+                let r = match d.decompress(algorithm, body) {
+                    Ok(plain) => {
+                        let saved = plain.len().saturating_sub(body.len()) as u64;
+                        self.decode_body(plain, records, cache_digest, sink)
+                            .map(|()| saved)
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                self.decompressor = Some(d);
+                r.map(|saved| {
+                    self.stats.frames_compressed += 1;
+                    self.stats.saved_compress += saved;
+                })
+            }
+            d => {
+                self.decompressor = d;
+                Err(DecodeError::CompressionNotAgreed { algorithm, agreed })
+            }
+        };
         self.poisoned = result.is_err();
         result
     }

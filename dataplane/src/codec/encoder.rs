@@ -1,12 +1,17 @@
 //! The source side of the codec.
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::adaptive::Dial;
 use super::block_cache::{CacheState, Fate, ZERO_SEQ};
+use super::compress::{Compression, Compressor, Level};
 use super::delta;
 use super::fingerprint::{BlockHasher, FingerprintIndex, Xxh3};
 use super::stats::CodecStats;
 use super::wire::{BlockCode, RecordKind, varint_len};
 use super::{CodecConfig, ConfigError};
-use crate::frame::FrameBuf;
+use crate::frame::{DEFAULT_FRAME_SIZE, FrameBuf, HEADER_LEN, TAG_LEN};
 use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, PageBatch, Pfn, is_zero};
 
 /// Encodes one stream's pages into records.
@@ -24,6 +29,10 @@ pub struct Encoder<H: BlockHasher = Xxh3> {
     xor: Box<Page>,
     /// Delta payload scratch, `delta_threshold` bytes.
     delta_out: Box<[u8]>,
+    /// Made at the first frame that is compressed (it is sized to the frame).
+    compressor: Option<Compressor>,
+    /// With `compression = "auto"`: where the controller sets the level.
+    dial: Option<Arc<Dial>>,
 }
 
 /// What CBR made of a page's blocks.
@@ -53,9 +62,20 @@ impl BlockPlan {
 }
 
 impl Encoder<Xxh3> {
-    /// An encoder with the production fingerprint.
+    /// An encoder with the production fingerprint, for frames of the default size.
     pub fn new(config: CodecConfig) -> Result<Self, ConfigError> {
-        Self::with_hasher(config, Xxh3)
+        Self::with_frame_size(config, DEFAULT_FRAME_SIZE)
+    }
+
+    /// An encoder for frames of `frame_size` bytes: with compression on, its scratch is
+    /// made now, so not even the first frame allocates.
+    pub fn with_frame_size(config: CodecConfig, frame_size: usize) -> Result<Self, ConfigError> {
+        let mut e = Self::with_hasher(config, Xxh3)?;
+        if e.config.compression != Compression::Off {
+            let body = frame_size.saturating_sub(HEADER_LEN + TAG_LEN);
+            e.compressor = Some(Compressor::new(body));
+        }
+        Ok(e)
     }
 }
 
@@ -83,8 +103,16 @@ impl<H: BlockHasher> Encoder<H> {
             stats: CodecStats::default(),
             xor: Box::new(Page::zeroed()),
             delta_out: delta_out.into_boxed_slice(),
+            compressor: None,
+            dial: None,
             config,
         })
+    }
+
+    /// With `compression = "auto"`, follow the level `dial` holds and report each compressed
+    /// frame's cost to it. Without a dial, `auto` compresses nothing.
+    pub fn follow_dial(&mut self, dial: Arc<Dial>) {
+        self.dial = Some(dial);
     }
 
     /// The config this encoder runs.
@@ -132,10 +160,39 @@ impl<H: BlockHasher> Encoder<H> {
         }
     }
 
-    /// Stamps what the frame header must carry from the codec (the cache digest). Call it
-    /// once the frame holds its last record, before sealing.
-    pub fn finish_frame(&self, frame: &mut FrameBuf) {
+    /// Stamps what the frame header must carry from the codec (the cache digest) and
+    /// compresses the body when the config asks for it and it shrinks. Call it once the frame
+    /// holds its last record, before sealing.
+    pub fn finish_frame(&mut self, frame: &mut FrameBuf) {
         frame.set_cache_digest(self.cache.as_ref().and_then(CacheState::digest));
+        let level = match self.config.compression {
+            Compression::Auto => self.dial.as_deref().and_then(Dial::level),
+            fixed => fixed.fixed(),
+        };
+        if let Some(level) = level {
+            self.compress(level, frame);
+        }
+    }
+
+    fn compress(&mut self, level: Level, frame: &mut FrameBuf) {
+        if frame.is_empty() || frame.compression().is_some() {
+            return;
+        }
+        let compressor = match &mut self.compressor {
+            Some(c) if c.max_input() >= frame.body_capacity() => c,
+            slot => slot.insert(Compressor::new(frame.body_capacity())),
+        };
+        // The clock is read only to tell the adaptive controller what compression costs;
+        // nothing on the wire depends on it.
+        let started = self.dial.is_some().then(Instant::now);
+        let c = compressor.compress_frame(level, frame);
+        if let (Some(dial), Some(started)) = (&self.dial, started) {
+            dial.record(c, started.elapsed());
+        }
+        if c.after < c.before {
+            self.stats.frames_compressed += 1;
+            self.stats.saved_compress += (c.before - c.after) as u64;
+        }
     }
 
     /// Encodes one staged page into `frame`.

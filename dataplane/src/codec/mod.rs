@@ -15,8 +15,14 @@
 //! FIFO slot of both ends' caches ([`block_cache`]). The decoder replays exactly the same
 //! insertions from the records, so the caches stay identical; an optional running digest in
 //! frame headers proves it.
+//!
+//! Optionally the encoder then compresses each finished frame's body ([`compress`]), with a
+//! fixed algorithm or as an adaptive controller decides ([`adaptive`]); the decoder undoes it
+//! before reading records.
 
+pub mod adaptive;
 pub mod block_cache;
+pub mod compress;
 pub mod decoder;
 pub mod delta;
 pub mod encoder;
@@ -25,6 +31,7 @@ pub mod page_index;
 pub mod stats;
 pub mod wire;
 
+pub use compress::{Algorithm, CompressError, Compression, Level};
 pub use decoder::{DecodeError, Decoder, PageSink};
 pub use encoder::Encoder;
 pub use fingerprint::{BlockHasher, Xxh3};
@@ -68,6 +75,8 @@ pub struct CodecConfig {
     /// Keep a running digest of cache insertions and carry it in every frame header, so a
     /// divergence between the two caches is an error instead of silently wrong memory.
     pub verify_caches: bool,
+    /// Compression of frame bodies; the receiver accepts only the algorithms it allows.
+    pub compression: Compression,
 }
 
 impl Default for CodecConfig {
@@ -79,6 +88,7 @@ impl Default for CodecConfig {
             cache_bytes: DEFAULT_CACHE_BYTES,
             delta_threshold: DEFAULT_DELTA_THRESHOLD,
             verify_caches: true,
+            compression: Compression::Off,
         }
     }
 }

@@ -1,12 +1,12 @@
 //! Per-stream codec counters.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::wire::RecordKind;
 
 /// Counters one encoder or decoder keeps. "Saved" counts payload bytes a full page would have
 /// cost and this record did not; record headers (kind and page number) are in `bytes_out`.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodecStats {
     /// Pages by record kind: zero, full, blocks, delta.
     pub pages: [u64; 4],
@@ -30,6 +30,10 @@ pub struct CodecStats {
     pub cache_evictions: u64,
     /// Deltas abandoned because they grew past the threshold (source only).
     pub delta_overflows: u64,
+    /// Frames whose body travelled compressed.
+    pub frames_compressed: u64,
+    /// Body bytes compression saved (records in minus compressed bytes out).
+    pub saved_compress: u64,
 }
 
 impl CodecStats {
@@ -58,5 +62,7 @@ impl CodecStats {
         self.fingerprint_collisions += o.fingerprint_collisions;
         self.cache_evictions += o.cache_evictions;
         self.delta_overflows += o.delta_overflows;
+        self.frames_compressed += o.frames_compressed;
+        self.saved_compress += o.saved_compress;
     }
 }

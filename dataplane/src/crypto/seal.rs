@@ -10,6 +10,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::aead::{Aead, AeadImpl, default_impl};
 
 use super::keys::StreamKey;
+use crate::codec::compress::{Algorithm, Compression};
 use crate::frame::{
     FLAG_CACHE_DIGEST, FrameBuf, FrameHeader, HEADER_LEN, KNOWN_FLAGS, MAGIC, MAX_FRAME_SIZE,
     PROTOCOL_VERSION, TAG_LEN,
@@ -71,11 +72,11 @@ impl Sealer {
         let header = FrameHeader {
             magic: MAGIC,
             version: PROTOCOL_VERSION.into(),
-            flags: if frame.cache_digest().is_some() {
+            flags: (if frame.cache_digest().is_some() {
                 FLAG_CACHE_DIGEST
             } else {
                 0
-            }
+            } | frame.compression().map_or(0, Algorithm::flag))
             .into(),
             stream: self.stream.into(),
             key_id: self.key_id.into(),
@@ -126,6 +127,16 @@ pub enum OpenError {
     /// flag bits this version does not know
     #[error("frame has unknown flag bits {0:#06x}")]
     UnknownFlags(u16),
+    /// a compression flag for an algorithm the handshake did not agree on (or two of them)
+    #[error(
+        "frame flags {flags:#06x} name a compression this stream did not agree on (compression = {agreed})"
+    )]
+    CompressionNotAgreed {
+        /// The header's flags.
+        flags: u16,
+        /// The setting both ends agreed on.
+        agreed: Compression,
+    },
     /// a body larger than any frame may be
     #[error("frame body of {len} bytes exceeds the {max}-byte limit")]
     TooLong {
@@ -185,7 +196,9 @@ pub struct OpenedFrame<'a> {
     pub records: u32,
     /// The sender's cache digest after this frame, when it sent one.
     pub cache_digest: Option<u64>,
-    /// The decrypted records.
+    /// How the body is compressed, if it is (one the stream agreed on).
+    pub compression: Option<Algorithm>,
+    /// The decrypted body: the records, or their compressed form.
     pub body: &'a [u8],
 }
 
@@ -196,6 +209,7 @@ pub struct Opener {
     key_id: u32,
     next_seq: u64,
     max_frame: usize,
+    compression: Compression,
 }
 
 impl std::fmt::Debug for Opener {
@@ -209,7 +223,7 @@ impl std::fmt::Debug for Opener {
 
 impl Opener {
     /// An opener for the stream `key` belongs to, accepting frames up to `max_frame` bytes,
-    /// with the process's default AES-GCM implementation.
+    /// none of them compressed, with the process's default AES-GCM implementation.
     pub fn new(key: &StreamKey, max_frame: usize) -> Self {
         Self::with_impl(key, max_frame, default_impl())
     }
@@ -222,7 +236,14 @@ impl Opener {
             key_id: key.key_id,
             next_seq: 0,
             max_frame: max_frame.min(MAX_FRAME_SIZE),
+            compression: Compression::Off,
         }
+    }
+
+    /// Accepts compressed frames as the handshake agreed (`codec.compression`); frames with
+    /// another algorithm's flag are refused before their body is read.
+    pub fn allow_compression(&mut self, agreed: Compression) {
+        self.compression = agreed;
     }
 
     /// Sequence number of the next frame expected.
@@ -245,6 +266,7 @@ impl Opener {
             stream: self.stream,
             key_id: self.key_id,
             max_frame: self.max_frame,
+            compression: self.compression,
         }
     }
 
@@ -286,6 +308,8 @@ impl Opener {
             seq,
             records: header.records.get(),
             cache_digest: (flags & FLAG_CACHE_DIGEST != 0).then(|| header.cache_digest.get()),
+            // Checked with the header above.
+            compression: Algorithm::from_flags(flags).unwrap_or(None),
             body,
         })
     }
@@ -297,6 +321,7 @@ pub struct HeaderChecker {
     stream: u32,
     key_id: u32,
     max_frame: usize,
+    compression: Compression,
 }
 
 impl HeaderChecker {
@@ -305,10 +330,21 @@ impl HeaderChecker {
         self.max_frame
     }
 
-    /// Checks magic, version, flags, length bound, stream and key id; returns the frame's
-    /// total wire length.
+    /// Checks magic, version, flags (compression as agreed), length bound, stream and key
+    /// id; returns the frame's total wire length.
     pub fn check(&self, bytes: &[u8]) -> Result<usize, OpenError> {
         let header = parse_header(bytes)?;
+        let flags = header.flags.get();
+        match Algorithm::from_flags(flags) {
+            Ok(None) => {}
+            Ok(Some(a)) if self.compression.accepts(a) => {}
+            _ => {
+                return Err(OpenError::CompressionNotAgreed {
+                    flags,
+                    agreed: self.compression,
+                });
+            }
+        }
         let len = usize::try_from(header.body_len.get()).unwrap_or(usize::MAX);
         let max = self.max_frame - HEADER_LEN - TAG_LEN;
         if len > max {

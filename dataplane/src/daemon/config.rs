@@ -126,6 +126,8 @@ pub struct SourceSection {
     pub delta_threshold: usize,
     /// Carry a running cache digest in frame headers.
     pub verify_caches: bool,
+    /// Frame-body compression: `off`, `lz4`, `zstd1`, `zstd3` or `auto`.
+    pub compression: String,
     /// Pin pipeline threads to cores.
     pub pin_threads: bool,
     /// How long the destination may stay silent.
@@ -144,6 +146,7 @@ impl Default for SourceSection {
             optimizations: "all".into(),
             delta_threshold: DEFAULT_DELTA_THRESHOLD,
             verify_caches: true,
+            compression: "off".into(),
             pin_threads: true,
             timeout: "30s".into(),
         }
@@ -233,6 +236,11 @@ impl DaemonConfig {
             cache_bytes: size("source.cache", &c.source.cache)?,
             delta_threshold: c.source.delta_threshold,
             verify_caches: c.source.verify_caches,
+            compression: c
+                .source
+                .compression
+                .parse()
+                .map_err(|e| key("source.compression", e))?,
             ..CodecConfig::default()
         };
         codec
@@ -348,6 +356,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bbr or cubic"), "{e}");
+        let e = DaemonConfig::parse("[source]\ncompression = \"gzip\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.compression") && e.contains("auto"),
+            "{e}"
+        );
+        let s = DaemonConfig::parse("[source]\ncompression = \"auto\"\n", p).unwrap();
+        assert_eq!(s.codec.compression, crate::codec::Compression::Auto);
         let s = DaemonConfig::parse("", p).unwrap();
         assert_eq!(s.listen, None);
         assert_eq!(

@@ -37,6 +37,9 @@ pub struct StartRequest {
     pub policy: Option<String>,
     /// `all`, `none` or a list.
     pub optimizations: Option<String>,
+    /// `off`, `lz4`, `zstd1`, `zstd3` or `auto`.
+    #[serde(default)]
+    pub compression: Option<String>,
     /// Bytes per second; 0 means unlimited.
     pub max_bandwidth: Option<u64>,
     /// Milliseconds.

@@ -117,6 +117,9 @@ impl Registry {
         if let Some(o) = &r.optimizations {
             codec.set_optimizations(o)?;
         }
+        if let Some(c) = &r.compression {
+            codec.compression = c.parse()?;
+        }
         let policy = match &r.policy {
             Some(p) => p.parse()?,
             None => s.policy,

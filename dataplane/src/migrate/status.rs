@@ -56,6 +56,9 @@ pub struct Saved {
     pub cbr: u64,
     /// By page deltas.
     pub delta: u64,
+    /// By compressing frame bodies (after the three above).
+    #[serde(default)]
+    pub compress: u64,
 }
 
 /// The state of one migration.
@@ -136,6 +139,7 @@ impl MigrationStatus {
             zero: c.saved_zero,
             cbr: c.saved_cbr,
             delta: c.saved_delta,
+            compress: c.saved_compress,
         };
     }
 }

@@ -11,6 +11,7 @@
 //! to a page never reorder. A stage that fails drops its channels, which stops the stages
 //! around it; joining returns the first error.
 
+mod autocompress;
 pub mod sink;
 pub mod source;
 

@@ -148,11 +148,13 @@ impl SinkPipeline {
         for (s, key) in keys.iter().enumerate().take(n) {
             let (in_tx, in_rx) = bounded::<Incoming>(FRAMES_PER_STREAM / 2);
             incoming_txs.push(in_tx);
-            let opener = Opener::new(key, frame_size);
+            let mut opener = Opener::new(key, frame_size);
+            opener.allow_compression(codec.compression);
             checkers.push(opener.header_checker());
-            let mut decoder = Decoder::new(codec.clone(), page_count).map_err(|e| {
-                PipelineError::Guest(crate::guest::GuestError::BadState(e.to_string()))
-            })?;
+            let mut decoder = Decoder::with_frame_size(codec.clone(), page_count, frame_size)
+                .map_err(|e| {
+                    PipelineError::Guest(crate::guest::GuestError::BadState(e.to_string()))
+                })?;
             decoder.restrict_to(move |pfn| stream_of(pfn, n) == s);
             let mut stage = StreamStage {
                 stream: s,
@@ -297,8 +299,9 @@ impl StreamStage {
                         digests: &self.digests,
                         pending: None,
                     };
-                    let r = self.decoder.decode(
+                    let r = self.decoder.decode_compressed(
                         opened.body,
+                        opened.compression,
                         opened.records,
                         opened.cache_digest,
                         &mut sink,

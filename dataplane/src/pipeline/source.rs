@@ -13,12 +13,13 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::{PipelineError, Stopped, join_all, spawn_stage, stream_of};
-use crate::codec::{CodecConfig, CodecStats, Encoder};
+use crate::codec::adaptive::Dial;
+use crate::codec::{CodecConfig, CodecStats, Compression, Encoder};
 use crate::crypto::{Sealer, StreamKey};
 use crate::guest::chunk_digest::{ChunkDigests, ChunkHasher};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::page::{PageBatch, Pfn};
-use crate::transport::{FramePool, Outgoing, TokenBucket, send_frames};
+use crate::transport::{FramePool, Outgoing, SendMeter, TokenBucket, send_frames_metered};
 
 /// Pages per batch handed from the scan thread to an encoder.
 pub const BATCH_PAGES: usize = 64;
@@ -86,6 +87,8 @@ pub struct SourcePipeline {
     streams: usize,
     /// Flush reports received so far for the iteration being waited on.
     partial: (u32, Vec<Option<u64>>),
+    /// Dropping it stops the `auto` compression controller.
+    stop_auto: Option<Sender<()>>,
 }
 
 impl SourcePipeline {
@@ -105,15 +108,23 @@ impl SourcePipeline {
         let (out_tx, out_rx) = bounded::<Outgoing>(n * FRAMES_PER_STREAM / 2);
         let lists = PfnPool::new(4 * n + 4);
         let pages_scanned = Arc::new(AtomicU64::new(0));
+        let auto = settings.codec.compression == Compression::Auto;
+        let dial = Arc::new(Dial::default());
+        let meter = Arc::new(SendMeter::default());
         let mut threads = Vec::new();
         let mut work_txs = Vec::with_capacity(n);
 
         for (s, key) in keys.iter().enumerate().take(n) {
             let (work_tx, work_rx) = bounded::<Work>(4);
             work_txs.push(work_tx);
+            let mut encoder =
+                Encoder::with_frame_size(settings.codec.clone(), settings.frame_size)?;
+            if auto {
+                encoder.follow_dial(dial.clone());
+            }
             let mut stream = StreamStage {
                 stream: s,
-                encoder: Encoder::new(settings.codec.clone())?,
+                encoder,
                 sealer: Sealer::new(key),
                 pool: pool.clone(),
                 out: out_tx.clone(),
@@ -149,13 +160,13 @@ impl SourcePipeline {
                 std::time::Instant::now(),
             )
         });
-        let wire = wire_bytes.clone();
+        let (wire, send_meter) = (wire_bytes.clone(), meter.clone());
         threads.push(spawn_stage(
             "sf-send".into(),
             1,
             settings.pin_threads,
             move || {
-                send_frames(&sockets, &pool, &out_rx, limit, &wire)?;
+                send_frames_metered(&sockets, &pool, &out_rx, limit, &wire, &send_meter)?;
                 // Everything is written: close our side so the destination sees a clean end.
                 for s in &sockets {
                     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -163,6 +174,19 @@ impl SourcePipeline {
                 Ok(())
             },
         ));
+        let stop_auto = auto.then(|| {
+            let (stop, stopped) = bounded::<()>(0);
+            let probes = super::autocompress::Probes {
+                dial,
+                meter,
+                wire: wire_bytes.clone(),
+                scanned: pages_scanned.clone(),
+            };
+            threads.push(spawn_stage("sf-autoz".into(), 0, false, move || {
+                super::autocompress::run(&probes, n, &stopped)
+            }));
+            stop
+        });
         Ok(SourcePipeline {
             scan: Some(scan_tx),
             flushed,
@@ -173,6 +197,7 @@ impl SourcePipeline {
             digests,
             streams: n,
             partial: (0, Vec::new()),
+            stop_auto,
         })
     }
 
@@ -221,6 +246,7 @@ impl SourcePipeline {
     /// every thread. Calling it again does nothing.
     pub fn finish(&mut self) -> Result<(), PipelineError> {
         self.scan = None;
+        self.stop_auto = None;
         join_all(std::mem::take(&mut self.threads)).map(|_| ())
     }
 }

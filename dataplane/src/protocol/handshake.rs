@@ -224,3 +224,32 @@ pub fn check_version(hello: &Hello) -> Result<(), String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Compression;
+
+    #[test]
+    fn the_hello_carries_the_compression_setting() {
+        for compression in [Compression::Off, Compression::Zstd3, Compression::Auto] {
+            let hello = Hello {
+                version: VERSION,
+                migration_id: 7,
+                source_nonce: [3; 32],
+                guest_pages: 1 << 18,
+                streams: 2,
+                codec: CodecConfig {
+                    compression,
+                    ..CodecConfig::default()
+                },
+                frame_size: 65536,
+                backend: "synthetic".into(),
+                guest: "g".into(),
+            };
+            let bytes = postcard::to_allocvec(&hello).unwrap();
+            let back: Hello = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back, hello);
+        }
+    }
+}

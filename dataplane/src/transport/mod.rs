@@ -16,7 +16,7 @@ pub mod socket;
 pub use pool::{FramePool, PoolFrame};
 pub use rate::TokenBucket;
 pub use recv::{Incoming, RecvSummary, receive_frames};
-pub use send::{Outgoing, SendSummary, send_frames};
+pub use send::{Outgoing, SendMeter, SendSummary, send_frames, send_frames_metered};
 pub use socket::{Congestion, SocketOptions};
 
 use crate::crypto::OpenError;

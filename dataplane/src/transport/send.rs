@@ -36,6 +36,21 @@ pub struct SendSummary {
     pub throttled: Duration,
 }
 
+/// Where the send thread's time goes, live (the adaptive compression controller reads it):
+/// waiting for the link, or waiting for frames because the stages before it are slower.
+#[derive(Debug, Default)]
+pub struct SendMeter {
+    /// Nanoseconds spent waiting for the rate limit or for a socket to take bytes.
+    pub link_wait_ns: AtomicU64,
+    /// Nanoseconds spent with no frame to send.
+    pub starved_ns: AtomicU64,
+}
+
+fn add_since(counter: &AtomicU64, since: Instant) {
+    let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(ns, Ordering::Relaxed);
+}
+
 /// How long the ring waits for a completion before looking for new frames again, so a
 /// stream whose socket is full does not hold back the others.
 const POLL: Timespec = Timespec::new().nsec(500_000);
@@ -46,8 +61,20 @@ pub fn send_frames(
     sockets: &[TcpStream],
     pool: &FramePool,
     rx: &Receiver<Outgoing>,
+    limit: Option<TokenBucket>,
+    sent_bytes: &AtomicU64,
+) -> Result<SendSummary, TransportError> {
+    send_frames_metered(sockets, pool, rx, limit, sent_bytes, &SendMeter::default())
+}
+
+/// [`send_frames`], accounting in `meter` where the time goes.
+pub fn send_frames_metered(
+    sockets: &[TcpStream],
+    pool: &FramePool,
+    rx: &Receiver<Outgoing>,
     mut limit: Option<TokenBucket>,
     sent_bytes: &AtomicU64,
+    meter: &SendMeter,
 ) -> Result<SendSummary, TransportError> {
     let _stage = tracing::debug_span!("send_stage", streams = sockets.len()).entered();
     let n = sockets.len();
@@ -69,10 +96,12 @@ pub fn send_frames(
         // Take in new frames: block only when there is nothing else to do.
         if open {
             if busy == 0 && queues.iter().all(VecDeque::is_empty) {
+                let t = Instant::now();
                 match rx.recv() {
                     Ok(o) => queues[o.stream].push_back(o),
                     Err(_) => open = false,
                 }
+                add_since(&meter.starved_ns, t);
             }
             loop {
                 match rx.try_recv() {
@@ -113,12 +142,16 @@ pub fn send_frames(
                 let t = Instant::now();
                 std::thread::sleep(w);
                 summary.throttled += t.elapsed();
+                add_since(&meter.link_wait_ns, t);
             }
             continue;
         }
 
         let args = SubmitArgs::new().timespec(&POLL);
-        match ring.submitter().submit_with_args(1, &args) {
+        let t = Instant::now();
+        let submitted = ring.submitter().submit_with_args(1, &args);
+        add_since(&meter.link_wait_ns, t);
+        match submitted {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}

@@ -62,10 +62,11 @@ pub struct Link<H: BlockHasher> {
 
 impl<H: BlockHasher> Link<H> {
     pub fn new(config: CodecConfig, hasher: H, pages: usize, frame_size: usize) -> Self {
-        let (sealer, opener) = sealer_opener(7, 7, frame_size);
+        let (sealer, mut opener) = sealer_opener(7, 7, frame_size);
+        opener.allow_compression(config.compression);
         Link {
             enc: Encoder::with_hasher(config.clone(), hasher).unwrap(),
-            dec: Decoder::new(config, pages as u64).unwrap(),
+            dec: Decoder::with_frame_size(config, pages as u64, frame_size).unwrap(),
             sealer,
             opener,
             frame: FrameBuf::new(frame_size),
@@ -93,8 +94,9 @@ impl<H: BlockHasher> Link<H> {
             *frames += 1;
             *wire_bytes += wire.len() as u64;
             let opened = opener.open(&mut wire).expect("open");
-            dec.decode(
+            dec.decode_compressed(
                 opened.body,
+                opened.compression,
                 opened.records,
                 opened.cache_digest,
                 dest.as_mut_slice(),
