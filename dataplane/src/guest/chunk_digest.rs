@@ -90,7 +90,18 @@ pub struct ChunkHasher {
     state: Box<Xxh3>,
     /// The chunk being hashed and the page expected next, while the run is unbroken.
     current: Option<(usize, Pfn)>,
+    /// Zero pages seen since the last non-zero one and not yet fed to `state`: a chunk of
+    /// zero pages (common) is never hashed, its digest is known.
+    zeros: u64,
 }
+
+/// The digest of a whole chunk of zeros.
+fn zero_chunk_digest() -> u64 {
+    static DIGEST: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *DIGEST.get_or_init(|| xxhash_rust::xxh3::xxh3_64(&[0u8; DIGEST_CHUNK]))
+}
+
+static ZERO_PAGE: Page = Page([0; PAGE_SIZE]);
 
 impl std::fmt::Debug for ChunkHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +116,7 @@ impl Default for ChunkHasher {
         ChunkHasher {
             state: Box::new(Xxh3::new()),
             current: None,
+            zeros: 0,
         }
     }
 }
@@ -121,6 +133,7 @@ impl ChunkHasher {
         if pfn.is_multiple_of(PAGES_PER_CHUNK) {
             self.state.reset();
             self.current = Some((chunk, pfn));
+            self.zeros = 0;
         }
         match self.current {
             Some((c, next)) if c == chunk && next == pfn => {}
@@ -129,13 +142,32 @@ impl ChunkHasher {
                 return;
             }
         }
-        self.state.update(&page.0);
+        if page.is_zero() {
+            self.zeros += 1;
+        } else {
+            self.feed_zeros();
+            self.state.update(&page.0);
+        }
         let next = pfn + 1;
         if next.is_multiple_of(PAGES_PER_CHUNK) || next == digests.pages {
-            digests.store(chunk, self.state.digest());
+            let digest = if self.zeros == PAGES_PER_CHUNK {
+                zero_chunk_digest()
+            } else {
+                self.feed_zeros();
+                self.state.digest()
+            };
+            digests.store(chunk, digest);
             self.current = None;
         } else {
             self.current = Some((chunk, next));
+        }
+    }
+}
+
+impl ChunkHasher {
+    fn feed_zeros(&mut self) {
+        for _ in 0..std::mem::take(&mut self.zeros) {
+            self.state.update(&ZERO_PAGE.0);
         }
     }
 }
@@ -185,6 +217,34 @@ mod tests {
         digests.invalidate_dirty(&dirty);
         assert!(digests.known(2).is_none());
         assert!(digests.known(3).is_some());
+    }
+
+    #[test]
+    fn zero_runs_hash_like_any_content() {
+        // Chunks all zero, zero then data, data then zero, and a short last chunk of zeros.
+        let pages = 3 * PAGES_PER_CHUNK + 3;
+        let mut mem = vec![0u8; usize::try_from(pages).unwrap() * PAGE_SIZE];
+        let digests = ChunkDigests::new(pages);
+        let mut h = ChunkHasher::default();
+        for pfn in 0..pages {
+            let p = if (PAGES_PER_CHUNK + 200..2 * PAGES_PER_CHUNK + 10).contains(&pfn) {
+                page(pfn, 1)
+            } else {
+                Page::zeroed()
+            };
+            let at = usize::try_from(pfn).unwrap() * PAGE_SIZE;
+            mem[at..at + PAGE_SIZE].copy_from_slice(&p.0);
+            h.feed(&digests, pfn, &p, true);
+        }
+        assert_eq!(digests.valid_chunks(), 4);
+        for c in 0..4 {
+            let bytes = &mem[c * DIGEST_CHUNK..((c + 1) * DIGEST_CHUNK).min(mem.len())];
+            assert_eq!(
+                digests.known(c),
+                Some(xxhash_rust::xxh3::xxh3_64(bytes)),
+                "chunk {c}"
+            );
+        }
     }
 
     #[test]
