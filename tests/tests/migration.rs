@@ -148,7 +148,7 @@ fn abort_in_a_later_iteration() {
             "--policy",
             "xen-default",
             "--max-bandwidth",
-            "40MB/s",
+            "20MB/s",
         ],
         "abort3",
     );

@@ -276,6 +276,55 @@ fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
 
 /// Follows the source's control messages to the end.
 #[allow(clippy::too_many_arguments)]
+/// Waits until every stream has decoded `frames[s]` frames, watching the control channel
+/// and the local abort flag meanwhile: an Abort from the source (whose data streams then
+/// stop short) is seen at once, not after the data timeout.
+/// Other messages that arrive meanwhile (the source may run ahead) go to `later`, in order.
+fn wait_frames(
+    pipeline: &SinkPipeline,
+    rx: &mut ControlRx,
+    later: &mut std::collections::VecDeque<ToDest>,
+    abort: &AtomicBool,
+    frames: &[u64],
+    timeout: Duration,
+) -> Result<(), MigrateError> {
+    const SLICE: Duration = Duration::from_millis(100);
+    let progress = &pipeline.progress;
+    let (mut last, mut moved) = (progress.decoded(), Instant::now());
+    loop {
+        match progress.wait_for(frames, SLICE) {
+            Ok(()) => return Ok(()),
+            Err(why) if progress.failure().is_some() => return Err(MigrateError::Peer(why)),
+            Err(_) => {}
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Err(MigrateError::Aborted);
+        }
+        // The control channel's read timeout is short (set by `follow`): this polls it.
+        match rx.recv::<ToDest>() {
+            Ok(ToDest::Abort { reason, operator }) => {
+                return Err(if operator {
+                    MigrateError::Aborted
+                } else {
+                    MigrateError::Peer(format!("source failed: {reason}"))
+                });
+            }
+            Ok(other) => later.push_back(other),
+            Err(e) if e.is_timeout() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let now = progress.decoded();
+        if now != last {
+            (last, moved) = (now, Instant::now());
+        } else if moved.elapsed() > timeout {
+            return Err(MigrateError::Peer(format!(
+                "no frame arrived for {} s (decoded {now:?}, expected {frames:?})",
+                timeout.as_secs()
+            )));
+        }
+    }
+}
+
 fn follow(
     tx: &mut ControlTx,
     rx: &mut ControlRx,
@@ -292,11 +341,13 @@ fn follow(
     let mut ready = false;
     // After Final: (iteration, our digest, state) until the source's digest arrives.
     let mut final_state = None;
+    // Messages read while waiting for frames, handled in order before reading more.
+    let mut later = std::collections::VecDeque::new();
     loop {
         if abort.load(Ordering::Relaxed) {
             return Err(MigrateError::Aborted);
         }
-        let msg = match rx.recv::<ToDest>() {
+        let msg = match later.pop_front().map_or_else(|| rx.recv::<ToDest>(), Ok) {
             Ok(m) => m,
             Err(e) if e.is_timeout() => {
                 // Data arriving is life too: iteration 1 of a large guest sends no control
@@ -320,10 +371,7 @@ fn follow(
         let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
         match msg {
             ToDest::IterationEnd { iteration, frames } => {
-                pipeline
-                    .progress
-                    .wait_for(&frames, timeout)
-                    .map_err(MigrateError::Peer)?;
+                wait_frames(pipeline, rx, &mut later, abort, &frames, timeout)?;
                 tx.send(&ToSource::IterationAck { iteration })?;
                 let mut st = status.lock().expect("status lock");
                 st.iteration = iteration;
@@ -337,10 +385,7 @@ fn follow(
             } => {
                 status.lock().expect("status lock").phase = Phase::Verifying;
                 let t = Instant::now();
-                pipeline
-                    .progress
-                    .wait_for(&frames, timeout)
-                    .map_err(MigrateError::Peer)?;
+                wait_frames(pipeline, rx, &mut later, abort, &frames, timeout)?;
                 tracing::info!(ms = t.elapsed().as_millis(), "final frames decoded");
                 // The source closed the data streams after the last frame: the pipeline ends
                 // and releases guest memory before it is hashed.

@@ -53,6 +53,11 @@ impl SinkProgress {
         self.changed.notify_all();
     }
 
+    /// Why the pipeline failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().expect("progress lock").clone()
+    }
+
     /// Frames decoded on each stream.
     pub fn decoded(&self) -> Vec<u64> {
         self.decoded
