@@ -274,7 +274,6 @@ fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// Follows the source's control messages to the end.
 /// Waits until every stream has decoded `frames[s]` frames, watching the control channel
 /// and the local abort flag meanwhile: an Abort from the source (whose data streams then
 /// stop short) is seen at once, not after the data timeout.
@@ -324,6 +323,7 @@ fn wait_frames(
     }
 }
 
+/// Follows the source's control messages to the end.
 #[allow(clippy::too_many_arguments)]
 fn follow(
     tx: &mut ControlTx,
