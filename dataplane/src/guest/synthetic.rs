@@ -1281,7 +1281,14 @@ mod tests {
         g.start_dirty_log().unwrap();
         let hot = g.layout().tiers()[0].clone();
         for _ in 0..3 {
-            std::thread::sleep(Duration::from_millis(60));
+            // Wait for writes rather than time: on a loaded machine the writer may not run
+            // for a while, and a sweep is what the claim is about (20 writes per hot page
+            // cover one whatever the tiers' shares).
+            let w0 = g.writes();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while g.writes() - w0 < 20 * hot.len() as u64 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let mut dirty = DirtyBitmap::new(g.page_count());
             g.collect_dirty(&mut dirty).unwrap();
             let clean = hot.iter().filter(|&&p| !dirty.get(p)).count();
