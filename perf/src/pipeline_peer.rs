@@ -15,6 +15,7 @@ use dataplane::codec::CodecConfig;
 use dataplane::crypto::{Direction, Opener, PreSharedKey, Sealer};
 use dataplane::frame::{FrameBuf, HEADER_LEN};
 use dataplane::guest::image::ImageGuest;
+use dataplane::guest::shm::SharedMemory;
 use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
 use dataplane::guest::workload::Workload;
 use dataplane::guest::{DestGuest, SourceGuest};
@@ -84,6 +85,12 @@ pub struct PeerArgs {
     /// Port of the listening end (source and reference sender).
     #[arg(long)]
     pub port: Option<u16>,
+    /// No running cache digest in frame headers (source).
+    #[arg(long)]
+    pub no_verify_caches: bool,
+    /// AES-256-GCM implementation.
+    #[arg(long, default_value = "aws-lc-rs")]
+    pub cipher: dataplane::crypto::AeadImpl,
 }
 
 /// What a migration source measured.
@@ -134,6 +141,7 @@ fn listen() -> TcpListener {
 }
 
 pub fn run(args: &PeerArgs) -> Result<(), String> {
+    dataplane::crypto::set_default_impl(args.cipher);
     match args.role {
         PeerRole::Source => source(args),
         PeerRole::Dest => dest(args),
@@ -187,16 +195,17 @@ fn source(args: &PeerArgs) -> Result<(), String> {
                 speed: 0.0, // static memory: the pipeline's speed, not the guest's
                 writers: 1,
             };
-            Arc::new(
-                SyntheticGuest::with_options(args.pages, w, args.seed, opts)
-                    .map_err(|e| e.to_string())?,
-            )
+            let g = SyntheticGuest::with_options(args.pages, w, args.seed, opts)
+                .map_err(|e| e.to_string())?;
+            g.preallocate().map_err(|e| e.to_string())?;
+            Arc::new(g)
         }
         _ => return Err("give exactly one of --mix and --workload".into()),
     };
     let port = args.port.ok_or("--port is required")?;
     let mut codec = CodecConfig::default();
     codec.set_optimizations("all")?;
+    codec.verify_caches = !args.no_verify_caches;
     let opts = SourceOptions {
         peer: SocketAddr::from(([127, 0, 0, 1], port)),
         psk: psk(),
@@ -278,49 +287,69 @@ fn ref_keys(stream: u32) -> dataplane::crypto::StreamKey {
     .stream_key(stream, Direction::SourceToDest)
 }
 
-/// Bytes each reference stream carries: the guest's bytes split evenly.
-fn per_stream(args: &PeerArgs) -> u64 {
-    args.pages * PAGE_SIZE as u64 / u64::from(args.streams)
+/// The guest's bytes for the reference, resident, built before the clock starts.
+fn reference_memory(args: &PeerArgs, fill: bool) -> Result<SharedMemory, String> {
+    let len = usize::try_from(args.pages).map_err(|e| e.to_string())? * PAGE_SIZE;
+    let mut mem =
+        SharedMemory::new("skyferry-bench-reference", len, false).map_err(|e| e.to_string())?;
+    if fill {
+        for (pfn, page) in (0..).zip(mem.as_mut_slice().chunks_exact_mut(PAGE_SIZE)) {
+            fill_mix(MixName::Unique, args.seed, pfn, page);
+        }
+    }
+    mem.populate().map_err(|e| e.to_string())?;
+    Ok(mem)
+}
+
+/// Each stream's share of the guest's bytes: contiguous, the remainder on the last.
+fn shares(len: usize, streams: usize) -> Vec<std::ops::Range<usize>> {
+    let per = len / streams;
+    (0..streams)
+        .map(|s| s * per..if s + 1 == streams { len } else { (s + 1) * per })
+        .collect()
 }
 
 fn ref_send(args: &PeerArgs) -> Result<(), String> {
     let port = args.port.ok_or("--port is required")?;
+    let mem = reference_memory(args, true)?;
     let socket = SocketOptions::default();
+    let n = usize::try_from(args.streams).map_err(|e| e.to_string())?;
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
-    let threads: Vec<_> = (0..args.streams)
-        .map(|s| {
-            let (frame_size, total, seed) = (args.frame_size, per_stream(args), args.seed);
-            let socket = socket.clone();
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut conn =
-                    TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-                socket.apply(&conn).map_err(|e| e.to_string())?;
-                // Connections may be accepted in any order: say which stream this is.
-                conn.write_all(&s.to_le_bytes())
-                    .map_err(|e| e.to_string())?;
-                let mut sealer = Sealer::new(&ref_keys(s));
-                let mut frame = FrameBuf::new(frame_size);
-                let mut body = vec![0u8; frame.body_capacity()];
-                Rng(seed + u64::from(s)).fill(&mut body);
-                frame.append_raw_records(&body, 1);
-                let mut sent = 0u64;
-                while sent < total {
-                    // Sealing encrypts in place; sealing the ciphertext again costs the same.
-                    let wire = sealer.seal(&mut frame);
-                    conn.write_all(wire).map_err(|e| e.to_string())?;
-                    sent += frame.body_len() as u64;
-                }
-                conn.shutdown(std::net::Shutdown::Write)
-                    .map_err(|e| e.to_string())?;
-                Ok(sent)
+    let bytes = std::thread::scope(|scope| -> Result<u64, String> {
+        let threads: Vec<_> = (0u32..)
+            .zip(shares(mem.len(), n))
+            .map(|(s, range)| {
+                let (share, socket) = (&mem.as_slice()[range], socket.clone());
+                let frame_size = args.frame_size;
+                scope.spawn(move || -> Result<u64, String> {
+                    let mut conn =
+                        TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+                    socket.apply(&conn).map_err(|e| e.to_string())?;
+                    // Connections may be accepted in any order: say which stream this is.
+                    conn.write_all(&s.to_le_bytes())
+                        .map_err(|e| e.to_string())?;
+                    let mut sealer = Sealer::new(&ref_keys(s));
+                    let mut frame = FrameBuf::new(frame_size);
+                    // Read from memory, seal, send: what any encrypted transfer must do.
+                    for body in share.chunks(frame.body_capacity()) {
+                        frame.clear();
+                        frame.append_raw_records(body, 1);
+                        conn.write_all(sealer.seal(&mut frame))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    conn.shutdown(std::net::Shutdown::Write)
+                        .map_err(|e| e.to_string())?;
+                    Ok(share.len() as u64)
+                })
             })
-        })
-        .collect();
-    let mut bytes = 0;
-    for t in threads {
-        bytes += t.join().map_err(|_| "sender thread panicked")??;
-    }
+            .collect();
+        let mut bytes = 0;
+        for t in threads {
+            bytes += t.join().map_err(|_| "sender thread panicked")??;
+        }
+        Ok(bytes)
+    })?;
     emit(&RefReport {
         elapsed_s: t0.elapsed().as_secs_f64(),
         cpu_s: cpu_seconds() - cpu0,
@@ -330,51 +359,70 @@ fn ref_send(args: &PeerArgs) -> Result<(), String> {
 }
 
 fn ref_recv(args: &PeerArgs) -> Result<(), String> {
+    let mut mem = reference_memory(args, false)?;
     let listener = listen();
     let socket = SocketOptions::default();
-    let mut conns = Vec::new();
+    let n = usize::try_from(args.streams).map_err(|e| e.to_string())?;
+    let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut t0 = None;
-    for _ in 0..args.streams {
-        let (c, _) = listener.accept().map_err(|e| e.to_string())?;
+    for _ in 0..n {
+        let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
         t0.get_or_insert_with(Instant::now);
         socket.apply(&c).map_err(|e| e.to_string())?;
-        conns.push(c);
+        let mut id = [0u8; 4];
+        c.read_exact(&mut id).map_err(|e| e.to_string())?;
+        let s = usize::try_from(u32::from_le_bytes(id)).map_err(|e| e.to_string())?;
+        *conns.get_mut(s).ok_or("stream id out of range")? = Some(c);
     }
     let (t0, cpu0) = (t0.expect("at least one stream"), cpu_seconds());
-    let threads: Vec<_> = conns
-        .into_iter()
-        .map(|mut conn| {
-            let frame_size = args.frame_size;
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut id = [0u8; 4];
-                conn.read_exact(&mut id).map_err(|e| e.to_string())?;
-                let s = u32::from_le_bytes(id);
-                let mut opener = Opener::new(&ref_keys(s), frame_size);
-                let mut buf = vec![0u8; frame_size];
-                let mut bytes = 0u64;
-                loop {
-                    match conn.read_exact(&mut buf[..HEADER_LEN]) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                        Err(e) => return Err(e.to_string()),
-                    }
-                    let len = opener.check_header(&buf).map_err(|e| e.to_string())?;
-                    conn.read_exact(&mut buf[HEADER_LEN..len])
-                        .map_err(|e| e.to_string())?;
-                    bytes += opener
-                        .open(&mut buf[..len])
-                        .map_err(|e| e.to_string())?
-                        .body
-                        .len() as u64;
-                }
-                Ok(bytes)
-            })
-        })
-        .collect();
-    let mut bytes = 0;
-    for t in threads {
-        bytes += t.join().map_err(|_| "receiver thread panicked")??;
+    let len = mem.len();
+    let mut regions: Vec<&mut [u8]> = Vec::with_capacity(n);
+    let mut rest = mem.as_mut_slice();
+    for r in shares(len, n) {
+        let (head, tail) = rest.split_at_mut(r.len());
+        regions.push(head);
+        rest = tail;
     }
+    let bytes = std::thread::scope(|scope| -> Result<u64, String> {
+        let threads: Vec<_> = (0u32..)
+            .zip(conns.into_iter().zip(regions))
+            .map(|(s, (conn, region))| {
+                let frame_size = args.frame_size;
+                scope.spawn(move || -> Result<u64, String> {
+                    let mut conn = conn.ok_or("a stream never connected")?;
+                    let mut opener = Opener::new(&ref_keys(s), frame_size);
+                    let mut buf = vec![0u8; frame_size];
+                    let mut at = 0;
+                    loop {
+                        match conn.read_exact(&mut buf[..HEADER_LEN]) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                            Err(e) => return Err(e.to_string()),
+                        }
+                        let len = opener.check_header(&buf).map_err(|e| e.to_string())?;
+                        conn.read_exact(&mut buf[HEADER_LEN..len])
+                            .map_err(|e| e.to_string())?;
+                        let body = opener
+                            .open(&mut buf[..len])
+                            .map_err(|e| e.to_string())?
+                            .body;
+                        // Into destination memory: the transfer's other end.
+                        let dst = region
+                            .get_mut(at..at + body.len())
+                            .ok_or("more bytes than the guest holds")?;
+                        dst.copy_from_slice(body);
+                        at += body.len();
+                    }
+                    Ok(at as u64)
+                })
+            })
+            .collect();
+        let mut bytes = 0;
+        for t in threads {
+            bytes += t.join().map_err(|_| "receiver thread panicked")??;
+        }
+        Ok(bytes)
+    })?;
     emit(&RefReport {
         elapsed_s: t0.elapsed().as_secs_f64(),
         cpu_s: cpu_seconds() - cpu0,

@@ -5,9 +5,9 @@
 //! never repeats under a key. The opener accepts exactly the next sequence number: replayed,
 //! dropped and reordered frames are all refused, each with its own error.
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Tag};
 use zerocopy::{FromBytes, IntoBytes};
+
+use super::aead::{Aead, AeadImpl, default_impl};
 
 use super::keys::StreamKey;
 use crate::codec::compress::{Algorithm, Compression};
@@ -16,16 +16,16 @@ use crate::frame::{
     PROTOCOL_VERSION, TAG_LEN,
 };
 
-fn nonce(seq: u64, stream: u32) -> aes_gcm::Nonce<aes_gcm::aead::consts::U12> {
+fn nonce(seq: u64, stream: u32) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..8].copy_from_slice(&seq.to_le_bytes());
     n[8..].copy_from_slice(&stream.to_le_bytes());
-    n.into()
+    n
 }
 
 /// Seals one stream's frames.
 pub struct Sealer {
-    cipher: Aes256Gcm,
+    cipher: Aead,
     stream: u32,
     key_id: u32,
     next_seq: u64,
@@ -41,10 +41,16 @@ impl std::fmt::Debug for Sealer {
 }
 
 impl Sealer {
-    /// A sealer for the stream `key` belongs to, starting at sequence number 0.
+    /// A sealer for the stream `key` belongs to, starting at sequence number 0, with the
+    /// process's default AES-GCM implementation.
     pub fn new(key: &StreamKey) -> Self {
+        Self::with_impl(key, default_impl())
+    }
+
+    /// A sealer using implementation `imp`.
+    pub fn with_impl(key: &StreamKey, imp: AeadImpl) -> Self {
         Sealer {
-            cipher: Aes256Gcm::new(&(*key.key).into()),
+            cipher: Aead::new(imp, &key.key),
             stream: key.stream,
             key_id: key.key_id,
             next_seq: 0,
@@ -85,10 +91,7 @@ impl Sealer {
         let (head, rest) = raw.split_at_mut(HEADER_LEN);
         head.copy_from_slice(header.as_bytes());
         let (body, rest) = rest.split_at_mut(body_len);
-        let tag = self
-            .cipher
-            .encrypt_inout_detached(&nonce(seq, self.stream), head, body.into())
-            .expect("frame body is far below GCM's length limit");
+        let tag = self.cipher.seal(nonce(seq, self.stream), head, body);
         rest[..TAG_LEN].copy_from_slice(&tag);
         frame.raw(HEADER_LEN + body_len + TAG_LEN)
     }
@@ -201,7 +204,7 @@ pub struct OpenedFrame<'a> {
 
 /// Opens one stream's frames, in order.
 pub struct Opener {
-    cipher: Aes256Gcm,
+    cipher: Aead,
     stream: u32,
     key_id: u32,
     next_seq: u64,
@@ -220,10 +223,15 @@ impl std::fmt::Debug for Opener {
 
 impl Opener {
     /// An opener for the stream `key` belongs to, accepting frames up to `max_frame` bytes,
-    /// none of them compressed.
+    /// none of them compressed, with the process's default AES-GCM implementation.
     pub fn new(key: &StreamKey, max_frame: usize) -> Self {
+        Self::with_impl(key, max_frame, default_impl())
+    }
+
+    /// An opener using implementation `imp`.
+    pub fn with_impl(key: &StreamKey, max_frame: usize, imp: AeadImpl) -> Self {
         Opener {
-            cipher: Aes256Gcm::new(&(*key.key).into()),
+            cipher: Aead::new(imp, &key.key),
             stream: key.stream,
             key_id: key.key_id,
             next_seq: 0,
@@ -280,9 +288,9 @@ impl Opener {
         let header = FrameHeader::read_from_bytes(head).expect("header length checked");
         let seq = header.seq.get();
         let (body, tag) = rest.split_at_mut(need - HEADER_LEN - TAG_LEN);
-        let tag = Tag::try_from(&*tag).expect("tag length checked");
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("tag length checked");
         self.cipher
-            .decrypt_inout_detached(&nonce(seq, self.stream), head, body.into(), &tag)
+            .open(nonce(seq, self.stream), head, body, tag)
             .map_err(|_| OpenError::Tampered { seq })?;
         // Authentic, so the sequence number is the sender's own: check it only now, so a
         // forged number cannot knock the stream out of step.

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::shm::SharedMemory;
-use super::{DirtyBitmap, GuestError, SourceGuest, memory_digest};
+use super::{DirtyBitmap, GuestError, SourceGuest, memory_digest, memory_digest_known};
 use crate::page::{PAGE_SIZE, PageBatch, Pfn};
 
 /// A source guest over a memory image built once and never written again.
@@ -36,6 +36,8 @@ impl ImageGuest {
         for (pfn, page) in (0..).zip(mem.as_mut_slice().chunks_exact_mut(PAGE_SIZE)) {
             fill(pfn, page);
         }
+        // Zero pages too are memory the guest has: reading them must not allocate them.
+        mem.populate()?;
         Ok(ImageGuest {
             mem,
             pages,
@@ -105,6 +107,13 @@ impl SourceGuest for ImageGuest {
 
     fn memory_digest(&self) -> Result<u64, GuestError> {
         Ok(memory_digest(self.mem.as_slice()))
+    }
+
+    fn memory_digest_with(
+        &self,
+        known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    ) -> Result<u64, GuestError> {
+        Ok(memory_digest_known(self.mem.as_slice(), known))
     }
 
     fn hand_over(&self) -> Result<(), GuestError> {

@@ -6,9 +6,11 @@
 //! side ([`DestGuest`]) offers per-stream writers into guest memory, the state blob, and
 //! starting the guest once the migration commits.
 
+pub mod chunk_digest;
 pub mod dirty;
 pub mod image;
 pub mod shm;
+
 pub mod synthetic;
 pub mod workload;
 
@@ -22,10 +24,41 @@ pub const DIGEST_CHUNK: usize = 1 << 20;
 /// The canonical digest of guest memory, the same at both ends: XXH3-64 of the sequence of
 /// XXH3-64 digests of each 1 MiB chunk (chunked so backends may hash chunks in parallel or
 /// as they arrive, and combine them in order).
+///
+/// It runs while the guest is paused, so it hashes on every core: chunks are split into one
+/// contiguous share per thread and combined in order.
 pub fn memory_digest(mem: &[u8]) -> u64 {
+    memory_digest_known(mem, &|_| None)
+}
+
+/// [`memory_digest`], taking chunk `c`'s hash from `known(c)` where it says it knows it (a
+/// [`chunk_digest::ChunkDigests`] kept while pages streamed) and hashing only the rest.
+pub fn memory_digest_known(mem: &[u8], known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
+    let chunks = mem.len().div_ceil(DIGEST_CHUNK).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(chunks.div_ceil(64)) // below 64 MiB a thread costs more than it saves
+        .max(1);
+    let per_thread = chunks.div_ceil(threads) * DIGEST_CHUNK;
+    let mut digests = vec![0u64; chunks];
+    std::thread::scope(|s| {
+        let per_share = per_thread / DIGEST_CHUNK;
+        for (i, (share, out)) in mem
+            .chunks(per_thread)
+            .zip(digests.chunks_mut(per_share))
+            .enumerate()
+        {
+            s.spawn(move || {
+                for (j, (chunk, d)) in share.chunks(DIGEST_CHUNK).zip(out).enumerate() {
+                    *d = known(i * per_share + j)
+                        .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(chunk));
+                }
+            });
+        }
+    });
     let mut all = xxhash_rust::xxh3::Xxh3::new();
-    for chunk in mem.chunks(DIGEST_CHUNK) {
-        all.update(&xxhash_rust::xxh3::xxh3_64(chunk).to_le_bytes());
+    for d in digests {
+        all.update(&d.to_le_bytes());
     }
     all.digest()
 }
@@ -102,6 +135,17 @@ pub trait SourceGuest: Send + Sync {
     /// the same value once it holds everything.
     fn memory_digest(&self) -> Result<u64, GuestError>;
 
+    /// [`memory_digest`], reusing the chunk hashes `known` vouches for (see
+    /// [`memory_digest_known`]). Backends that can read a chunk directly override it; the
+    /// default hashes everything.
+    fn memory_digest_with(
+        &self,
+        known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    ) -> Result<u64, GuestError> {
+        let _ = known;
+        self.memory_digest()
+    }
+
     /// Stops dirty logging and releases the guest for good: the migration committed and the
     /// guest now runs at the destination. The source must never resume it after this.
     fn hand_over(&self) -> Result<(), GuestError>;
@@ -131,6 +175,35 @@ pub trait DestGuest: Send + Sync {
     /// [`memory_digest`] of all guest memory (the end-to-end check against the source's).
     fn memory_digest(&self) -> u64;
 
+    /// [`memory_digest`], reusing the chunk hashes `known` vouches for; the default hashes
+    /// everything.
+    fn memory_digest_with(&self, known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
+        let _ = known;
+        self.memory_digest()
+    }
+
     /// Starts the guest: the migration committed.
     fn start(&self) -> Result<(), GuestError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_the_hash_of_chunk_hashes_whatever_the_threads() {
+        let mem: Vec<u8> = (0..(200 * DIGEST_CHUNK + 4096))
+            .map(|i| u8::try_from(i * 31 % 251).expect("below 251"))
+            .collect();
+        let mut all = xxhash_rust::xxh3::Xxh3::new();
+        for chunk in mem.chunks(DIGEST_CHUNK) {
+            all.update(&xxhash_rust::xxh3::xxh3_64(chunk).to_le_bytes());
+        }
+        assert_eq!(memory_digest(&mem), all.digest());
+        assert_eq!(memory_digest(&mem[..4096]), {
+            let mut one = xxhash_rust::xxh3::Xxh3::new();
+            one.update(&xxhash_rust::xxh3::xxh3_64(&mem[..4096]).to_le_bytes());
+            one.digest()
+        });
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Advice, MmapMut, MmapOptions};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use super::GuestError;
@@ -45,6 +45,17 @@ impl SharedMemory {
         let map =
             unsafe { opts.map_mut(&file) }.map_err(|e| err("map guest memory", e.to_string()))?;
         Ok(SharedMemory { map })
+    }
+
+    /// Faults every page in now (as a running guest's memory is), keeping content.
+    pub fn populate(&self) -> Result<(), GuestError> {
+        self.map
+            .advise(Advice::PopulateWrite)
+            .map_err(|e| GuestError::Backend {
+                backend: "memory",
+                op: "populate guest memory",
+                message: e.to_string(),
+            })
     }
 
     /// Length in bytes.

@@ -31,7 +31,9 @@ use super::shm::SharedMemory;
 use super::workload::{
     Layout, Modulation, PageAccess, Rng, SALT_PHASE, Workload, WriterCore, WriterState, mix64,
 };
-use super::{DestGuest, DirtyBitmap, GuestError, PageWriter, SourceGuest, memory_digest};
+use super::{
+    DestGuest, DirtyBitmap, GuestError, PageWriter, SourceGuest, memory_digest, memory_digest_known,
+};
 use crate::codec::PageSink;
 use crate::page::{PAGE_SIZE, Page, PageBatch, Pfn};
 
@@ -73,9 +75,9 @@ fn index_of(pfn: Pfn) -> usize {
 
 /// A shared-memory mapping of `pages` pages, accessed only through `base`.
 struct GuestMemory {
-    /// Owns the mapping (unmapped on drop); not touched otherwise, so no reference to guest
-    /// memory is ever formed through it.
-    _map: SharedMemory,
+    /// Owns the mapping (unmapped on drop); used only to populate it, so no reference to
+    /// guest memory is ever formed through it.
+    map: SharedMemory,
     /// Start of the mapping (page-aligned), taken once at creation.
     base: *mut u8,
     len: usize,
@@ -110,7 +112,7 @@ impl GuestMemory {
         let mut map = SharedMemory::new("skyferry-synthetic-guest", len, populate)?;
         let base = map.as_mut_ptr();
         Ok(GuestMemory {
-            _map: map,
+            map,
             base,
             len,
             pages,
@@ -720,6 +722,13 @@ impl SyntheticGuest {
         Ok(SyntheticGuest { engine, options })
     }
 
+    /// Faults in every page the model left untouched (zero pages cost no memory until
+    /// then), as a real guest's memory is resident: benchmarks call it so that reading a
+    /// zero page costs what it costs on a hypervisor, not a page allocation.
+    pub fn preallocate(&self) -> Result<(), GuestError> {
+        self.engine.shared.mem.map.populate()
+    }
+
     /// The workload model.
     pub fn workload(&self) -> Workload {
         self.engine.shared.layout.workload()
@@ -827,6 +836,13 @@ impl SourceGuest for SyntheticGuest {
 
     fn memory_digest(&self) -> Result<u64, GuestError> {
         self.with_memory(memory_digest)
+    }
+
+    fn memory_digest_with(
+        &self,
+        known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    ) -> Result<u64, GuestError> {
+        self.with_memory(|m| memory_digest_known(m, known))
     }
 
     fn hand_over(&self) -> Result<(), GuestError> {
@@ -967,6 +983,15 @@ impl PageSink for TargetWriter {
         // the digest waits until every page writer is dropped.
         unsafe { &mut *mem.base.add(offset).cast::<Page>() }
     }
+
+    fn zero_page(&mut self, pfn: Pfn) {
+        // A fresh destination is all zeros: reading is cheaper than writing, and leaves the
+        // cache lines clean.
+        let page = self.page_mut(pfn);
+        if !page.is_zero() {
+            page.0.fill(0);
+        }
+    }
 }
 
 impl PageWriter for TargetWriter {}
@@ -1030,6 +1055,10 @@ impl DestGuest for SyntheticTarget {
     /// Waits (up to 10 s, then panics) until every page writer has been dropped; briefly
     /// pauses the guest if it runs.
     fn memory_digest(&self) -> u64 {
+        self.memory_digest_with(&|_| None)
+    }
+
+    fn memory_digest_with(&self, known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
         let inner = &*self.inner;
         let deadline = Instant::now() + WRITERS_GONE_TIMEOUT;
         let mut ctl = lock(&inner.ctl);
@@ -1054,7 +1083,7 @@ impl DestGuest for SyntheticTarget {
                         // SAFETY: every writer is parked and cannot resume while the engine's
                         // control lock is held (we run inside `quiescent`); no page writer is
                         // open and none can be opened after start.
-                        memory_digest(unsafe { inner.mem.bytes() })
+                        memory_digest_known(unsafe { inner.mem.bytes() }, known)
                     })
                     .expect("writers parked by pause");
                 // Only `hand_over`-like stops make resume fail; the target never stops its
@@ -1064,7 +1093,7 @@ impl DestGuest for SyntheticTarget {
             }
             // SAFETY: no page writer is open, none can be opened while `ctl` is held, and no
             // engine runs: nothing writes guest memory while the slice lives.
-            None => memory_digest(unsafe { inner.mem.bytes() }),
+            None => memory_digest_known(unsafe { inner.mem.bytes() }, known),
         }
     }
 

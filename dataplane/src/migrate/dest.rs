@@ -290,6 +290,8 @@ fn follow(
     let mut silent = Instant::now();
     let mut seen_bytes = 0;
     let mut ready = false;
+    // After Final: (iteration, our digest, state) until the source's digest arrives.
+    let mut final_state = None;
     loop {
         if abort.load(Ordering::Relaxed) {
             return Err(MigrateError::Aborted);
@@ -331,7 +333,6 @@ fn follow(
             ToDest::Final {
                 iteration,
                 frames,
-                digest,
                 state,
             } => {
                 status.lock().expect("status lock").phase = Phase::Verifying;
@@ -345,8 +346,20 @@ fn follow(
                 // and releases guest memory before it is hashed.
                 pipeline.finish()?;
                 tracing::info!(ms = t.elapsed().as_millis(), "data plane closed");
-                let ours = guest.memory_digest();
-                tracing::info!(ms = t.elapsed().as_millis(), "memory digest taken");
+                let known = |c| pipeline.digests.known(c);
+                let ours = guest.memory_digest_with(&known);
+                tracing::info!(
+                    ms = t.elapsed().as_millis(),
+                    reused = pipeline.digests.valid_chunks(),
+                    of = pipeline.digests.chunks(),
+                    "memory digest taken (chunks hashed on arrival reused)"
+                );
+                final_state = Some((iteration, ours, state));
+            }
+            ToDest::Digest { digest } => {
+                let Some((iteration, ours, state)) = final_state.take() else {
+                    return Err(MigrateError::Peer("memory digest before Final".into()));
+                };
                 if ours != digest {
                     return Err(MigrateError::DigestMismatch {
                         ours: digest,

@@ -399,6 +399,7 @@ impl Run<'_> {
             })?;
             next = DirtyBitmap::new(pages);
             self.guest.collect_dirty(&mut next)?;
+            pipeline.digests.invalidate_dirty(&next);
             let dirtied = next.count();
             let report = IterationReport {
                 iteration: it,
@@ -450,11 +451,10 @@ impl Run<'_> {
         self.paused = Some(Instant::now());
         let wire_final = pipeline.wire_bytes.load(Ordering::Relaxed);
         self.guest.collect_dirty(&mut next)?;
+        pipeline.digests.invalidate_dirty(&next);
         it += 1;
         let last = next.count();
         let frames = self.send_iteration(session, pipeline, it, next)?;
-        // Everything is queued: close the data plane so the destination's pipeline ends
-        // (and releases guest memory) before it verifies.
         let since = |p: Option<Instant>| p.map_or(0, |p| millis(p.elapsed()));
         tracing::info!(
             migration = self.id,
@@ -462,25 +462,30 @@ impl Run<'_> {
             ms = since(self.paused),
             "final pages queued"
         );
+        // Final goes first so the destination hashes its copy while we hash ours.
+        session.tx.send(&ToDest::Final {
+            iteration: it,
+            frames,
+            state: self.guest.state()?,
+        })?;
+        // Everything is queued: close the data plane so the destination's pipeline ends
+        // (and releases guest memory) before it verifies.
         pipeline.finish()?;
         tracing::info!(
             migration = self.id,
             ms = since(self.paused),
             "data plane drained"
         );
-        let digest = self.guest.memory_digest()?;
-        let state = self.guest.state()?;
+        let known = |c| pipeline.digests.known(c);
+        let digest = self.guest.memory_digest_with(&known)?;
         tracing::info!(
             migration = self.id,
             ms = since(self.paused),
-            "digest and state taken"
+            reused = pipeline.digests.valid_chunks(),
+            of = pipeline.digests.chunks(),
+            "digest taken (chunks hashed while sending reused)"
         );
-        session.tx.send(&ToDest::Final {
-            iteration: it,
-            frames,
-            digest,
-            state,
-        })?;
+        session.tx.send(&ToDest::Digest { digest })?;
         let final_wire = pipeline.wire_bytes.load(Ordering::Relaxed) - wire_final;
         reports.push(IterationRecord {
             iteration: it,

@@ -11,9 +11,12 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, bounded};
 
 use super::{PipelineError, join_all, spawn_stage, stream_of};
+use crate::codec::PageSink;
 use crate::codec::{CodecConfig, CodecStats, Decoder};
 use crate::crypto::{Opener, StreamKey};
 use crate::guest::DestGuest;
+use crate::guest::chunk_digest::{ChunkDigests, ChunkHasher};
+use crate::page::{Page, Pfn};
 use crate::transport::{FramePool, Incoming, receive_frames};
 
 /// Frames each stream may hold between the socket and its decoder.
@@ -111,6 +114,8 @@ pub struct SinkPipeline {
     pub wire_bytes: Arc<AtomicU64>,
     /// Codec counters per stream.
     pub stats: Arc<Mutex<Vec<CodecStats>>>,
+    /// Digest chunks hashed as their pages landed in order (valid once the threads end).
+    pub digests: Arc<ChunkDigests>,
 }
 
 impl SinkPipeline {
@@ -123,6 +128,7 @@ impl SinkPipeline {
         frame_size: usize,
         pin: bool,
     ) -> Result<Self, PipelineError> {
+        let digests = Arc::new(ChunkDigests::new(guest.page_count()));
         let n = sockets.len();
         let pool = FramePool::new((n * FRAMES_PER_STREAM).max(4), frame_size);
         let progress = Arc::new(SinkProgress {
@@ -158,6 +164,8 @@ impl SinkPipeline {
                 pool: pool.clone(),
                 stats: stats.clone(),
                 progress: progress.clone(),
+                digests: digests.clone(),
+                hasher: ChunkHasher::default(),
             };
             let progress = progress.clone();
             threads.push(spawn_stage(
@@ -194,6 +202,7 @@ impl SinkPipeline {
             progress,
             wire_bytes,
             stats,
+            digests,
         })
     }
 
@@ -221,6 +230,43 @@ impl SinkPipeline {
     }
 }
 
+/// Passes page writes through to the guest and hashes each page once it is written (on the
+/// next write, or at the frame's end), while it is still in this core's cache.
+struct HashingSink<'a> {
+    inner: &'a mut dyn crate::guest::PageWriter,
+    hasher: &'a mut ChunkHasher,
+    digests: &'a ChunkDigests,
+    /// The page handed out last, complete once the decoder asks for another.
+    pending: Option<Pfn>,
+}
+
+impl HashingSink<'_> {
+    fn flush(&mut self) {
+        if let Some(pfn) = self.pending.take() {
+            let page = self.inner.page_mut(pfn);
+            self.hasher.feed(self.digests, pfn, page, true);
+        }
+    }
+}
+
+impl PageSink for HashingSink<'_> {
+    fn page_mut(&mut self, pfn: Pfn) -> &mut Page {
+        if self.pending != Some(pfn) {
+            self.flush();
+        }
+        self.pending = Some(pfn);
+        self.inner.page_mut(pfn)
+    }
+
+    fn zero_page(&mut self, pfn: Pfn) {
+        self.flush();
+        self.inner.zero_page(pfn);
+        self.hasher.feed(self.digests, pfn, &ZERO_PAGE, true);
+    }
+}
+
+static ZERO_PAGE: Page = Page([0; crate::page::PAGE_SIZE]);
+
 /// One stream's opener and decoder.
 struct StreamStage {
     stream: usize,
@@ -230,24 +276,39 @@ struct StreamStage {
     pool: FramePool,
     stats: Arc<Mutex<Vec<CodecStats>>>,
     progress: Arc<SinkProgress>,
+    digests: Arc<ChunkDigests>,
+    hasher: ChunkHasher,
 }
 
 impl StreamStage {
     /// Opens and decodes each frame the receive thread hands over, in order.
     fn run(&mut self, incoming: &Receiver<Incoming>) -> Result<(), PipelineError> {
+        let _stage = tracing::debug_span!("decode_stage", stream = self.stream).entered();
         for mut inc in incoming {
             let stream = self.stream;
-            let r = match self.opener.open(&mut inc.frame.frame.raw_mut()[..inc.len]) {
-                Ok(opened) => self
-                    .decoder
-                    .decode_compressed(
+            let opened = {
+                let _span = tracing::trace_span!("open").entered();
+                self.opener.open(&mut inc.frame.frame.raw_mut()[..inc.len])
+            };
+            let _span = tracing::trace_span!("decode").entered();
+            let r = match opened {
+                Ok(opened) => {
+                    let mut sink = HashingSink {
+                        inner: self.writer.as_mut(),
+                        hasher: &mut self.hasher,
+                        digests: &self.digests,
+                        pending: None,
+                    };
+                    let r = self.decoder.decode_compressed(
                         opened.body,
                         opened.compression,
                         opened.records,
                         opened.cache_digest,
-                        self.writer.as_mut(),
-                    )
-                    .map_err(|source| PipelineError::Decode { stream, source }),
+                        &mut sink,
+                    );
+                    sink.flush();
+                    r.map_err(|source| PipelineError::Decode { stream, source })
+                }
                 Err(source) => Err(PipelineError::Open { stream, source }),
             };
             self.pool.give(inc.frame);

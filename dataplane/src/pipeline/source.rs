@@ -1,7 +1,9 @@
-//! The source pipeline: scan -> encode+seal[s] -> send.
+//! The source pipeline: scan -> read+encode+seal[s] -> send.
 //!
-//! Encoding and sealing a frame happen on the same thread, one after the other: the frame is
-//! still in that core's cache when it is sealed, and no hand-off sits between them.
+//! The scan thread only splits each iteration's pages into per-stream lists of page numbers.
+//! Each stream's thread copies its pages out of the guest, encodes and seals them: the stable
+//! copy, the frame it becomes and the sealing all stay in one core's cache, no page crosses
+//! between cores, and guest reads run on every stream at once.
 
 use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
@@ -14,6 +16,7 @@ use super::{PipelineError, Stopped, join_all, spawn_stage, stream_of};
 use crate::codec::adaptive::Dial;
 use crate::codec::{CodecConfig, CodecStats, Compression, Encoder};
 use crate::crypto::{Sealer, StreamKey};
+use crate::guest::chunk_digest::{ChunkDigests, ChunkHasher};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::page::{PageBatch, Pfn};
 use crate::transport::{FramePool, Outgoing, SendMeter, TokenBucket, send_frames_metered};
@@ -48,7 +51,8 @@ pub struct Flushed {
 }
 
 enum Work {
-    Batch(PageBatch),
+    /// Pages to read and send (a recycled list; give it back).
+    Pages(Vec<Pfn>),
     Flush(u32),
 }
 
@@ -77,6 +81,9 @@ pub struct SourcePipeline {
     pub pages_scanned: Arc<AtomicU64>,
     /// Codec counters per stream, updated after each batch.
     pub stats: Arc<Mutex<Vec<CodecStats>>>,
+    /// Digest chunks the stream threads hashed as they read them in order; the driver
+    /// invalidates them from the dirty log.
+    pub digests: Arc<ChunkDigests>,
     streams: usize,
     /// Flush reports received so far for the iteration being waited on.
     partial: (u32, Vec<Option<u64>>),
@@ -92,13 +99,15 @@ impl SourcePipeline {
         keys: &[StreamKey],
         settings: &SourceSettings,
     ) -> Result<Self, crate::codec::ConfigError> {
+        let digests = Arc::new(ChunkDigests::new(guest.page_count()));
         let n = sockets.len();
         let pool = FramePool::new((n * FRAMES_PER_STREAM).max(4), settings.frame_size);
         let wire_bytes = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(Mutex::new(vec![CodecStats::default(); n]));
         let (flushed_tx, flushed) = bounded(4 * n);
         let (out_tx, out_rx) = bounded::<Outgoing>(n * FRAMES_PER_STREAM / 2);
-        let batches = BatchPool::new(4 * n + 4);
+        let lists = PfnPool::new(4 * n + 4);
+        let pages_scanned = Arc::new(AtomicU64::new(0));
         let auto = settings.codec.compression == Compression::Auto;
         let dial = Arc::new(Dial::default());
         let meter = Arc::new(SendMeter::default());
@@ -121,28 +130,28 @@ impl SourcePipeline {
                 out: out_tx.clone(),
                 flushed: flushed_tx.clone(),
                 stats: stats.clone(),
+                digests: digests.clone(),
+                hasher: ChunkHasher::default(),
             };
-            let batches = batches.clone();
+            let (lists, guest, scanned) = (lists.clone(), guest.clone(), pages_scanned.clone());
             threads.push(spawn_stage(
                 format!("sf-encode-{s}"),
                 1 + s,
                 settings.pin_threads,
-                move || {
-                    stream.run(&work_rx, &batches);
-                    Ok(())
-                },
+                move || stream.run(guest.as_ref(), &work_rx, &lists, &scanned),
             ));
         }
         drop(out_tx);
 
         let (scan_tx, scan_rx) = bounded::<ScanCmd>(1);
-        let pages_scanned = Arc::new(AtomicU64::new(0));
-        let scanned = pages_scanned.clone();
         threads.push(spawn_stage(
             "sf-scan".into(),
             0,
             settings.pin_threads,
-            move || scan_stage(guest.as_ref(), &scan_rx, &work_txs, &batches, &scanned),
+            move || {
+                scan_stage(&scan_rx, &work_txs, &lists);
+                Ok(())
+            },
         ));
         let limit = settings.max_bandwidth.map(|bps| {
             TokenBucket::new(
@@ -185,6 +194,7 @@ impl SourcePipeline {
             wire_bytes,
             pages_scanned,
             stats,
+            digests,
             streams: n,
             partial: (0, Vec::new()),
             stop_auto,
@@ -241,66 +251,60 @@ impl SourcePipeline {
     }
 }
 
-/// Recycled page batches.
+/// Recycled lists of page numbers.
 #[derive(Clone)]
-struct BatchPool {
-    tx: Sender<PageBatch>,
-    rx: Receiver<PageBatch>,
+struct PfnPool {
+    tx: Sender<Vec<Pfn>>,
+    rx: Receiver<Vec<Pfn>>,
 }
 
-impl BatchPool {
+impl PfnPool {
     fn new(n: usize) -> Self {
         let (tx, rx) = bounded(n);
         for _ in 0..n {
-            tx.send(PageBatch::with_capacity(BATCH_PAGES))
-                .expect("sized");
+            tx.send(Vec::with_capacity(BATCH_PAGES)).expect("sized");
         }
-        BatchPool { tx, rx }
+        PfnPool { tx, rx }
     }
-    fn take(&self) -> PageBatch {
+    fn take(&self) -> Vec<Pfn> {
         self.rx.recv().expect("pool holds its sender")
     }
-    fn give(&self, mut b: PageBatch) {
-        b.clear();
-        let _ = self.tx.send(b);
+    fn give(&self, mut list: Vec<Pfn>) {
+        list.clear();
+        let _ = self.tx.send(list);
     }
 }
 
-fn scan_stage(
-    guest: &dyn SourceGuest,
-    cmds: &Receiver<ScanCmd>,
-    work: &[Sender<Work>],
-    batches: &BatchPool,
-    scanned: &AtomicU64,
-) -> Result<(), PipelineError> {
+/// Splits each iteration's pages into per-stream lists and marks its end on every stream.
+/// Returns when the driver is done or a stream thread has stopped.
+fn scan_stage(cmds: &Receiver<ScanCmd>, work: &[Sender<Work>], lists: &PfnPool) {
+    let _stage = tracing::debug_span!("scan_stage").entered();
     let n = work.len();
-    let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| Vec::with_capacity(BATCH_PAGES)).collect();
-    let send = |s: usize, pfns: &mut Vec<Pfn>| -> Result<bool, PipelineError> {
-        let mut b = batches.take();
-        guest.read_pages(pfns, &mut b)?;
-        scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        pfns.clear();
-        Ok(work[s].send(Work::Batch(b)).is_ok())
-    };
+    let mut pending: Vec<Vec<Pfn>> = (0..n).map(|_| lists.take()).collect();
     for cmd in cmds {
         let ScanCmd::Iteration { iteration, pages } = cmd;
         for pfn in pages.iter() {
             let s = stream_of(pfn, n);
             pending[s].push(pfn);
-            if pending[s].len() == BATCH_PAGES && !send(s, &mut pending[s])? {
-                return Ok(()); // a later stage stopped; its error is the one to report
+            if pending[s].len() == BATCH_PAGES {
+                let full = std::mem::replace(&mut pending[s], lists.take());
+                if work[s].send(Work::Pages(full)).is_err() {
+                    return; // a stream stopped; its error is the one to report
+                }
             }
         }
         for s in 0..n {
-            if !pending[s].is_empty() && !send(s, &mut pending[s])? {
-                return Ok(());
+            if !pending[s].is_empty() {
+                let part = std::mem::replace(&mut pending[s], lists.take());
+                if work[s].send(Work::Pages(part)).is_err() {
+                    return;
+                }
             }
             if work[s].send(Work::Flush(iteration)).is_err() {
-                return Ok(());
+                return;
             }
         }
     }
-    Ok(())
 }
 
 /// One stream's encoder and sealer.
@@ -312,28 +316,49 @@ struct StreamStage {
     out: Sender<Outgoing>,
     flushed: Sender<Flushed>,
     stats: Arc<Mutex<Vec<CodecStats>>>,
+    digests: Arc<ChunkDigests>,
+    hasher: ChunkHasher,
 }
 
 impl StreamStage {
-    /// Encodes batches into frames, seals each frame as it fills and hands it to the send
-    /// thread. Returns when the scan thread is done or a later stage has stopped.
-    fn run(&mut self, work: &Receiver<Work>, batches: &BatchPool) {
+    /// Reads each list's pages from the guest, encodes them into frames, seals each frame as
+    /// it fills and hands it to the send thread. Returns when the scan thread is done or a
+    /// later stage has stopped.
+    fn run(
+        &mut self,
+        guest: &dyn SourceGuest,
+        work: &Receiver<Work>,
+        lists: &PfnPool,
+        scanned: &AtomicU64,
+    ) -> Result<(), PipelineError> {
+        let _stage = tracing::debug_span!("encode_stage", stream = self.stream).entered();
         let mut frame = self.pool.take();
+        let mut batch = PageBatch::with_capacity(BATCH_PAGES);
         for w in work {
             match w {
-                Work::Batch(batch) => {
+                Work::Pages(pfns) => {
+                    {
+                        let _span =
+                            tracing::trace_span!("read_pages", pages = pfns.len()).entered();
+                        batch.clear();
+                        guest.read_pages(&pfns, &mut batch)?;
+                    }
+                    scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    lists.give(pfns);
+                    let _span = tracing::trace_span!("encode", pages = batch.len()).entered();
                     for (pfn, page) in batch.iter() {
                         if !frame.frame.has_room() && !self.ship(&mut frame) {
-                            return;
+                            return Ok(());
                         }
+                        // The copy is in this core's cache now: hash it for the digest too.
+                        self.hasher.feed(&self.digests, pfn, page, false);
                         self.encoder.encode_page(pfn, page, &mut frame.frame);
                     }
-                    batches.give(batch);
                     self.publish_stats();
                 }
                 Work::Flush(iteration) => {
                     if !frame.frame.is_empty() && !self.ship(&mut frame) {
-                        return;
+                        return Ok(());
                     }
                     // Exact counters at every iteration's end, whoever is reading.
                     self.stats.lock().expect("stats lock")[self.stream]
@@ -344,12 +369,13 @@ impl StreamStage {
                         frames: self.sealer.next_seq(),
                     };
                     if self.flushed.send(f).is_err() {
-                        return;
+                        return Ok(());
                     }
                 }
             }
         }
         self.pool.give(frame);
+        Ok(())
     }
 
     /// Seals `frame` and queues it for sending, leaving a fresh frame in its place; false
@@ -357,7 +383,10 @@ impl StreamStage {
     fn ship(&mut self, frame: &mut crate::transport::PoolFrame) -> bool {
         self.encoder.finish_frame(&mut frame.frame);
         let mut full = std::mem::replace(frame, self.pool.take());
-        let len = self.sealer.seal(&mut full.frame).len();
+        let len = {
+            let _span = tracing::trace_span!("seal").entered();
+            self.sealer.seal(&mut full.frame).len()
+        };
         self.out
             .send(Outgoing {
                 stream: self.stream,

@@ -11,7 +11,8 @@
 //!   |-- IterationEnd{frames per stream} ------->|
 //!   |<- IterationAck ---------------------------|   once every frame is decoded
 //!   |   ... pause guest, final pages ...        |
-//!   |-- Final{frames, memory digest, state} --->|
+//!   |-- Final{frames, state} ------------------>|   both ends now hash guest memory,
+//!   |-- Digest{source's memory digest} -------->|   at the same time
 //!   |<- Ready (digest matches) -----------------|   holds everything; discards on failure
 //!   |   COMMIT POINT: source never resumes      |
 //!   |-- Commit -------------------------------->|
@@ -33,9 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::OpenError;
 
-/// Version of this protocol. 2: the Hello's codec config carries `compression`, and frames
-/// may carry the compression flags.
-pub const VERSION: u16 = 2;
+/// Version of this protocol. 2: Final, then Digest (both ends hash memory at once). 3: the
+/// Hello's codec config carries `compression`, and frames may carry the compression flags.
+pub const VERSION: u16 = 3;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).
@@ -53,17 +54,21 @@ pub enum ToDest {
         /// Frames sent on each data stream since the start.
         frames: Vec<u64>,
     },
-    /// The guest is paused and everything is sent.
+    /// The guest is paused and everything is sent. Sent before the source hashes the
+    /// guest, so the destination hashes its copy at the same time.
     Final {
         /// Number of the final iteration.
         iteration: u32,
         /// Frames sent on each data stream since the start.
         frames: Vec<u64>,
-        /// `guest::memory_digest` of the paused guest.
-        digest: u64,
         /// CPU and device state.
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
+    },
+    /// `guest::memory_digest` of the paused guest, after `Final`.
+    Digest {
+        /// The digest.
+        digest: u64,
     },
     /// The source has handed the guest over: start it.
     Commit,

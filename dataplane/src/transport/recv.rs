@@ -51,6 +51,7 @@ pub fn receive_frames(
     out: &[Sender<Incoming>],
     received_bytes: &AtomicU64,
 ) -> Result<RecvSummary, TransportError> {
+    let _stage = tracing::debug_span!("recv_stage", streams = sockets.len()).entered();
     let n = sockets.len();
     assert!(
         checkers.len() == n && out.len() == n,
@@ -78,6 +79,8 @@ pub fn receive_frames(
         reading.push(Some(r));
     }
     let mut live = n;
+    // Reused for every batch of completions: the loop allocates nothing.
+    let mut done: Vec<(usize, i32)> = Vec::with_capacity(n);
 
     while live > 0 {
         ring.submitter().submit_and_wait(1).or_else(|e| {
@@ -90,16 +93,14 @@ pub fn receive_frames(
                 })
             }
         })?;
-        let done: Vec<(usize, i32)> = ring
-            .completion()
-            .map(|c| {
-                (
-                    usize::try_from(c.user_data()).expect("stream index"),
-                    c.result(),
-                )
-            })
-            .collect();
-        for (s, res) in done {
+        done.clear();
+        done.extend(ring.completion().map(|c| {
+            (
+                usize::try_from(c.user_data()).expect("stream index"),
+                c.result(),
+            )
+        }));
+        for &(s, res) in &done {
             let r = reading[s]
                 .as_mut()
                 .expect("completion for a read in flight");

@@ -76,6 +76,7 @@ pub fn send_frames_metered(
     sent_bytes: &AtomicU64,
     meter: &SendMeter,
 ) -> Result<SendSummary, TransportError> {
+    let _stage = tracing::debug_span!("send_stage", streams = sockets.len()).entered();
     let n = sockets.len();
     let mut ring = pool.ring(n)?;
 
@@ -88,6 +89,8 @@ pub fn send_frames_metered(
         bytes: vec![0; n],
         throttled: Duration::ZERO,
     };
+    // Reused for every batch of completions: the loop allocates nothing.
+    let mut done: Vec<(usize, i32)> = Vec::with_capacity(n);
 
     loop {
         // Take in new frames: block only when there is nothing else to do.
@@ -159,16 +162,14 @@ pub fn send_frames_metered(
                 });
             }
         }
-        let done: Vec<(usize, i32)> = ring
-            .completion()
-            .map(|c| {
-                (
-                    usize::try_from(c.user_data()).expect("stream index"),
-                    c.result(),
-                )
-            })
-            .collect();
-        for (s, res) in done {
+        done.clear();
+        done.extend(ring.completion().map(|c| {
+            (
+                usize::try_from(c.user_data()).expect("stream index"),
+                c.result(),
+            )
+        }));
+        for &(s, res) in &done {
             let (o, written) = inflight[s]
                 .as_mut()
                 .expect("completion for a write in flight");
