@@ -100,7 +100,12 @@ fn abort_when(phase_pred: impl Fn(&serde_json::Value) -> bool, args: &[&str], na
         "abort: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("aborted"), "{text}");
+    assert!(
+        text.contains("aborted"),
+        "{text}\nsource log:\n{}\ndestination log:\n{}",
+        src.log(),
+        dst.log()
+    );
     let s = src.wait_for(&id, 30, is_final);
     assert_eq!(s["phase"], "aborted", "{s}");
     let d = dst.wait_for(&id, 30, is_final);

@@ -106,7 +106,7 @@ impl SourcePipeline {
         let stats = Arc::new(Mutex::new(vec![CodecStats::default(); n]));
         let (flushed_tx, flushed) = bounded(4 * n);
         let (out_tx, out_rx) = bounded::<Outgoing>(n * FRAMES_PER_STREAM / 2);
-        let lists = PfnPool::new(4 * n + 4);
+        let lists = PfnPool::new(6 * n + 4);
         let pages_scanned = Arc::new(AtomicU64::new(0));
         let auto = settings.codec.compression == Compression::Auto;
         let dial = Arc::new(Dial::default());
@@ -166,7 +166,15 @@ impl SourcePipeline {
             1,
             settings.pin_threads,
             move || {
-                send_frames_metered(&sockets, &pool, &out_rx, limit, &wire, &send_meter)?;
+                let sent = send_frames_metered(&sockets, &pool, &out_rx, limit, &wire, &send_meter);
+                if sent.is_err() {
+                    // Free what waits in the channel too: stream threads blocked on a buffer
+                    // then run into the closed channel and stop.
+                    for o in out_rx.try_iter() {
+                        pool.give(o.frame);
+                    }
+                }
+                sent?;
                 // Everything is written: close our side so the destination sees a clean end.
                 for s in &sockets {
                     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -266,12 +274,16 @@ impl PfnPool {
         }
         PfnPool { tx, rx }
     }
+    /// A list from the pool; a new one if the pool is empty, which happens only when a stream
+    /// thread has stopped with lists in its channel (the scan thread must not wait for them).
     fn take(&self) -> Vec<Pfn> {
-        self.rx.recv().expect("pool holds its sender")
+        self.rx
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH_PAGES))
     }
     fn give(&self, mut list: Vec<Pfn>) {
         list.clear();
-        let _ = self.tx.send(list);
+        let _ = self.tx.try_send(list); // a full pool drops the extra list
     }
 }
 

@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::OpenError;
 
-/// Version of this protocol. 2: Final, then Digest (both ends hash memory at once). 3: the
-/// Hello's codec config carries `compression`, and frames may carry the compression flags.
-pub const VERSION: u16 = 3;
+/// Version of this protocol. 2: the Hello's codec config carries `compression`, frames may
+/// carry the compression flags, and `Final` is followed by `Digest` (both ends hash at once).
+pub const VERSION: u16 = 2;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).

@@ -67,6 +67,23 @@ pub fn send_frames(
     send_frames_metered(sockets, pool, rx, limit, sent_bytes, &SendMeter::default())
 }
 
+/// Gives the frames still queued back to the pool when the send loop ends by any path, so a
+/// stream thread waiting for a free buffer never waits for one that is gone.
+struct Requeue<'a> {
+    pool: &'a FramePool,
+    queues: Vec<VecDeque<Outgoing>>,
+}
+
+impl Drop for Requeue<'_> {
+    fn drop(&mut self) {
+        for q in &mut self.queues {
+            for o in q.drain(..) {
+                self.pool.give(o.frame);
+            }
+        }
+    }
+}
+
 /// [`send_frames`], accounting in `meter` where the time goes.
 pub fn send_frames_metered(
     sockets: &[TcpStream],
@@ -80,7 +97,11 @@ pub fn send_frames_metered(
     let n = sockets.len();
     let mut ring = pool.ring(n)?;
 
-    let mut queues: Vec<VecDeque<Outgoing>> = (0..n).map(|_| VecDeque::new()).collect();
+    let mut requeue = Requeue {
+        pool,
+        queues: (0..n).map(|_| VecDeque::new()).collect(),
+    };
+    let queues = &mut requeue.queues;
     let mut inflight: Vec<Option<(Outgoing, usize)>> = (0..n).map(|_| None).collect();
     let mut busy = 0usize;
     let mut open = true;
