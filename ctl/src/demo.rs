@@ -589,6 +589,19 @@ mod tests {
         assert!((a.speed - 1.0).abs() < f64::EPSILON);
         assert!(!a.json);
         assert_eq!(a.optimizations.codec(), CodecConfig::default());
+        assert_eq!(a.compression, Compression::Off);
+    }
+
+    #[test]
+    fn compression_flag() {
+        let a = parse(&["--compression", "auto"]).unwrap();
+        assert_eq!(a.compression, Compression::Auto);
+        assert_eq!(
+            parse(&["--compression", "zstd3"]).unwrap().compression,
+            Compression::Zstd3
+        );
+        let msg = parse(&["--compression", "gzip"]).unwrap_err().to_string();
+        assert!(msg.contains("gzip") && msg.contains("auto"), "{msg}");
     }
 
     #[test]
