@@ -166,6 +166,11 @@ pub struct RunResult {
     /// Wire bytes of iteration 1, and of every later iteration including the final copy.
     pub iter1_bytes: u64,
     pub later_bytes: u64,
+    /// The final stop-and-copy: pages, wire bytes, and ms from the pause until the last
+    /// message went out (the rest of the pause is the destination's check and the commit).
+    pub final_pages: u64,
+    pub final_bytes: u64,
+    pub final_ms: u64,
     /// Payload bytes the codec saved by zero pages/blocks, block-cache hits and deltas.
     pub saved_zero: u64,
     pub saved_cbr: u64,
@@ -328,6 +333,9 @@ pub fn run(spec: &RunSpec, id: u64) -> Result<RunResult, String> {
         verified: st.verified == Some(true),
         iter1_bytes: its.first().map_or(0, |i| i.wire_bytes),
         later_bytes: its.iter().skip(1).map(|i| i.wire_bytes).sum(),
+        final_pages: its.last().map_or(0, |i| i.sent),
+        final_bytes: its.last().map_or(0, |i| i.wire_bytes),
+        final_ms: its.last().map_or(0, |i| i.ms),
         saved_zero: codec.saved_zero,
         saved_cbr: codec.saved_cbr,
         saved_delta: codec.saved_delta,

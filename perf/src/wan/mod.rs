@@ -17,7 +17,10 @@
 //! `--quick` compresses time instead of changing the dynamics: guest memory / k, link rates
 //! / m, write speed x k/m keeps every ratio of dirty rate, tier size and link rate while all
 //! durations shrink by m/k (32 MiB guests, half the rates, speed 16: 1/16 of the time). The
-//! block cache shrinks with the guest. Quick figures are a smoke test, not the paper's.
+//! block cache and the source's send buffer shrink with the guest. What does not scale (the
+//! pipeline's 1 MiB of frames per stream, Xen's 50-page stop rule, round trips, fixed costs
+//! of the switchover) weighs 32 times more, so quick figures are a smoke test, not the
+//! paper's.
 
 mod migration;
 mod tables;
@@ -78,8 +81,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     streams: u32,
     /// The source's socket send buffer (SO_SNDBUF; the kernel caps it at net.core.wmem_max
-    /// and doubles it). Default: skyferry's default. Data waiting there when the guest pauses
-    /// is sent during the pause.
+    /// and doubles it). Default: skyferry's default (scaled with the guest under --quick).
+    /// Data still waiting there when the guest pauses is sent during the pause.
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     send_buffer: Option<u64>,
     /// Workloads of Table I, Fig. 11 and Table II.
@@ -141,6 +144,19 @@ fn resolve(a: &Args) -> Result<Settings, String> {
         let c = u128::from(CACHE_PER_GIB) * u128::from(mem) / u128::from(GIB);
         u64::try_from(c).unwrap_or(u64::MAX).max(1 << 20)
     });
+    let default_send_buffer = SocketOptions::default().send_buffer;
+    let send_buffer = match a.send_buffer {
+        Some(b) => usize::try_from(b).unwrap_or(usize::MAX),
+        // Scaled with the guest, or the sealed-but-unsent backlog would be a quarter of a
+        // 32 MiB guest.
+        None if a.quick => {
+            let scaled = u128::from(mem) * default_send_buffer as u128 / u128::from(GIB);
+            usize::try_from(scaled)
+                .unwrap_or(default_send_buffer)
+                .max(64 << 10)
+        }
+        None => default_send_buffer,
+    };
     Ok(Settings {
         experiment: format!("{:?}", a.experiment).to_lowercase(),
         quick: a.quick,
@@ -150,11 +166,7 @@ fn resolve(a: &Args) -> Result<Settings, String> {
         link_scale,
         cache_bytes: cache,
         streams: a.streams,
-        send_buffer: a
-            .send_buffer
-            .map_or(SocketOptions::default().send_buffer, |b| {
-                usize::try_from(b).unwrap_or(usize::MAX)
-            }),
+        send_buffer,
         table_rate_mbps: TABLE_RATE_MBPS * link_scale,
         table_rtt_ms: TABLE_RTT_MS,
         fig14_rates_mbps: a.fig14_rates.iter().map(|r| r * link_scale).collect(),
@@ -454,7 +466,7 @@ pub fn run(a: &Args) -> Result<(), String> {
     }
     println!("Runs");
     println!(
-        "  {:<8} {:<9} {:>6} {:>4} {:>9} {:>8} {:>7} {:>5} {:<18} {:>7}",
+        "  {:<8} {:<9} {:>6} {:>4} {:>9} {:>8} {:>7} {:>5} {:<16} {:>11} {:>7} {:>7}",
         "workload",
         "setup",
         "Mb/s",
@@ -464,12 +476,14 @@ pub fn run(a: &Args) -> Result<(), String> {
         "pause s",
         "iters",
         "stop",
+        "final pages",
+        "fill s",
         "writes"
     );
     for (spec, r) in &done.runs {
         match r {
             Ok(r) => println!(
-                "  {:<8} {:<9} {:>6.0} {:>4.0} {:>9.3} {:>8.1} {:>7.2} {:>5} {:<18} {:>6.0}%{}",
+                "  {:<8} {:<9} {:>6.0} {:>4.0} {:>9.3} {:>8.1} {:>7.2} {:>5} {:<16} {:>11} {:>7.1} {:>6.0}%{}",
                 r.workload,
                 r.setup,
                 r.rate_mbps,
@@ -480,6 +494,8 @@ pub fn run(a: &Args) -> Result<(), String> {
                 r.iterations,
                 r.stop_reason
                     .map_or("-".into(), |s| format!("{s:?}").to_lowercase()),
+                r.final_pages,
+                r.fill_s,
                 r.writes_per_s / r.model_writes_per_s.max(1e-9) * 100.0,
                 if r.verified { "" } else { " NOT VERIFIED" }
             ),
