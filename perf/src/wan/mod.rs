@@ -25,6 +25,7 @@
 mod migration;
 mod tables;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
@@ -101,6 +102,9 @@ pub struct Args {
     /// Print one JSON object instead of tables (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Also write the JSON object to this file, rewritten after every run.
+    #[arg(long, value_name = "PATH")]
+    save_json: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -318,6 +322,73 @@ fn progress(r: &Result<RunResult, String>, took: Duration) -> String {
         + &format!(" [{:.0} s]", took.as_secs_f64())
 }
 
+/// Builds the report from the runs done so far.
+fn report<'a>(
+    a: &Args,
+    s: &'a Settings,
+    cal: &'a Calibration,
+    done: &'a Done,
+    wall_s: f64,
+) -> Report<'a> {
+    let wants = |e| a.experiment == e || a.experiment == Experiment::All;
+    let table_rate = bits(s.table_rate_mbps);
+    let fig14_rates: Vec<u64> = s.fig14_rates_mbps.iter().map(|&r| bits(r)).collect();
+    Report {
+        bench: "wan",
+        host: host(),
+        settings: s,
+        calibration: cal,
+        table1: if wants(Experiment::Table1) {
+            tables::table1(done, &a.workloads, table_rate, TABLE_RTT_MS)
+        } else {
+            Vec::new()
+        },
+        fig11: if wants(Experiment::Fig11) {
+            tables::fig11(
+                done,
+                &a.workloads,
+                &[SMART, ZERO, CBR, DELTA, ALL],
+                table_rate,
+                TABLE_RTT_MS,
+            )
+        } else {
+            Vec::new()
+        },
+        fig14: if wants(Experiment::Fig14) {
+            tables::fig14(done, &a.fig14_workloads, &fig14_rates, SWEEP_RTT_MS)
+        } else {
+            Vec::new()
+        },
+        table2: if wants(Experiment::Table2) {
+            tables::table2(done, &a.workloads, table_rate, TABLE_RTT_MS)
+        } else {
+            Vec::new()
+        },
+        redundancy: tables::redundancy(done, &a.workloads, table_rate, TABLE_RTT_MS),
+        runs: done
+            .runs
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .collect(),
+        failures: done
+            .runs
+            .iter()
+            .filter_map(|(spec, r)| {
+                r.as_ref().err().map(|e| Failure {
+                    run: spec.label(),
+                    error: e.clone(),
+                })
+            })
+            .collect(),
+        wall_s,
+    }
+}
+
+fn save(path: &Path, r: &Report<'_>) -> Result<(), String> {
+    let out = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+    std::fs::write(path, out + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
 pub fn run(a: &Args) -> Result<(), String> {
     let started = Instant::now();
     let s = resolve(a)?;
@@ -352,73 +423,23 @@ pub fn run(a: &Args) -> Result<(), String> {
             progress(&r, t.elapsed())
         );
         done.runs.push((*spec, r));
+        // Kept current, so a long suite that dies part-way still leaves its runs.
+        if let Some(path) = &a.save_json {
+            save(
+                path,
+                &report(a, &s, &cal, &done, started.elapsed().as_secs_f64()),
+            )?;
+        }
     }
 
-    let table_rate = bits(s.table_rate_mbps);
-    let fig14_rates: Vec<u64> = s.fig14_rates_mbps.iter().map(|&r| bits(r)).collect();
-    let none = Vec::new;
-    let t1 = if wants(Experiment::Table1) {
-        tables::table1(&done, &a.workloads, table_rate, TABLE_RTT_MS)
-    } else {
-        none()
-    };
-    let f11 = if wants(Experiment::Fig11) {
-        tables::fig11(
-            &done,
-            &a.workloads,
-            &[SMART, ZERO, CBR, DELTA, ALL],
-            table_rate,
-            TABLE_RTT_MS,
-        )
-    } else {
-        Vec::new()
-    };
-    let f14 = if wants(Experiment::Fig14) {
-        tables::fig14(&done, &a.fig14_workloads, &fig14_rates, SWEEP_RTT_MS)
-    } else {
-        Vec::new()
-    };
-    let t2 = if wants(Experiment::Table2) {
-        tables::table2(&done, &a.workloads, table_rate, TABLE_RTT_MS)
-    } else {
-        Vec::new()
-    };
-    let red = tables::redundancy(&done, &a.workloads, table_rate, TABLE_RTT_MS);
-    let failures: Vec<Failure> = done
-        .runs
-        .iter()
-        .filter_map(|(spec, r)| {
-            r.as_ref().err().map(|e| Failure {
-                run: spec.label(),
-                error: e.clone(),
-            })
-        })
-        .collect();
-
-    let wall_s = started.elapsed().as_secs_f64();
+    let r = report(a, &s, &cal, &done, started.elapsed().as_secs_f64());
     if a.json {
-        let report = Report {
-            bench: "wan",
-            host: host(),
-            settings: &s,
-            calibration: &cal,
-            table1: t1,
-            fig11: f11,
-            fig14: f14,
-            table2: t2,
-            redundancy: red,
-            runs: done
-                .runs
-                .iter()
-                .filter_map(|(_, r)| r.as_ref().ok())
-                .collect(),
-            failures,
-            wall_s,
-        };
-        let out = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        let out = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
         println!("{out}");
         return Ok(());
     }
+    let (t1, f11, f14, t2, red) = (&r.table1, &r.fig11, &r.fig14, &r.table2, &r.redundancy);
+    let wall_s = r.wall_s;
 
     let h = host();
     println!(
@@ -447,22 +468,22 @@ pub fn run(a: &Args) -> Result<(), String> {
         format_size(s.mem_bytes)
     );
     if wants(Experiment::Table1) {
-        tables::print_table1(&t1, &caption);
+        tables::print_table1(t1, &caption);
     }
     if wants(Experiment::Fig11) {
-        tables::print_fig11(&f11, &caption);
+        tables::print_fig11(f11, &caption);
     }
     if wants(Experiment::Fig14) {
         tables::print_fig14(
-            &f14,
+            f14,
             &format!("{SWEEP_RTT_MS} ms RTT, {} guests", format_size(s.mem_bytes)),
         );
     }
     if wants(Experiment::Table2) {
-        tables::print_table2(&t2, &caption);
+        tables::print_table2(t2, &caption);
     }
     if !red.is_empty() {
-        tables::print_redundancy(&red, &caption);
+        tables::print_redundancy(red, &caption);
     }
     println!("Runs");
     println!(
