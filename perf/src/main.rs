@@ -1,16 +1,20 @@
 //! `skyferry-bench`: benchmarks that print a table, or one JSON object with `--json`.
 //!
 //! Every throughput is printed beside a reference measured in the same run (memcpy of the same
-//! bytes), because absolute figures on a shared machine mean little; the ratio travels.
+//! bytes, the same bytes sealed over the same sockets, the link emulator's measured rate),
+//! because absolute figures on a shared machine mean little; the ratio travels.
 
+mod calibrate;
 mod cipher;
 mod codec;
 mod compress;
 mod compress_peer;
+mod linkemu;
 mod measure;
 mod pipeline;
 mod pipeline_peer;
 mod procstat;
+mod wan;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +46,12 @@ enum Bench {
     /// One end of a `pipeline` run (started by `pipeline` itself).
     #[command(hide = true)]
     PipelinePeer(pipeline_peer::PeerArgs),
+    /// The paper's emulated-WAN experiments (Table I, Fig. 11, Fig. 14, Table II) through a
+    /// user-space link emulator, after measuring the emulator's accuracy.
+    Wan(wan::Args),
+    /// Run the link emulator alone: a TCP relay with a rate and a one-way delay.
+    #[command(hide = true)]
+    Linkemu(linkemu::cli::Args),
 }
 
 fn main() {
@@ -53,6 +63,8 @@ fn main() {
         Bench::PipelinePeer(args) => exit_on_error(pipeline_peer::run(&args)),
         Bench::Compress(args) => exit_on_error(compress::run(&args)),
         Bench::CompressPeer(args) => exit_on_error(compress_peer::run(&args)),
+        Bench::Wan(args) => exit_on_error(wan::run(&args)),
+        Bench::Linkemu(args) => exit_on_error(linkemu::cli::run(&args)),
     }
 }
 
