@@ -2,25 +2,23 @@
 //! migration (a running synthetic guest, its writers on), each reporting its own CPU time as
 //! one JSON line on stdout; the destination first prints its port on a line of its own.
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args as ClapArgs, ValueEnum};
 use dataplane::codec::{CodecConfig, CodecStats, Compression};
-use dataplane::crypto::PreSharedKey;
-use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
+use dataplane::guest::SourceGuest;
+use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions};
 use dataplane::guest::workload::Workload;
-use dataplane::guest::{DestGuest, SourceGuest};
-use dataplane::migrate::dest::{DestOptions, receive};
 use dataplane::migrate::policy::Policy;
 use dataplane::migrate::source::{SourceOptions, migrate};
 use dataplane::migrate::status::{MigrationStatus, Role};
 use dataplane::transport::SocketOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::peer::{TIMEOUT, emit, psk, receive_one};
 use crate::procstat::cpu_seconds;
 
 /// Which end this process is.
@@ -91,19 +89,6 @@ pub struct DestReport {
     pub cpu_s: f64,
     pub verified: bool,
     pub codec: CodecStats,
-}
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn psk() -> PreSharedKey {
-    PreSharedKey::from_bytes([0x3e; 32])
-}
-
-fn emit<T: Serialize>(report: &T) {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, report).expect("stdout");
-    writeln!(out).expect("stdout");
-    out.flush().expect("stdout");
 }
 
 pub fn run(args: &PeerArgs) -> Result<(), String> {
@@ -225,38 +210,9 @@ fn source(args: &PeerArgs) -> Result<(), String> {
 }
 
 fn dest(args: &PeerArgs) -> Result<(), String> {
-    let target = SyntheticTarget::preallocated(args.pages).map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    println!(
-        "{}",
-        listener.local_addr().map_err(|e| e.to_string())?.port()
-    );
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let opts = DestOptions {
-        psk: psk(),
-        socket: SocketOptions::default(),
-        pin_threads: true,
-        timeout: TIMEOUT,
-        max_guest_pages: args.pages,
-        max_streams: 64,
-    };
-    let status = Arc::new(Mutex::new(MigrationStatus::new(
-        1,
-        Role::Destination,
-        "bench",
-        args.pages,
-    )));
-    let cpu0 = cpu_seconds();
-    let summary = receive(
-        &listener,
-        &opts,
-        Box::new(move |_| Ok(Arc::new(target) as Arc<dyn DestGuest>)),
-        &status,
-        &AtomicBool::new(false),
-    )
-    .map_err(|e| e.to_string())?;
+    let (summary, cpu_s) = receive_one(args.pages, true)?;
     emit(&DestReport {
-        cpu_s: cpu_seconds() - cpu0,
+        cpu_s,
         verified: summary.status.verified == Some(true),
         codec: summary.codec,
     });

@@ -11,6 +11,7 @@ mod compress;
 mod compress_peer;
 mod linkemu;
 mod measure;
+mod peer;
 mod pipeline;
 mod pipeline_peer;
 mod procstat;

@@ -5,21 +5,20 @@
 //! port on a line of its own.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Args as ClapArgs, ValueEnum};
 use dataplane::codec::CodecConfig;
-use dataplane::crypto::{Direction, Opener, PreSharedKey, Sealer};
+use dataplane::crypto::{Direction, Opener, Sealer};
 use dataplane::frame::{FrameBuf, HEADER_LEN};
+use dataplane::guest::SourceGuest;
 use dataplane::guest::image::ImageGuest;
 use dataplane::guest::shm::SharedMemory;
-use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
+use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions};
 use dataplane::guest::workload::Workload;
-use dataplane::guest::{DestGuest, SourceGuest};
-use dataplane::migrate::dest::{DestOptions, receive};
 use dataplane::migrate::policy::Policy;
 use dataplane::migrate::source::{SourceOptions, migrate};
 use dataplane::migrate::status::{MigrationStatus, Role};
@@ -27,6 +26,7 @@ use dataplane::page::PAGE_SIZE;
 use dataplane::transport::SocketOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::peer::{TIMEOUT, emit, listen, psk, receive_one};
 use crate::procstat::cpu_seconds;
 use crate::workload::Rng;
 
@@ -118,26 +118,6 @@ pub struct RefReport {
     pub elapsed_s: f64,
     pub cpu_s: f64,
     pub bytes: u64,
-}
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn psk() -> PreSharedKey {
-    PreSharedKey::from_bytes([0x5c; 32])
-}
-
-fn emit<T: Serialize>(report: &T) {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, report).expect("stdout");
-    writeln!(out).expect("stdout");
-    out.flush().expect("stdout");
-}
-
-fn listen() -> TcpListener {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
-    println!("{}", l.local_addr().expect("bound").port());
-    std::io::stdout().flush().expect("stdout");
-    l
 }
 
 pub fn run(args: &PeerArgs) -> Result<(), String> {
@@ -243,33 +223,9 @@ fn source(args: &PeerArgs) -> Result<(), String> {
 }
 
 fn dest(args: &PeerArgs) -> Result<(), String> {
-    let target = SyntheticTarget::preallocated(args.pages).map_err(|e| e.to_string())?;
-    let listener = listen();
-    let opts = DestOptions {
-        psk: psk(),
-        socket: SocketOptions::default(),
-        pin_threads: args.pin,
-        timeout: TIMEOUT,
-        max_guest_pages: args.pages,
-        max_streams: 64,
-    };
-    let status = Arc::new(Mutex::new(MigrationStatus::new(
-        1,
-        Role::Destination,
-        "bench",
-        args.pages,
-    )));
-    let cpu0 = cpu_seconds();
-    let summary = receive(
-        &listener,
-        &opts,
-        Box::new(move |_| Ok(Arc::new(target) as Arc<dyn DestGuest>)),
-        &status,
-        &AtomicBool::new(false),
-    )
-    .map_err(|e| e.to_string())?;
+    let (summary, cpu_s) = receive_one(args.pages, args.pin)?;
     emit(&DestReport {
-        cpu_s: cpu_seconds() - cpu0,
+        cpu_s,
         verified: summary.status.verified == Some(true),
     });
     Ok(())
@@ -360,7 +316,7 @@ fn ref_send(args: &PeerArgs) -> Result<(), String> {
 
 fn ref_recv(args: &PeerArgs) -> Result<(), String> {
     let mut mem = reference_memory(args, false)?;
-    let listener = listen();
+    let listener = listen()?;
     let socket = SocketOptions::default();
     let n = usize::try_from(args.streams).map_err(|e| e.to_string())?;
     let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
