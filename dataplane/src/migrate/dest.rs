@@ -50,6 +50,27 @@ pub struct DestSummary {
 /// Builds the destination guest for a Hello (or says why not).
 pub type GuestFactory<'a> = dyn FnOnce(&Hello) -> Result<Arc<dyn DestGuest>, String> + 'a;
 
+/// Accepts one migration on `listener` into a new synthetic guest of the size the source
+/// announces: the destination of `skyferry demo` and of the benchmarks.
+pub fn receive_synthetic(
+    listener: &TcpListener,
+    opts: &DestOptions,
+    abort: &AtomicBool,
+) -> Result<DestSummary, MigrateError> {
+    let status = Arc::new(Mutex::new(MigrationStatus::new(
+        0,
+        Role::Destination,
+        "",
+        0,
+    )));
+    let factory = Box::new(|h: &Hello| {
+        let target = crate::guest::synthetic::SyntheticTarget::new(h.guest_pages)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(target) as Arc<dyn DestGuest>)
+    });
+    receive(listener, opts, factory, &status, abort)
+}
+
 /// Accepts one migration on `listener` and carries it to its end.
 pub fn receive(
     listener: &TcpListener,

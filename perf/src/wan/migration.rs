@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use dataplane::codec::CodecConfig;
 use dataplane::crypto::PreSharedKey;
-use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
+use dataplane::guest::SourceGuest;
+use dataplane::guest::synthetic::{SyntheticGuest, SyntheticOptions};
 use dataplane::guest::workload::{REFERENCE_PAGES, Workload};
-use dataplane::guest::{DestGuest, SourceGuest};
-use dataplane::migrate::dest::{DestOptions, DestSummary, receive};
+use dataplane::migrate::dest::{DestOptions, DestSummary, receive_synthetic};
 use dataplane::migrate::source::{IterationRecord, SourceOptions, migrate};
 use dataplane::migrate::{MigrateError, MigrationStatus, Policy, Role, StopReason};
 use dataplane::page::PAGE_SIZE;
@@ -210,19 +210,7 @@ fn spawn_destination(
     };
     thread::Builder::new()
         .name("wan-dest".into())
-        .spawn(move || {
-            let status = Arc::new(Mutex::new(MigrationStatus::new(
-                0,
-                Role::Destination,
-                "",
-                0,
-            )));
-            let factory = Box::new(move |h: &dataplane::protocol::Hello| {
-                let target = SyntheticTarget::new(h.guest_pages).map_err(|e| e.to_string())?;
-                Ok(Arc::new(target) as Arc<dyn DestGuest>)
-            });
-            receive(&listener, &opts, factory, &status, &abort)
-        })
+        .spawn(move || receive_synthetic(&listener, &opts, &abort))
 }
 
 fn secs(ms: u64) -> f64 {
