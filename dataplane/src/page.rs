@@ -16,8 +16,9 @@ pub type Block = [u8; BLOCK_SIZE];
 /// A guest page frame number (guest-physical address / 4 KiB).
 pub type Pfn = u64;
 
-/// One 4 KiB page, aligned for vector loads.
-#[derive(Clone, PartialEq, Eq)]
+/// One 4 KiB page, aligned for vector loads. Plain bytes without padding, so a run of pages
+/// can be read into as one byte slice (`zerocopy`).
+#[derive(Clone, PartialEq, Eq, zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::KnownLayout)]
 #[repr(C, align(64))]
 pub struct Page(pub [u8; PAGE_SIZE]);
 
@@ -97,6 +98,15 @@ impl PageBatch {
         self.pfns.push(pfn);
         self.pages.push(Page(*data));
         self.pages.last_mut().expect("just pushed")
+    }
+
+    /// Appends zeroed pages for `pfns` and returns them, contiguous, to be filled in place
+    /// (a backend that reads a run of pages with one system call).
+    pub fn push_zeroed(&mut self, pfns: &[Pfn]) -> &mut [Page] {
+        let start = self.pages.len();
+        self.pfns.extend_from_slice(pfns);
+        self.pages.resize_with(start + pfns.len(), Page::zeroed);
+        &mut self.pages[start..]
     }
 
     /// Empties the batch, keeping its allocation.

@@ -9,6 +9,7 @@
 pub mod chunk_digest;
 pub mod dirty;
 pub mod image;
+pub mod qemu;
 pub mod shm;
 
 pub mod synthetic;
@@ -35,32 +36,56 @@ pub fn memory_digest(mem: &[u8]) -> u64 {
 /// [`chunk_digest::ChunkDigests`] kept while pages streamed) and hashing only the rest.
 pub fn memory_digest_known(mem: &[u8], known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
     let chunks = mem.len().div_ceil(DIGEST_CHUNK).max(1);
+    let hash = |c: usize| {
+        let chunk =
+            &mem[(c * DIGEST_CHUNK).min(mem.len())..((c + 1) * DIGEST_CHUNK).min(mem.len())];
+        Ok::<_, std::convert::Infallible>(xxhash_rust::xxh3::xxh3_64(chunk))
+    };
+    match memory_digest_by_chunks(chunks, known, &hash) {
+        Ok(d) => d,
+    }
+}
+
+/// [`memory_digest`] of memory that is not one slice (a file read in pieces): `hash(c)` gives
+/// chunk `c`'s XXH3-64 where `known(c)` does not. Chunks are hashed on every core, in one
+/// contiguous share per thread, and combined in order.
+pub fn memory_digest_by_chunks<E: Send>(
+    chunks: usize,
+    known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    hash: &(dyn Fn(usize) -> Result<u64, E> + Sync),
+) -> Result<u64, E> {
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
         .min(chunks.div_ceil(64)) // below 64 MiB a thread costs more than it saves
         .max(1);
-    let per_thread = chunks.div_ceil(threads) * DIGEST_CHUNK;
+    let per_share = chunks.div_ceil(threads).max(1);
     let mut digests = vec![0u64; chunks];
     std::thread::scope(|s| {
-        let per_share = per_thread / DIGEST_CHUNK;
-        for (i, (share, out)) in mem
-            .chunks(per_thread)
-            .zip(digests.chunks_mut(per_share))
+        let workers: Vec<_> = digests
+            .chunks_mut(per_share)
             .enumerate()
-        {
-            s.spawn(move || {
-                for (j, (chunk, d)) in share.chunks(DIGEST_CHUNK).zip(out).enumerate() {
-                    *d = known(i * per_share + j)
-                        .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(chunk));
-                }
-            });
-        }
-    });
+            .map(|(i, out)| {
+                s.spawn(move || {
+                    for (j, d) in out.iter_mut().enumerate() {
+                        let c = i * per_share + j;
+                        *d = match known(c) {
+                            Some(k) => k,
+                            None => hash(c)?,
+                        };
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("digest thread panicked"))
+    })?;
     let mut all = xxhash_rust::xxh3::Xxh3::new();
     for d in digests {
         all.update(&d.to_le_bytes());
     }
-    all.digest()
+    Ok(all.digest())
 }
 
 /// Errors from a guest backend, written for the operator.
