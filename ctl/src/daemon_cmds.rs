@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dataplane::daemon::control::{Request, Response, StartRequest, request};
+use dataplane::daemon::control::{QemuGuestSpec, Request, Response, StartRequest, request};
 use dataplane::migrate::{MigrationStatus, Phase};
 use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
@@ -26,6 +26,13 @@ pub struct StartArgs {
     /// Destination daemon's migration address, host:port.
     #[arg(long)]
     to: String,
+    /// The guest: `synthetic` (one this daemon creates, see --workload) or `qemu:QMP_SOCKET`
+    /// (a running QEMU guest whose RAM is the shared file --ram-file).
+    #[arg(long, default_value = "synthetic", value_name = "SPEC", value_parser = guest_spec)]
+    guest: GuestSpec,
+    /// RAM file of a QEMU guest: the mem-path of its memory-backend-file (share=on).
+    #[arg(long, value_name = "PATH")]
+    ram_file: Option<std::path::PathBuf>,
     /// Synthetic guest workload: kernel, tpcw, specjbb or idle.
     #[arg(long, default_value = "tpcw")]
     workload: String,
@@ -38,9 +45,10 @@ pub struct StartArgs {
     /// Synthetic guest write-rate multiplier.
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
-    /// Guest name for displays.
+    /// Guest name for displays; the destination also names a QEMU guest's RAM file and QMP
+    /// socket after it (default: the RAM file's name without extension).
     #[arg(long)]
-    guest: Option<String>,
+    name: Option<String>,
     /// Data streams (default: the daemon's config).
     #[arg(long)]
     streams: Option<u32>,
@@ -137,14 +145,48 @@ fn statuses(socket: &Path, id: Option<u64>) -> Result<Vec<MigrationStatus>, Stri
     }
 }
 
+/// `--guest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GuestSpec {
+    Synthetic,
+    Qemu(std::path::PathBuf),
+}
+
+fn guest_spec(s: &str) -> Result<GuestSpec, String> {
+    match s.split_once(':') {
+        None if s == "synthetic" => Ok(GuestSpec::Synthetic),
+        Some(("qemu", qmp)) if !qmp.is_empty() => Ok(GuestSpec::Qemu(qmp.into())),
+        _ => Err(format!(
+            "{s:?}: use synthetic or qemu:QMP_SOCKET (the guest's QMP Unix socket)"
+        )),
+    }
+}
+
 pub fn start(a: &StartArgs) -> Result<(), String> {
+    let qemu = match (&a.guest, &a.ram_file) {
+        (GuestSpec::Qemu(qmp), Some(ram)) => Some(QemuGuestSpec {
+            // The daemon resolves paths from its own directory: send absolute ones.
+            qmp: std::path::absolute(qmp).map_err(|e| format!("{}: {e}", qmp.display()))?,
+            ram_file: std::path::absolute(ram).map_err(|e| format!("{}: {e}", ram.display()))?,
+        }),
+        (GuestSpec::Qemu(_), None) => {
+            return Err(
+                "a QEMU guest needs --ram-file PATH (its shared memory backend's file)".into(),
+            );
+        }
+        (GuestSpec::Synthetic, Some(_)) => {
+            return Err("--ram-file is for --guest qemu:QMP_SOCKET".into());
+        }
+        (GuestSpec::Synthetic, None) => None,
+    };
     let req = Request::Start(StartRequest {
         to: a.to.clone(),
+        qemu,
         workload: a.workload.clone(),
         mem: a.mem,
         seed: a.seed,
         speed: a.speed,
-        guest: a.guest.clone(),
+        guest: a.name.clone(),
         streams: a.streams,
         policy: a.policy.clone(),
         optimizations: a.optimizations.clone(),

@@ -153,6 +153,49 @@ impl Default for SourceSection {
     }
 }
 
+/// `[qemu]`: QEMU guests. At the destination its presence lets this host receive them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuSection {
+    /// Destination RAM file of an incoming guest (`{guest}`: its name).
+    pub ram_file: String,
+    /// Destination QEMU's QMP socket.
+    pub qmp: String,
+    /// Command that starts the destination QEMU, with `-incoming defer`; empty: the operator
+    /// starts it before the migration.
+    pub command: Vec<String>,
+    /// How long a QMP reply, a QEMU start or the device-state migration may take.
+    pub timeout: String,
+    /// After the commit, the source QEMU quits (nobody can `cont` a second copy).
+    pub quit_source_after_commit: bool,
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        let d = crate::guest::qemu::QemuDestConfig::default();
+        QemuSection {
+            ram_file: d.ram_file,
+            qmp: d.qmp,
+            command: d.command,
+            timeout: "30s".into(),
+            quit_source_after_commit: true,
+        }
+    }
+}
+
+/// QEMU settings, checked.
+#[derive(Debug, Clone)]
+pub struct QemuSettings {
+    /// This host receives QEMU guests (the config has a `[qemu]` section).
+    pub receive: bool,
+    /// Where incoming guests go.
+    pub dest: crate::guest::qemu::QemuDestConfig,
+    /// QMP and device-state bound.
+    pub timeout: Duration,
+    /// Quit the source QEMU after the commit.
+    pub quit_source_after_commit: bool,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +208,8 @@ pub struct DaemonConfig {
     pub network: NetworkSection,
     /// `[source]`
     pub source: SourceSection,
+    /// `[qemu]`
+    pub qemu: Option<QemuSection>,
 }
 
 /// The configuration with every value parsed and checked.
@@ -202,6 +247,8 @@ pub struct Settings {
     pub pin_threads: bool,
     /// Source silence limit.
     pub source_timeout: Duration,
+    /// QEMU guests.
+    pub qemu: QemuSettings,
 }
 
 impl DaemonConfig {
@@ -299,8 +346,41 @@ impl DaemonConfig {
             codec,
             pin_threads: c.source.pin_threads,
             source_timeout: dur("source.timeout", &c.source.timeout)?,
+            qemu: qemu_settings(c.qemu, &key)?,
         })
     }
+}
+
+fn qemu_settings(
+    q: Option<QemuSection>,
+    key: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<QemuSettings, ConfigError> {
+    let receive = q.is_some();
+    let q = q.unwrap_or_default();
+    for (k, v) in [("qemu.ram_file", &q.ram_file), ("qemu.qmp", &q.qmp)] {
+        if !v.contains("{guest}") {
+            return Err(key(
+                k,
+                format!("{v:?} must contain {{guest}}, so each guest has its own"),
+            ));
+        }
+    }
+    if !q.command.is_empty() && !q.command.iter().any(|a| a.contains("-incoming")) {
+        return Err(key(
+            "qemu.command",
+            "must start QEMU waiting for a migration: add \"-incoming\", \"defer\"".into(),
+        ));
+    }
+    Ok(QemuSettings {
+        receive,
+        dest: crate::guest::qemu::QemuDestConfig {
+            ram_file: q.ram_file,
+            qmp: q.qmp,
+            command: q.command,
+        },
+        timeout: parse_duration(&q.timeout).map_err(|e| key("qemu.timeout", e.to_string()))?,
+        quit_source_after_commit: q.quit_source_after_commit,
+    })
 }
 
 /// Reads the pre-shared key, refusing a file others can read.

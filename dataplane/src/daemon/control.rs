@@ -15,12 +15,26 @@ use crate::migrate::MigrationStatus;
 /// Largest request accepted.
 const MAX_REQUEST: u64 = 64 << 10;
 
-/// Start a migration of a synthetic guest hosted by this daemon.
+/// A running QEMU guest to migrate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuGuestSpec {
+    /// Its QMP socket.
+    pub qmp: std::path::PathBuf,
+    /// Its RAM file (shared memory backend).
+    pub ram_file: std::path::PathBuf,
+}
+
+/// Start a migration: of a running QEMU guest (`qemu`), or else of a synthetic guest this
+/// daemon creates and hosts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// Destination daemon's migration address (`host:port`).
     pub to: String,
+    /// A QEMU guest; the synthetic fields below are then unused.
+    #[serde(default)]
+    pub qemu: Option<QemuGuestSpec>,
     /// Synthetic workload (`kernel`, `tpcw`, `specjbb`, `idle`).
     pub workload: String,
     /// Guest memory, bytes.

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::config::Settings;
 use super::control::{Request, Response, StartRequest};
 use crate::crypto::PreSharedKey;
+use crate::guest::qemu::{QemuGuest, QemuSourceConfig, QemuTarget};
 use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
 use crate::guest::workload::Workload;
 use crate::guest::{DestGuest, SourceGuest};
@@ -102,17 +103,6 @@ impl Registry {
             .map_err(|e| format!("destination {:?}: {e}", r.to))?
             .next()
             .ok_or_else(|| format!("destination {:?} resolves to no address", r.to))?;
-        let workload: Workload = r
-            .workload
-            .parse()
-            .map_err(|e: crate::guest::workload::UnknownWorkload| e.to_string())?;
-        let pages = r.mem / PAGE_SIZE as u64;
-        if pages == 0 {
-            return Err(format!(
-                "guest memory of {} bytes is less than a page",
-                r.mem
-            ));
-        }
         let mut codec = s.codec.clone();
         if let Some(o) = &r.optimizations {
             codec.set_optimizations(o)?;
@@ -135,10 +125,14 @@ impl Registry {
                 .try_into()
                 .expect("8 bytes"),
         );
-        let label = r
-            .guest
-            .clone()
-            .unwrap_or_else(|| format!("{}-{:x}", workload, id & 0xffff));
+        let label = r.guest.clone().unwrap_or_else(|| match &r.qemu {
+            // The destination names its RAM file and QEMU after the guest.
+            Some(q) => q
+                .ram_file
+                .file_stem()
+                .map_or_else(|| "qemu-guest".into(), |s| s.to_string_lossy().into_owned()),
+            None => format!("{}-{:x}", r.workload, id & 0xffff),
+        });
         let opts = SourceOptions {
             peer,
             psk: self.psk.clone(),
@@ -160,18 +154,8 @@ impl Registry {
             timeout: s.source_timeout,
             guest_label: label.clone(),
         };
-        let guest: Arc<dyn SourceGuest> = Arc::new(
-            SyntheticGuest::with_options(
-                pages,
-                workload,
-                r.seed,
-                SyntheticOptions {
-                    speed: r.speed,
-                    writers: 1,
-                },
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        let guest = self.source_guest(r)?;
+        let pages = guest.page_count();
         let status = Arc::new(Mutex::new(MigrationStatus::new(
             id,
             Role::Source,
@@ -193,6 +177,64 @@ impl Registry {
             })
             .map_err(|e| e.to_string())?;
         Ok(id)
+    }
+
+    /// The guest a start request names: a running QEMU guest, or a new synthetic one.
+    fn source_guest(&self, r: &StartRequest) -> Result<Arc<dyn SourceGuest>, String> {
+        if let Some(q) = &r.qemu {
+            let guest = QemuGuest::open(QemuSourceConfig {
+                qmp: q.qmp.clone(),
+                ram_file: q.ram_file.clone(),
+                timeout: self.settings.qemu.timeout,
+                quit_after_handover: self.settings.qemu.quit_source_after_commit,
+            })
+            .map_err(|e| e.to_string())?;
+            return Ok(Arc::new(guest));
+        }
+        let workload: Workload = r
+            .workload
+            .parse()
+            .map_err(|e: crate::guest::workload::UnknownWorkload| e.to_string())?;
+        let pages = r.mem / PAGE_SIZE as u64;
+        if pages == 0 {
+            return Err(format!(
+                "guest memory of {} bytes is less than a page",
+                r.mem
+            ));
+        }
+        let guest = SyntheticGuest::with_options(
+            pages,
+            workload,
+            r.seed,
+            SyntheticOptions {
+                speed: r.speed,
+                writers: 1,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(guest))
+    }
+
+    /// The destination guest for an incoming Hello.
+    fn dest_guest(&self, h: &crate::protocol::Hello) -> Result<Arc<dyn DestGuest>, String> {
+        match h.backend.as_str() {
+            "synthetic" | "image" => Ok(Arc::new(
+                SyntheticTarget::new(h.guest_pages).map_err(|e| e.to_string())?,
+            )),
+            "qemu" if self.settings.qemu.receive => Ok(Arc::new(
+                QemuTarget::prepare(
+                    &self.settings.qemu.dest,
+                    &h.guest,
+                    h.guest_pages,
+                    self.settings.qemu.timeout,
+                )
+                .map_err(|e| e.to_string())?,
+            )),
+            "qemu" => Err(
+                "this host does not receive QEMU guests: its config has no [qemu] section".into(),
+            ),
+            other => Err(format!("this host cannot run {other:?} guests")),
+        }
     }
 
     /// Receives migrations on `listener`, one after another, forever.
@@ -222,12 +264,9 @@ impl Registry {
                 _target: target.clone(),
             });
             let slot = target.clone();
+            let this = self.clone();
             let factory = Box::new(move |h: &crate::protocol::Hello| {
-                if h.backend != "synthetic" {
-                    return Err(format!("this host cannot run {:?} guests", h.backend));
-                }
-                let t: Arc<dyn DestGuest> =
-                    Arc::new(SyntheticTarget::new(h.guest_pages).map_err(|e| e.to_string())?);
+                let t = this.dest_guest(h)?;
                 *slot.lock().expect("slot lock") = Some(t.clone());
                 Ok(t)
             });

@@ -16,8 +16,8 @@ use crate::guest::DestGuest;
 use crate::pipeline::sink::SinkPipeline;
 use crate::protocol::handshake::check_version;
 use crate::protocol::{
-    ControlRx, ControlTx, Hello, ProtocolError, ToDest, ToSource, accept_stream, control_channel,
-    read_hello, send_welcome,
+    ControlRx, ControlTx, Hello, MAX_STATE, ProtocolError, ToDest, ToSource, accept_stream,
+    control_channel, read_hello, send_welcome,
 };
 use crate::transport::SocketOptions;
 
@@ -362,6 +362,8 @@ fn follow(
     let mut ready = false;
     // After Final: (iteration, our digest, state) until the source's digest arrives.
     let mut final_state = None;
+    // A large state blob's parts, before Final.
+    let mut state_parts = Vec::new();
     // Messages read while waiting for frames, handled in order before reading more.
     let mut later = std::collections::VecDeque::new();
     loop {
@@ -399,11 +401,27 @@ fn follow(
                 st.wire_bytes = wire;
                 st.elapsed_ms = millis(started.elapsed());
             }
+            ToDest::StatePart { bytes } => {
+                if state_parts.len() + bytes.len() > MAX_STATE {
+                    return Err(MigrateError::Peer(format!(
+                        "state blob larger than {} MiB",
+                        MAX_STATE >> 20
+                    )));
+                }
+                state_parts.extend_from_slice(&bytes);
+            }
             ToDest::Final {
                 iteration,
                 frames,
                 state,
             } => {
+                let state = if state_parts.is_empty() {
+                    state
+                } else {
+                    let mut all = std::mem::take(&mut state_parts);
+                    all.extend_from_slice(&state);
+                    all
+                };
                 status.lock().expect("status lock").phase = Phase::Verifying;
                 let t = Instant::now();
                 wait_frames(pipeline, rx, &mut later, abort, &frames, timeout)?;

@@ -21,8 +21,8 @@ use crate::crypto::{Direction, HandshakeNonce, PreSharedKey};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::pipeline::source::{SourcePipeline, SourceSettings};
 use crate::protocol::{
-    ControlTx, Hello, StreamHello, ToDest, ToSource, VERSION, control_channel, open_stream,
-    send_hello,
+    ControlTx, Hello, STATE_PART, StreamHello, ToDest, ToSource, VERSION, control_channel,
+    open_stream, send_hello,
 };
 use crate::transport::SocketOptions;
 
@@ -462,11 +462,20 @@ impl Run<'_> {
             ms = since(self.paused),
             "final pages queued"
         );
-        // Final goes first so the destination hashes its copy while we hash ours.
+        // Final goes first so the destination hashes its copy while we hash ours. A state
+        // larger than a control message goes ahead of it in parts.
+        let mut state = self.guest.state()?;
+        let last_len = state.len().checked_sub(1).map_or(0, |n| n % STATE_PART + 1);
+        let final_part = state.split_off(state.len() - last_len);
+        for part in state.chunks(STATE_PART) {
+            session.tx.send(&ToDest::StatePart {
+                bytes: part.to_vec(),
+            })?;
+        }
         session.tx.send(&ToDest::Final {
             iteration: it,
             frames,
-            state: self.guest.state()?,
+            state: final_part,
         })?;
         // Everything is queued: close the data plane so the destination's pipeline ends
         // (and releases guest memory) before it verifies.

@@ -11,6 +11,7 @@
 //!   |-- IterationEnd{frames per stream} ------->|
 //!   |<- IterationAck ---------------------------|   once every frame is decoded
 //!   |   ... pause guest, final pages ...        |
+//!   |-- StatePart* (a large state blob) ------->|
 //!   |-- Final{frames, state} ------------------>|   both ends now hash guest memory,
 //!   |-- Digest{source's memory digest} -------->|   at the same time
 //!   |<- Ready (digest matches) -----------------|   holds everything; discards on failure
@@ -36,11 +37,16 @@ use crate::crypto::OpenError;
 
 /// Version of this protocol. 2: the Hello's codec config carries `compression`, frames may
 /// carry the compression flags, and `Final` is followed by `Digest` (both ends hash at once).
-pub const VERSION: u16 = 2;
+/// 3: a state blob larger than a control frame goes ahead of `Final` in `StatePart`s.
+pub const VERSION: u16 = 3;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).
 pub const CONTROL_FRAME_SIZE: usize = 1 << 20;
+/// Largest state blob a destination accepts (a QEMU device state is a few hundred KiB).
+pub const MAX_STATE: usize = 256 << 20;
+/// State bytes per `StatePart` message (well inside a control frame).
+pub const STATE_PART: usize = CONTROL_FRAME_SIZE / 2;
 /// Largest cleartext handshake message.
 pub const MAX_HANDSHAKE: usize = 64 << 10;
 
@@ -53,6 +59,13 @@ pub enum ToDest {
         iteration: u32,
         /// Frames sent on each data stream since the start.
         frames: Vec<u64>,
+    },
+    /// A piece of a state blob too large for one message; the pieces, in order, followed by
+    /// `Final`'s `state`, make the blob.
+    StatePart {
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
     },
     /// The guest is paused and everything is sent. Sent before the source hashes the
     /// guest, so the destination hashes its copy at the same time.

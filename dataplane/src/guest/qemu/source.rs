@@ -36,7 +36,9 @@ pub struct QemuGuest {
     config: QemuSourceConfig,
     ram: Arc<RamFile>,
     fps: Arc<Fingerprints>,
-    qmp: Mutex<Qmp>,
+    /// Released once the migration ends, so the operator's tools can connect again (a QMP
+    /// socket serves one client at a time).
+    qmp: Mutex<Option<Qmp>>,
     sweeper: Mutex<Option<Sweeper>>,
     /// Set by `pause`: the next `collect_dirty` is the exact, final one.
     paused: AtomicBool,
@@ -79,7 +81,7 @@ impl QemuGuest {
         Ok(QemuGuest {
             fps: Arc::new(Fingerprints::new(ram.pages(), u64::from_le_bytes(seed))),
             ram: Arc::new(ram),
-            qmp: Mutex::new(qmp),
+            qmp: Mutex::new(Some(qmp)),
             sweeper: Mutex::new(None),
             paused: AtomicBool::new(false),
             was_running: AtomicBool::new(status.running),
@@ -105,8 +107,19 @@ impl QemuGuest {
         self.device_state_bytes.load(Ordering::Relaxed)
     }
 
-    fn qmp(&self) -> MutexGuard<'_, Qmp> {
-        lock(&self.qmp)
+    /// Runs `f` on the QMP session, unless the migration has ended and released it.
+    fn with_qmp<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Qmp) -> Result<T, GuestError>,
+    ) -> Result<T, GuestError> {
+        match lock(&self.qmp).as_mut() {
+            Some(q) => f(q),
+            None => Err(err(
+                op,
+                "the migration has ended; skyferry no longer drives this QEMU",
+            )),
+        }
     }
 
     fn stop_sweeper(&self) {
@@ -277,10 +290,11 @@ impl SourceGuest for QemuGuest {
     }
 
     fn pause(&self) -> Result<(), GuestError> {
-        let mut q = self.qmp();
-        let before = q.status().map_err(qmp_err("query the source QEMU"))?;
-        self.was_running.store(before.running, Ordering::Relaxed);
-        q.stop().map_err(qmp_err("stop the guest"))?;
+        self.with_qmp("stop the guest", |q| {
+            let before = q.status().map_err(qmp_err("query the source QEMU"))?;
+            self.was_running.store(before.running, Ordering::Relaxed);
+            q.stop().map_err(qmp_err("stop the guest"))
+        })?;
         self.paused.store(true, Ordering::Release);
         Ok(())
     }
@@ -295,13 +309,18 @@ impl SourceGuest for QemuGuest {
         self.stop_sweeper();
         self.paused.store(false, Ordering::Release);
         if self.was_running.load(Ordering::Relaxed) {
-            self.qmp().cont().map_err(qmp_err("resume the guest"))?;
+            self.with_qmp("resume the guest", |q| {
+                q.cont().map_err(qmp_err("resume the guest"))
+            })?;
         }
+        lock(&self.qmp).take();
         Ok(())
     }
 
     fn state(&self) -> Result<Vec<u8>, GuestError> {
-        let blob = device_state::save(&mut self.qmp(), self.ram.bytes(), self.config.timeout)?;
+        let blob = self.with_qmp("save the device state", |q| {
+            device_state::save(q, self.ram.bytes(), self.config.timeout)
+        })?;
         self.device_state_bytes
             .store(device_state::stream_len(&blob) as u64, Ordering::Relaxed);
         Ok(blob)
@@ -321,10 +340,11 @@ impl SourceGuest for QemuGuest {
     fn hand_over(&self) -> Result<(), GuestError> {
         self.handed_over.store(true, Ordering::Release);
         self.stop_sweeper();
-        if self.config.quit_after_handover {
+        let qmp = lock(&self.qmp).take();
+        if let (true, Some(mut q)) = (self.config.quit_after_handover, qmp) {
             // The guest runs at the destination now; a source QEMU left in postmigrate could
             // be `cont`ed by hand into a second copy. Its RAM file stays for the operator.
-            if let Err(e) = self.qmp().execute("quit", None) {
+            if let Err(e) = q.execute("quit", None) {
                 tracing::warn!("source QEMU did not quit after the hand-over: {e}");
             }
         }

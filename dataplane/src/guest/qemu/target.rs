@@ -111,7 +111,9 @@ unsafe impl Sync for Inner {}
 /// The guest being built at the destination.
 pub struct QemuTarget {
     inner: Arc<Inner>,
-    qmp: Mutex<Qmp>,
+    /// Released once the guest runs here, so the operator's tools can connect (a QMP socket
+    /// serves one client at a time).
+    qmp: Mutex<Option<Qmp>>,
     timeout: Duration,
     /// The QEMU skyferryd started, if it did (killed, with its RAM file removed, if the
     /// migration fails).
@@ -241,7 +243,7 @@ impl QemuTarget {
                 next_writer: AtomicU32::new(1),
                 started: AtomicBool::new(false),
             }),
-            qmp: Mutex::new(qmp),
+            qmp: Mutex::new(Some(qmp)),
             timeout,
             child: Mutex::new(target_child),
             created_file: launch,
@@ -493,7 +495,10 @@ impl DestGuest for QemuTarget {
                 dest_pages: self.inner.pages,
             });
         }
-        device_state::load(&mut lock(&self.qmp), blob, self.timeout)
+        match lock(&self.qmp).as_mut() {
+            Some(q) => device_state::load(q, blob, self.timeout),
+            None => Err(err("load device state", "the guest already runs here")),
+        }
     }
 
     fn memory_digest(&self) -> u64 {
@@ -520,10 +525,13 @@ impl DestGuest for QemuTarget {
         if live != 0 {
             return Err(err("start", format!("{live} page writers are still open")));
         }
-        lock(&self.qmp)
+        let mut qmp = lock(&self.qmp);
+        qmp.as_mut()
+            .ok_or_else(|| err("start", "the guest already runs here"))?
             .cont()
             .map_err(qmp_err("start the guest at the destination"))?;
         self.inner.started.store(true, Ordering::Release);
+        qmp.take();
         // A QEMU we started now outlives this migration: reap it when it exits.
         if let Some(mut c) = lock(&self.child).take() {
             let _ = std::thread::Builder::new()
@@ -544,7 +552,9 @@ impl Drop for QemuTarget {
         // The migration did not commit: the guest runs at the source. A QEMU we started is
         // ended and its memory freed; one the operator started is left as it was, unresumed.
         if let Some(mut c) = lock(&self.child).take() {
-            let _ = lock(&self.qmp).execute("quit", None);
+            if let Some(q) = lock(&self.qmp).as_mut() {
+                let _ = q.execute("quit", None);
+            }
             if c.try_wait().ok().flatten().is_none() {
                 std::thread::sleep(Duration::from_millis(100));
                 let _ = c.kill();
