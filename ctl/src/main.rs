@@ -4,6 +4,7 @@ mod daemon_cmds;
 mod demo;
 mod keygen;
 mod progress;
+mod testguest;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,9 @@ enum Command {
     Watch(daemon_cmds::WatchArgs),
     /// Create the pre-shared key both hosts need (copy it to the peer over a secure channel).
     Keygen(keygen::Args),
+    /// Build (or reuse) the small Linux guest that QEMU migration tests boot, and show how to
+    /// run it.
+    TestGuest(testguest::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Status(a) => daemon_cmds::status(&a),
         Command::Watch(a) => daemon_cmds::watch(&a),
         Command::Keygen(args) => keygen::run(&args),
+        Command::TestGuest(args) => testguest::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
