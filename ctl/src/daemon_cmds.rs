@@ -179,7 +179,7 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         }
         (GuestSpec::Synthetic, None) => None,
     };
-    let req = Request::Start(StartRequest {
+    let req = Request::Start(Box::new(StartRequest {
         to: a.to.clone(),
         qemu,
         workload: a.workload.clone(),
@@ -195,7 +195,7 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         downtime_limit_ms: a
             .downtime_limit
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-    });
+    }));
     match call(&a.socket.socket, &req)? {
         Response::Started { id } if a.quiet => println!("{id:x}"),
         Response::Started { id } => println!(

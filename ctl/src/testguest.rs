@@ -47,6 +47,25 @@ pub struct Args {
     /// The hot set, in MiB.
     #[arg(long, default_value_t = Workload::default().hot_mib, value_name = "MIB")]
     hot_mib: u32,
+    /// Guest RAM for the printed command line, in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    ram_mib: u32,
+    /// RAM file for the printed command line.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/dev/shm/skyferry-test-guest.ram"
+    )]
+    ram_file: PathBuf,
+    /// QMP socket for the printed command line [default: DIR/qmp.sock].
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
+    /// Serial log for the printed command line [default: DIR/serial.log].
+    #[arg(long, value_name = "PATH")]
+    serial: Option<PathBuf>,
+    /// Print the command line of a migration destination (-incoming defer -S).
+    #[arg(long)]
+    incoming: bool,
     /// Also boot the guest under QEMU and wait for three heartbeats (checks this host).
     #[arg(long)]
     boot: bool,
@@ -68,10 +87,19 @@ pub fn run(args: &Args) -> Result<(), String> {
         hot_mib: args.hot_mib,
     };
     let example = guest.qemu_argv(&QemuOptions {
-        ram_file: Path::new("/dev/shm/skyferry-test-guest.ram"),
-        qmp_socket: &guest.dir.join("qmp.sock"),
-        serial_log: &guest.dir.join("serial.log"),
+        ram_mib: args.ram_mib,
+        ram_file: &args.ram_file,
+        qmp_socket: &args
+            .qmp
+            .clone()
+            .unwrap_or_else(|| guest.dir.join("qmp.sock")),
+        serial_log: &args
+            .serial
+            .clone()
+            .unwrap_or_else(|| guest.dir.join("serial.log")),
         workload,
+        incoming_defer: args.incoming,
+        start_paused: args.incoming,
         ..QemuOptions::new(args.accel)
     })?;
     let boot = if args.boot {

@@ -65,7 +65,7 @@ pub struct StartRequest {
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Start a migration.
-    Start(StartRequest),
+    Start(Box<StartRequest>),
     /// Abort a migration before its commit.
     Abort {
         /// Migration id.

@@ -174,6 +174,11 @@ pub trait SourceGuest: Send + Sync {
     /// Stops dirty logging and releases the guest for good: the migration committed and the
     /// guest now runs at the destination. The source must never resume it after this.
     fn hand_over(&self) -> Result<(), GuestError>;
+
+    /// The migration is over, whatever its outcome (after `resume` or `hand_over`): release
+    /// what the backend holds of the hypervisor (a QEMU's single QMP connection, say) so the
+    /// operator's tools can use it. The default holds nothing.
+    fn release(&self) {}
 }
 
 /// Writes one stream's pages into the destination guest's memory.

@@ -105,10 +105,12 @@ pub fn receive(
         &hello,
         guest.as_ref().map(|_| ()).map_err(Clone::clone),
     )?;
+    let refusal = match (&verdict, &guest) {
+        (Err(why), _) | (_, Err(why)) => Some(why.clone()),
+        _ => None,
+    };
     let (Some(keys), Ok(guest)) = (keys, guest) else {
-        let why = verdict
-            .and(Err::<(), _>("refused".to_string()))
-            .unwrap_err();
+        let why = refusal.unwrap_or_else(|| "refused".into());
         return Err(fail(
             status,
             started,

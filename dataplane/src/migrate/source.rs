@@ -103,6 +103,7 @@ pub fn migrate(
         committed: false,
     };
     let result = run.go();
+    run.guest.release();
     let mut st = status.lock().expect("status lock");
     st.elapsed_ms = millis(run.started.elapsed());
     match &result {
@@ -465,6 +466,7 @@ impl Run<'_> {
         // Final goes first so the destination hashes its copy while we hash ours. A state
         // larger than a control message goes ahead of it in parts.
         let mut state = self.guest.state()?;
+        let state_bytes = state.len() as u64;
         let last_len = state.len().checked_sub(1).map_or(0, |n| n % STATE_PART + 1);
         let final_part = state.split_off(state.len() - last_len);
         for part in state.chunks(STATE_PART) {
@@ -504,6 +506,8 @@ impl Run<'_> {
             ms: self.paused.map_or(0, |p| millis(p.elapsed())),
         });
         self.update(|s| {
+            s.paused_bytes = Some(final_wire + state_bytes);
+            s.state_bytes = Some(state_bytes);
             s.phase = Phase::Verifying;
             s.iteration = it;
             s.pages_sent += last;

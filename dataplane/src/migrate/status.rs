@@ -98,6 +98,14 @@ pub struct MigrationStatus {
     pub elapsed_ms: u64,
     /// How long the guest was paused, ms (once known).
     pub pause_ms: Option<u64>,
+    /// Bytes sent while the guest was paused: the final iteration's frames and the state
+    /// blob (once known).
+    #[serde(default)]
+    pub paused_bytes: Option<u64>,
+    /// Size of the CPU/device state blob (for a QEMU guest, QEMU's device-state stream plus
+    /// an 18-byte header), once sent.
+    #[serde(default)]
+    pub state_bytes: Option<u64>,
     /// Why pre-copy stopped.
     pub stop_reason: Option<StopReason>,
     /// Memory digests matched at both ends.
@@ -127,6 +135,8 @@ impl MigrationStatus {
             expected_downtime_ms: None,
             elapsed_ms: 0,
             pause_ms: None,
+            paused_bytes: None,
+            state_bytes: None,
             stop_reason: None,
             verified: None,
             error: None,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::qmp::Qmp;
+use super::qmp::{Qmp, QmpError};
 use super::{BACKEND, qmp_err};
 use crate::guest::GuestError;
 
@@ -68,11 +68,20 @@ pub fn save(qmp: &mut Qmp, ram_bytes: u64, within: Duration) -> Result<Vec<u8>, 
     let finished = started
         .and_then(|_| qmp.wait_migration(within))
         .map_err(qmp_err("migrate the device state"));
+    // Leave the capability as we found it: a later migration by QEMU's own means with it on
+    // would leave the RAM behind.
+    let reset = |qmp: &mut Qmp| {
+        if let Err(e) = qmp.set_capabilities(&[("x-ignore-shared", false)]) {
+            tracing::warn!("could not turn x-ignore-shared off again: {e}");
+        }
+    };
     if let Err(e) = finished {
         // The reader sees EOF when QEMU drops the descriptor on failure; don't wait for it.
         let _ = qmp.execute("migrate_cancel", None);
+        reset(qmp);
         return Err(e);
     }
+    reset(qmp);
     let blob = reader
         .join()
         .map_err(|_| err("save device state", "reader thread panicked"))?
@@ -136,11 +145,21 @@ pub fn load(qmp: &mut Qmp, blob: &[u8], within: Duration) -> Result<(), GuestErr
     qmp.send_fd(FD_NAME, theirs.as_fd())
         .map_err(qmp_err("pass the state socket"))?;
     drop(theirs);
-    qmp.execute(
+    // QEMU exits when a load fails unless told otherwise (QEMU 9.1+): keep it, unresumed, for
+    // the operator to look at. Older QEMUs refuse the argument; they get the plain command.
+    let uri = format!("fd:{FD_NAME}");
+    let keep = qmp.execute(
         "migrate-incoming",
-        Some(json!({ "uri": format!("fd:{FD_NAME}") })),
-    )
-    .map_err(qmp_err("start the incoming migration"))?;
+        Some(json!({ "uri": uri, "exit-on-error": false })),
+    );
+    match keep {
+        Ok(_) => {}
+        Err(QmpError::Refused { desc, .. }) if desc.contains("exit-on-error") => {
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+                .map_err(qmp_err("start the incoming migration"))?;
+        }
+        Err(e) => return Err(qmp_err("start the incoming migration")(e)),
+    }
     // QEMU reads as it loads; if it fails midway it stops reading, and the write times out.
     ours.set_write_timeout(Some(within))
         .map_err(|e| err("load device state", e.to_string()))?;
@@ -154,6 +173,9 @@ pub fn load(qmp: &mut Qmp, blob: &[u8], within: Duration) -> Result<(), GuestErr
         (Err(e), Ok(_)) => return Err(err("load device state", format!("writing: {e}"))),
         (Ok(()), Ok(_)) => {}
     }
+    // As at the source: QEMU's own next migration of this guest must carry its RAM.
+    qmp.set_capabilities(&[("x-ignore-shared", false)])
+        .map_err(qmp_err("turn x-ignore-shared off after the load"))?;
     let after = qmp
         .status()
         .map_err(qmp_err("query the destination QEMU"))?;

@@ -337,6 +337,11 @@ impl SourceGuest for QemuGuest {
         self.ram.digest(known)
     }
 
+    fn release(&self) {
+        self.stop_sweeper();
+        lock(&self.qmp).take();
+    }
+
     fn hand_over(&self) -> Result<(), GuestError> {
         self.handed_over.store(true, Ordering::Release);
         self.stop_sweeper();

@@ -1,0 +1,601 @@
+//! QEMU guests end to end: a real Linux kernel under QEMU (TCG here), its RAM carried by two
+//! real skyferryd processes, its device state by QEMU (`x-ignore-shared`); then the same
+//! guest moved by QEMU's own migration, for the side-by-side figures. And the failure paths:
+//! whatever goes wrong before the commit, the guest keeps running at the source.
+//!
+//! Skipped, with the reason printed, on a host without `qemu-system-x86_64` (`tests/run`
+//! installs it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dataplane::guest::qemu::qmp::Qmp;
+use serde_json::{Value, json};
+use skyferry_tests::{Daemon, binary, is_final};
+
+const RAM_MIB: u64 = 256;
+/// The guest program's workload: a mixed pattern at a rate this TCG host sustains.
+const WORKLOAD: [&str; 6] = ["--mem-mib", "48", "--rate", "3000", "--pattern", "mixed"];
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn qemu_missing() -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: qemu-system-x86_64 is not installed (tests/run installs it)");
+    }
+    !ok
+}
+
+/// A private directory under /dev/shm (guest RAM lives in memory), removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = PathBuf::from(format!(
+            "/dev/shm/skyferry-e2e-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test guest's QEMU command line (`skyferry test-guest`, which builds the guest first).
+fn guest_argv(ram_mib: u64, ram: &str, qmp: &str, serial: &str, incoming: bool) -> Vec<String> {
+    let mut args: Vec<String> = ["test-guest", "--json", "--ram-file", ram, "--qmp", qmp]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    args.extend(["--serial".into(), serial.into(), "--ram-mib".into()]);
+    args.push(ram_mib.to_string());
+    args.extend(WORKLOAD.iter().map(|s| (*s).to_string()));
+    if incoming {
+        args.push("--incoming".into());
+    }
+    let out = Command::new(binary("skyferry-ctl", "skyferry"))
+        .args(&args)
+        .output()
+        .expect("run skyferry test-guest");
+    assert!(
+        out.status.success(),
+        "skyferry test-guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("test-guest JSON");
+    v["qemu_example"]
+        .as_array()
+        .expect("argv")
+        .iter()
+        .map(|a| a.as_str().expect("string").to_string())
+        .collect()
+}
+
+/// A QEMU this test started, killed on drop.
+struct Vm {
+    child: Child,
+    qmp: PathBuf,
+    serial: PathBuf,
+    ram: PathBuf,
+}
+
+impl Vm {
+    fn start(dir: &Scratch, name: &str, ram_mib: u64, incoming: bool) -> Vm {
+        let (ram, qmp, serial) = (
+            dir.path(&format!("{name}.ram")),
+            dir.path(&format!("{name}.qmp")),
+            dir.path(&format!("{name}.serial")),
+        );
+        let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+        let argv = guest_argv(ram_mib, &s(&ram), &s(&qmp), &s(&serial), incoming);
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start QEMU");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !qmp.exists() {
+            assert!(Instant::now() < deadline, "QEMU {name} made no QMP socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Vm {
+            child,
+            qmp,
+            serial,
+            ram,
+        }
+    }
+
+    fn qmp(&self) -> Qmp {
+        qmp_at(&self.qmp)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ram);
+    }
+}
+
+fn qmp_at(path: &Path) -> Qmp {
+    // The socket may still be held by a skyferryd that is letting go of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Qmp::connect(path, QMP_TIMEOUT) {
+            Ok(q) => return q,
+            Err(e) if Instant::now() > deadline => panic!("QMP {}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The last heartbeat in a serial log.
+fn last_heartbeat(serial: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    // Complete lines only: the console may be mid-line.
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("skyferry-heartbeat "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .next_back()
+}
+
+/// Waits until the guest's heartbeat passes `beyond` (none: until it has beaten 3 times).
+fn wait_heartbeat(serial: &Path, beyond: Option<u64>, secs: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let last = last_heartbeat(serial);
+        match (last, beyond) {
+            (Some(h), Some(b)) if h > b => return h,
+            (Some(h), None) if h >= 3 => return h,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heartbeat in {} stayed at {last:?} (waiting past {beyond:?})",
+            serial.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A destination daemon that starts the destination QEMU from its command template.
+fn dest_daemon(name: &str, dir: &Scratch) -> Daemon {
+    let mut argv = guest_argv(
+        RAM_MIB,
+        "{ram_file}",
+        "{qmp}",
+        &format!("{}/{{guest}}.serial", dir.0.display()),
+        true,
+    );
+    for a in &mut argv {
+        *a = a.replace(&format!("{RAM_MIB}M"), "{ram_mib}M");
+    }
+    let qemu = format!(
+        "\n[qemu]\nram_file = \"{0}/{{guest}}.ram\"\nqmp = \"{0}/{{guest}}.qmp\"\ncommand = {1}\n",
+        dir.0.display(),
+        serde_json::to_string(&argv).expect("argv JSON")
+    );
+    Daemon::start(name, 1, true, &qemu)
+}
+
+fn source_daemon(name: &str) -> Daemon {
+    Daemon::start(name, 1, false, "\n[qemu]\n")
+}
+
+/// One migration's figures.
+#[derive(Debug)]
+struct Figures {
+    how: String,
+    wire_bytes: u64,
+    total_ms: u64,
+    downtime_ms: u64,
+    iterations: u64,
+    paused_bytes: Option<u64>,
+}
+
+/// Migrates the QEMU guest at `vm` with skyferry to `dest` as guest `name`; returns the
+/// figures and the heartbeat at the pause.
+fn skyferry_migrate(
+    src: &Daemon,
+    dest: &Daemon,
+    vm: &Vm,
+    name: &str,
+    extra: &[&str],
+) -> (Figures, Value) {
+    let to = dest.listen.expect("listens").to_string();
+    let mut args = vec![
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        &format!("qemu:{}", vm.qmp.display()),
+        "--ram-file",
+        vm.ram.to_str().expect("utf-8"),
+        "--name",
+        name,
+        "--quiet",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| (*s).to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = src.cli(&argv);
+    assert!(
+        out.status.success(),
+        "start: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.log()
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let s = src.wait_for(&id, 300, is_final);
+    assert_eq!(
+        s["phase"],
+        "completed",
+        "{s}\nsource log:\n{}\ndest log:\n{}",
+        src.log(),
+        dest.log()
+    );
+    assert_eq!(s["verified"], true, "RAM digests match at the pause");
+    let f = Figures {
+        how: format!("skyferry {}", extra.join(" ")),
+        wire_bytes: s["wire_bytes"].as_u64().unwrap() + s["state_bytes"].as_u64().unwrap(),
+        total_ms: s["elapsed_ms"].as_u64().unwrap(),
+        downtime_ms: s["pause_ms"].as_u64().unwrap(),
+        iterations: s["iteration"].as_u64().unwrap(),
+        paused_bytes: s["paused_bytes"].as_u64(),
+    };
+    (f, s)
+}
+
+/// Migrates with QEMU's own migration from `src` to `dst` (started with -incoming defer -S),
+/// with `caps` on both; `max_bandwidth` in bytes/s. With `count_paused`, the source stops
+/// before the switchover (`pause-before-switchover`, the guest already paused) so the bytes
+/// sent while paused can be read: this adds one QMP round trip to QEMU's downtime.
+fn qemu_migrate(
+    src: &mut Qmp,
+    dst: &mut Qmp,
+    caps: &[(&str, bool)],
+    max_bandwidth: Option<u64>,
+    count_paused: bool,
+    how: &str,
+) -> Figures {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    // Say every capability that matters, on or off: a QEMU keeps what was set before.
+    let mut caps = caps.to_vec();
+    for c in ["xbzrle", "x-ignore-shared"] {
+        if !caps.iter().any(|(n, _)| *n == c) {
+            caps.push((c, false));
+        }
+    }
+    let caps = &caps[..];
+    dst.set_capabilities(caps).unwrap();
+    dst.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )
+    .unwrap();
+    let mut src_caps = caps.to_vec();
+    src_caps.push(("pause-before-switchover", count_paused));
+    src.set_capabilities(&src_caps).unwrap();
+    if let Some(bw) = max_bandwidth {
+        src.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": bw })),
+        )
+        .unwrap();
+    }
+    src.execute(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )
+    .unwrap();
+    let mut before_pause = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let r = src.query_migrate().unwrap();
+        match r["status"].as_str() {
+            Some("completed") => break r,
+            Some("pre-switchover") if before_pause.is_none() => {
+                before_pause = r["ram"]["transferred"].as_u64();
+                src.execute(
+                    "migrate-continue",
+                    Some(json!({ "state": "pre-switchover" })),
+                )
+                .unwrap();
+            }
+            Some("failed" | "cancelled") => panic!("QEMU migration failed: {r}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "QEMU migration still {r}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    dst.wait_migration(QMP_TIMEOUT).unwrap();
+    dst.cont().unwrap();
+    let transferred = done["ram"]["transferred"].as_u64().unwrap();
+    Figures {
+        how: how.into(),
+        wire_bytes: transferred,
+        total_ms: done["total-time"].as_u64().unwrap(),
+        downtime_ms: done["downtime"].as_u64().unwrap(),
+        iterations: done["ram"]["dirty-sync-count"].as_u64().unwrap(),
+        paused_bytes: before_pause.map(|b| transferred - b),
+    }
+}
+
+fn print_table(rows: &[Figures]) {
+    eprintln!(
+        "\n| migration (256 MiB guest, TCG) | wire MB | total ms | downtime ms | iterations | MB sent while paused |"
+    );
+    eprintln!("|---|---|---|---|---|---|");
+    for r in rows {
+        eprintln!(
+            "| {} | {:.1} | {} | {} | {} | {} |",
+            r.how,
+            r.wire_bytes as f64 / 1e6,
+            r.total_ms,
+            r.downtime_ms,
+            r.iterations,
+            r.paused_bytes
+                .map_or("-".into(), |b| format!("{:.2}", b as f64 / 1e6))
+        );
+    }
+}
+
+#[test]
+fn skyferry_carries_a_live_qemu_guest_then_qemu_migrates_it_for_comparison() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu");
+    let src = source_daemon("qemu-src");
+    let dest = dest_daemon("qemu-dst", &dir);
+    let a = Vm::start(&dir, "a", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+
+    // 1. skyferry, unlimited loopback: A -> b (a QEMU the destination daemon starts).
+    let (sky, status) = skyferry_migrate(&src, &dest, &a, "b", &[]);
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let b_serial = dir.path("b.serial");
+    let after = wait_heartbeat(&b_serial, Some(at_pause), 60);
+    eprintln!("skyferry: heartbeat {at_pause} at the pause, {after} at the destination; {status}");
+    let b_state = qmp_at(&dir.path("b.qmp")).status().unwrap();
+    assert!(b_state.running, "the destination guest runs");
+    assert!(
+        status["state_bytes"].as_u64().unwrap() > 10_000,
+        "QEMU's device state travelled: {status}"
+    );
+    // The source QEMU quit after the hand-over: the guest runs in one place.
+    assert!(
+        Qmp::connect(&a.qmp, Duration::from_secs(2)).is_err(),
+        "source QEMU gone"
+    );
+    let mut rows = vec![sky];
+
+    // 2. QEMU's own migration, default settings: b -> C.
+    let c = Vm::start(&dir, "c", RAM_MIB, true);
+    let beat = last_heartbeat(&b_serial).unwrap();
+    rows.push(qemu_migrate(
+        &mut qmp_at(&dir.path("b.qmp")),
+        &mut c.qmp(),
+        &[],
+        None,
+        false,
+        "QEMU default",
+    ));
+    wait_heartbeat(&c.serial, Some(beat), 60);
+
+    // 3. QEMU with xbzrle: C -> D.
+    let d = Vm::start(&dir, "d", RAM_MIB, true);
+    let beat = last_heartbeat(&c.serial).unwrap();
+    rows.push(qemu_migrate(
+        &mut c.qmp(),
+        &mut d.qmp(),
+        &[("xbzrle", true)],
+        None,
+        false,
+        "QEMU xbzrle",
+    ));
+    wait_heartbeat(&d.serial, Some(beat), 60);
+
+    // 4. Both capped at 100 Mbit/s, counting what is sent while the guest is paused.
+    let (sky_capped, _) = skyferry_migrate(&src, &dest, &d, "e", &["--max-bandwidth", "100Mbit"]);
+    let beat = last_heartbeat(&d.serial).unwrap();
+    let e_serial = dir.path("e.serial");
+    wait_heartbeat(&e_serial, Some(beat), 60);
+    rows.push(sky_capped);
+    let f = Vm::start(&dir, "f", RAM_MIB, true);
+    let beat = last_heartbeat(&e_serial).unwrap();
+    rows.push(qemu_migrate(
+        &mut qmp_at(&dir.path("e.qmp")),
+        &mut f.qmp(),
+        &[],
+        Some(100_000_000 / 8),
+        true,
+        "QEMU --max-bandwidth 100Mbit",
+    ));
+    wait_heartbeat(&f.serial, Some(beat), 60);
+    let f_xbzrle = Vm::start(&dir, "g", RAM_MIB, true);
+    let beat = last_heartbeat(&f.serial).unwrap();
+    rows.push(qemu_migrate(
+        &mut f.qmp(),
+        &mut f_xbzrle.qmp(),
+        &[("xbzrle", true)],
+        Some(100_000_000 / 8),
+        true,
+        "QEMU xbzrle --max-bandwidth 100Mbit",
+    ));
+    wait_heartbeat(&f_xbzrle.serial, Some(beat), 60);
+    print_table(&rows);
+    // The QEMUs the destination daemon started (b, e) end with it; quit them here.
+    for g in ["b", "e"] {
+        if let Ok(mut q) = Qmp::connect(&dir.path(&format!("{g}.qmp")), Duration::from_secs(2)) {
+            let _ = q.execute("quit", None);
+        }
+    }
+}
+
+/// Starts a migration that must fail; returns the source's final status.
+fn failing_migration(src: &Daemon, to: &str, vm: &Vm, name: &str) -> Value {
+    let out = src.cli(&[
+        "start",
+        "--to",
+        to,
+        "--guest",
+        &format!("qemu:{}", vm.qmp.display()),
+        "--ram-file",
+        vm.ram.to_str().unwrap(),
+        "--name",
+        name,
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let s = src.wait_for(&id, 120, is_final);
+    assert_eq!(s["phase"], "failed", "{s}");
+    s
+}
+
+/// The guest at `vm` still runs: QEMU says so and the heartbeat goes on.
+fn still_running(vm: &Vm) {
+    eprintln!("checking that {} still runs", vm.qmp.display());
+    assert!(vm.qmp().status().unwrap().running, "the source guest runs");
+    let beat = last_heartbeat(&vm.serial).unwrap();
+    wait_heartbeat(&vm.serial, Some(beat), 30);
+}
+
+#[test]
+fn failures_before_the_commit_leave_the_guest_running_at_the_source() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-fail");
+    let src = source_daemon("qemu-fail-src");
+    // Operator-started destination QEMUs, found at {guest}.ram / {guest}.qmp.
+    let dest = Daemon::start(
+        "qemu-fail-dst",
+        1,
+        true,
+        &format!(
+            "\n[qemu]\nram_file = \"{0}/{{guest}}.ram\"\nqmp = \"{0}/{{guest}}.qmp\"\ntimeout = \"20s\"\n",
+            dir.0.display()
+        ),
+    );
+    let to = dest.listen.unwrap().to_string();
+    let a = Vm::start(&dir, "a", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+
+    // QMP unreachable, or a RAM file that is not the guest's: refused at the start.
+    let bad = src.cli(&[
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        "qemu:/nonexistent/qmp.sock",
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("QMP socket /nonexistent/qmp.sock"), "{msg}");
+    let other = dir.path("other.ram");
+    std::fs::write(&other, vec![0u8; 4096]).unwrap();
+    let bad = src.cli(&[
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        other.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("no memory backend of this QEMU uses"), "{msg}");
+    still_running(&a);
+
+    // No destination QEMU at all.
+    let s = failing_migration(&src, &to, &a, "nobody");
+    assert!(
+        s["error"].as_str().unwrap().contains("nobody.ram"),
+        "names the missing RAM file: {s}"
+    );
+    still_running(&a);
+
+    // A destination QEMU of the wrong size.
+    let small = Vm::start(&dir, "small", RAM_MIB / 2, true);
+    let s = failing_migration(&src, &to, &a, "small");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("but the source's guest has"),
+        "{s}"
+    );
+    still_running(&a);
+    assert!(!small.qmp().status().unwrap().running, "never started");
+
+    // A destination QEMU that refuses the device state (another machine type): the RAM
+    // arrives and matches, the device state does not load, the source resumes.
+    let q35 = {
+        let (ram, qmp, serial) = (
+            dir.path("q35.ram"),
+            dir.path("q35.qmp"),
+            dir.path("q35.serial"),
+        );
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let mut argv = guest_argv(RAM_MIB, &s(&ram), &s(&qmp), &s(&serial), true);
+        let m = argv.iter().position(|x| x == "pc").expect("-machine pc");
+        argv[m] = "q35".into();
+        let child = Command::new(&argv[0]).args(&argv[1..]).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !qmp.exists() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Vm {
+            child,
+            qmp,
+            serial,
+            ram,
+        }
+    };
+    let s = failing_migration(&src, &to, &a, "q35");
+    assert!(s["error"].as_str().unwrap().contains("device state"), "{s}");
+    still_running(&a);
+    assert!(
+        !q35.qmp().status().unwrap().running,
+        "destination left unresumed"
+    );
+    eprintln!(
+        "source log:\n{}\ndestination log:\n{}",
+        src.log(),
+        dest.log()
+    );
+}
