@@ -9,6 +9,7 @@ mod cipher;
 mod codec;
 mod compress;
 mod compress_peer;
+mod fingerprint;
 mod linkemu;
 mod measure;
 mod peer;
@@ -41,6 +42,9 @@ enum Bench {
     /// The paper's compressed-tunnel comparison (Fig. 18) through a rate-limited link, with
     /// skyferry's adaptive compression beside it, and at an unlimited link.
     Compress(compress::Args),
+    /// The QEMU backend's content-based dirty detection: a full fingerprint pass over a RAM
+    /// file, on all cores and on one, beside plain pread of the same file.
+    Fingerprint(fingerprint::Args),
     /// One end of a `compress` run (started by `compress` itself).
     #[command(hide = true)]
     CompressPeer(compress_peer::PeerArgs),
@@ -65,6 +69,7 @@ fn main() {
         Bench::Compress(args) => exit_on_error(compress::run(&args)),
         Bench::CompressPeer(args) => exit_on_error(compress_peer::run(&args)),
         Bench::Wan(args) => exit_on_error(wan::run(&args)),
+        Bench::Fingerprint(args) => exit_on_error(fingerprint::run(&args)),
         Bench::Linkemu(args) => exit_on_error(linkemu::cli::run(&args)),
     }
 }

@@ -152,6 +152,18 @@ impl Fingerprints {
         Ok(changed)
     }
 
+    /// [`final_pass`](Self::final_pass) on the calling thread alone (what one background
+    /// pass costs, for benchmarks).
+    pub fn pass_on_one_thread(&self, ram: &RamFile) -> Result<PassStats, GuestError> {
+        let t = Instant::now();
+        let changed = self.sweep(ram, 0..self.pages, true, &AtomicBool::new(false))?;
+        Ok(PassStats {
+            pages: self.pages,
+            changed,
+            elapsed: t.elapsed(),
+        })
+    }
+
     /// One pass over every page on every core: with the guest paused, this finds exactly
     /// the pages that differ from the copies sent.
     pub fn final_pass(&self, ram: &RamFile) -> Result<PassStats, GuestError> {
