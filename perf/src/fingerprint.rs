@@ -100,7 +100,7 @@ fn measure(a: &Args, pages: u64, path: &std::path::Path) -> Result<Report, Strin
         }
         if pfn % 8 != 0 {
             for (i, b) in page.0.iter_mut().enumerate() {
-                *b = u8::try_from((pfn as usize * 31 + i * 7) % 251).expect("below 251");
+                *b = u8::try_from((pfn * 31 + i as u64 * 7) % 251).expect("below 251");
             }
         } else {
             page.0.fill(0);
