@@ -6,6 +6,8 @@
 //! workloads. The main thread polls the source's status for the live display, then prints
 //! the summary and whether the destination's memory matched the source's.
 //!
+//! `--guest qemu` migrates a real QEMU guest instead (`demo_qemu.rs`).
+//!
 //! The default rate limit is 1 Gbit/s: the workload models are calibrated against a 1 Gbit/s
 //! link (their hot sets are rewritten faster than its ~30k pages/s, so pre-copy levels off
 //! after a few iterations and the stop policy has a decision to make), it is the top of the
@@ -33,40 +35,51 @@ use dataplane::units::{format_duration, format_rate, format_size, parse_duration
 use serde_json::json;
 
 use crate::progress::{Progress, stop_reason_name, summary_table};
+use crate::testguest::Accel;
 
 /// How often the main thread polls the source's status.
-const POLL: Duration = Duration::from_millis(200);
+pub(crate) const POLL: Duration = Duration::from_millis(200);
 /// How long either end waits on a silent peer.
-const TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
+/// The synthetic guest's memory unless `--mem` says otherwise.
+const SYNTHETIC_MEM: u64 = 1 << 30;
 /// The smallest guest the demo runs (the workload models lay memory out in 64 KiB extents
 /// and several tiers).
 const MIN_MEM: u64 = 1 << 20;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// The guest: synthetic (memory filled and rewritten like the paper's workloads, in this
+    /// process) or qemu (the QEMU test guest, booted here and live-migrated between two
+    /// QEMUs; see `skyferry test-guest`).
+    #[arg(long, value_enum, default_value_t = GuestKind::Synthetic, value_name = "KIND")]
+    pub(crate) guest: GuestKind,
+    /// QEMU accelerator (--guest qemu): tcg works everywhere, kvm needs /dev/kvm.
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    pub(crate) accel: Accel,
     /// Workload of the synthetic guest: kernel (compile), tpcw (database), specjbb (Java
     /// heap) or idle.
     #[arg(long, default_value = "tpcw", value_name = "NAME")]
     workload: Workload,
-    /// Guest memory (binary units: 1G = 1GiB = 1024 MiB).
+    /// Guest memory (binary units: 1G = 1GiB = 1024 MiB) [default: 1GiB synthetic, 256MiB
+    /// qemu].
     #[arg(
         long,
-        default_value = "1GiB",
         value_name = "SIZE",
         value_parser = parse_size,
         allow_hyphen_values = true,
     )]
-    mem: u64,
+    pub(crate) mem: Option<u64>,
     /// Stop policy: smart (CloudNet's Smart Stop) or xen-default.
     #[arg(long, default_value = "smart", value_name = "POLICY")]
-    policy: Policy,
+    pub(crate) policy: Policy,
     /// Codec optimizations: all, none, or a comma list of zero, cbr, delta.
     #[arg(long, default_value = "all", value_name = "LIST", value_parser = parse_optimizations)]
-    optimizations: Optimizations,
+    pub(crate) optimizations: Optimizations,
     /// Frame compression after the codec: off, lz4, zstd1, zstd3, or auto (on only while the
     /// link, not the CPU, is the bottleneck).
     #[arg(long, default_value = "off", value_name = "MODE")]
-    compression: Compression,
+    pub(crate) compression: Compression,
     /// Data streams (TCP connections).
     #[arg(
         long,
@@ -74,7 +87,7 @@ pub struct Args {
         value_name = "N",
         value_parser = clap::value_parser!(u32).range(1..=16),
     )]
-    streams: u32,
+    pub(crate) streams: u32,
     /// Send rate limit, like 1Gbit, 100Mbit or 500MB/s; `none` for unlimited loopback. The
     /// default 1 Gbit/s is the link the workload models are calibrated for: pre-copy takes a
     /// few iterations and the stop policy has something to decide.
@@ -85,11 +98,11 @@ pub struct Args {
         value_parser = parse_bandwidth,
         allow_hyphen_values = true,
     )]
-    max_bandwidth: Bandwidth,
+    pub(crate) max_bandwidth: Bandwidth,
     /// Stop pre-copy as soon as what remains can be sent within this pause (e.g. 300ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
-    downtime_limit: Option<Duration>,
-    /// Multiplies the guest's write rates (0 = a guest that never writes).
+    pub(crate) downtime_limit: Option<Duration>,
+    /// Multiplies the synthetic guest's write rates (0 = a guest that never writes).
     #[arg(
         long,
         default_value_t = 1.0,
@@ -98,25 +111,44 @@ pub struct Args {
         allow_hyphen_values = true,
     )]
     speed: f64,
-    /// Seed of the guest's content and writes (the same seed makes the same guest).
+    /// Seed of the synthetic guest's content and writes (the same seed makes the same guest).
     #[arg(long, default_value_t = 1, value_name = "N")]
     seed: u64,
     /// Print one JSON object with the results on standard output (progress, if any, goes to
     /// standard error when it is a terminal).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+}
+
+/// Which guest `skyferry demo` migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum GuestKind {
+    /// The synthetic guest, in this process.
+    Synthetic,
+    /// The QEMU test guest, between two QEMUs on this host.
+    Qemu,
+}
+
+impl Args {
+    /// Guest memory: `--mem`, else the default of the chosen guest.
+    pub(crate) fn mem(&self) -> u64 {
+        self.mem.unwrap_or(match self.guest {
+            GuestKind::Synthetic => SYNTHETIC_MEM,
+            GuestKind::Qemu => crate::demo_qemu::DEFAULT_MEM,
+        })
+    }
 }
 
 /// Which codec optimizations run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Optimizations {
+pub(crate) struct Optimizations {
     zero: bool,
     cbr: bool,
     delta: bool,
 }
 
 impl Optimizations {
-    fn codec(self) -> CodecConfig {
+    pub(crate) fn codec(self) -> CodecConfig {
         CodecConfig {
             zero_pages: self.zero,
             cbr: self.cbr,
@@ -125,7 +157,7 @@ impl Optimizations {
         }
     }
 
-    fn names(self) -> Vec<&'static str> {
+    pub(crate) fn names(self) -> Vec<&'static str> {
         [
             ("zero", self.zero),
             ("cbr", self.cbr),
@@ -173,7 +205,7 @@ fn parse_optimizations(s: &str) -> Result<Optimizations, String> {
 
 /// A send rate limit in bytes per second; `None` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Bandwidth(Option<u64>);
+pub(crate) struct Bandwidth(pub(crate) Option<u64>);
 
 fn parse_bandwidth(s: &str) -> Result<Bandwidth, dataplane::units::UnitError> {
     dataplane::units::parse_rate_limit(s).map(Bandwidth)
@@ -190,30 +222,33 @@ fn parse_speed(s: &str) -> Result<f64, String> {
 }
 
 /// What the demo hands back from its two threads.
-struct Outcome {
-    source: Result<SourceSummary, MigrateError>,
+pub(crate) struct Outcome {
+    pub(crate) source: Result<SourceSummary, MigrateError>,
     /// `None` when the destination thread did not finish in time (it is left behind).
-    dest: Option<Result<DestSummary, MigrateError>>,
-    status: MigrationStatus,
-    setup: Duration,
-    wall: Duration,
+    pub(crate) dest: Option<Result<DestSummary, MigrateError>>,
+    pub(crate) status: MigrationStatus,
+    pub(crate) setup: Duration,
+    pub(crate) wall: Duration,
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
+    if args.guest == GuestKind::Qemu {
+        return crate::demo_qemu::run(args);
+    }
+    let mem = args.mem();
     let page = PAGE_SIZE as u64;
-    if args.mem < MIN_MEM || !args.mem.is_multiple_of(page) {
+    if mem < MIN_MEM || !mem.is_multiple_of(page) {
         return Err(format!(
-            "--mem is {} bytes: the guest needs a whole number of 4 KiB pages, at least {}",
-            args.mem,
+            "--mem is {mem} bytes: the guest needs a whole number of 4 KiB pages, at least {}",
             format_size(MIN_MEM)
         ));
     }
-    let pages = args.mem / page;
+    let pages = mem / page;
     let codec = CodecConfig {
         compression: args.compression,
         ..args.optimizations.codec()
     };
-    check_memory(args.mem, args.streams, &codec)?;
+    check_memory(mem, args.streams, &codec)?;
 
     let mut view = if args.json {
         Progress::stderr()
@@ -225,30 +260,35 @@ pub fn run(args: &Args) -> Result<(), String> {
         println!(
             "skyferry demo: a {} synthetic {} guest (seed {}, speed {}) live-migrated over \
              loopback TCP",
-            format_size(args.mem),
+            format_size(mem),
             args.workload,
             args.seed,
             args.speed
         );
-        println!(
-            "  policy {} | optimizations {} | compression {} | {} stream{} | rate limit {}{}",
-            args.policy,
-            optimizations_text(args.optimizations),
-            args.compression,
-            args.streams,
-            if args.streams == 1 { "" } else { "s" },
-            args.max_bandwidth
-                .0
-                .map_or("none".into(), |r| format_rate(r as f64)),
-            args.downtime_limit
-                .map(|d| format!(" | downtime limit {}", format_duration(d)))
-                .unwrap_or_default()
-        );
+        println!("{}", settings_line(args));
         println!("  filling guest memory...");
     }
 
     let outcome = migrate_here(args, pages, codec, &mut view)?;
     report(args, pages, &outcome)
+}
+
+/// The migration settings, one line, for the demo's header.
+pub(crate) fn settings_line(args: &Args) -> String {
+    format!(
+        "  policy {} | optimizations {} | compression {} | {} stream{} | rate limit {}{}",
+        args.policy,
+        optimizations_text(args.optimizations),
+        args.compression,
+        args.streams,
+        if args.streams == 1 { "" } else { "s" },
+        args.max_bandwidth
+            .0
+            .map_or("none".into(), |r| format_rate(r as f64)),
+        args.downtime_limit
+            .map(|d| format!(" | downtime limit {}", format_duration(d)))
+            .unwrap_or_default()
+    )
 }
 
 fn optimizations_text(o: Optimizations) -> String {
@@ -262,7 +302,7 @@ fn optimizations_text(o: Optimizations) -> String {
 
 /// Refuses a demo this host cannot hold: two copies of the guest (source and destination)
 /// plus a block cache per stream at each end.
-fn check_memory(mem: u64, streams: u32, codec: &CodecConfig) -> Result<(), String> {
+pub(crate) fn check_memory(mem: u64, streams: u32, codec: &CodecConfig) -> Result<(), String> {
     let caches = if codec.uses_cache() {
         2 * u64::from(streams) * codec.cache_bytes
     } else {
@@ -417,7 +457,7 @@ fn spawn_destination(
 }
 
 /// Joins `t` if it ends within `limit`; otherwise leaves it (the process exit ends it).
-fn join_within<T>(t: JoinHandle<T>, limit: Duration) -> Option<T> {
+pub(crate) fn join_within<T>(t: JoinHandle<T>, limit: Duration) -> Option<T> {
     let deadline = Instant::now() + limit;
     while !t.is_finished() {
         if Instant::now() >= deadline {
@@ -428,10 +468,9 @@ fn join_within<T>(t: JoinHandle<T>, limit: Duration) -> Option<T> {
     t.join().ok()
 }
 
-/// Prints the result (table or JSON) and decides the exit status.
-fn report(args: &Args, pages: u64, o: &Outcome) -> Result<(), String> {
-    let summary = o.source.as_ref().ok();
-    let status = summary.map_or(&o.status, |s| &s.status);
+/// Whether both ends completed and confirmed the memory digests, and if not, why.
+pub(crate) fn verdict(o: &Outcome) -> (bool, Option<String>) {
+    let status = o.source.as_ref().map_or(&o.status, |s| &s.status);
     let dest_status = match &o.dest {
         Some(Ok(d)) => Some(&d.status),
         _ => None,
@@ -459,7 +498,14 @@ fn report(args: &Args, pages: u64, o: &Outcome) -> Result<(), String> {
         }
         _ => None,
     };
+    (verified, error)
+}
 
+/// Prints the result (table or JSON) and decides the exit status.
+fn report(args: &Args, pages: u64, o: &Outcome) -> Result<(), String> {
+    let summary = o.source.as_ref().ok();
+    let status = summary.map_or(&o.status, |s| &s.status);
+    let (verified, error) = verdict(o);
     if args.json {
         let codec = summary.map(|s| &s.codec);
         let obj = json_report(args, pages, o, status, codec, verified, error.as_deref());
@@ -487,7 +533,7 @@ fn report(args: &Args, pages: u64, o: &Outcome) -> Result<(), String> {
     error.map_or(Ok(()), Err)
 }
 
-fn json_report(
+pub(crate) fn json_report(
     args: &Args,
     pages: u64,
     o: &Outcome,
@@ -513,7 +559,7 @@ fn json_report(
         "speed": args.speed,
         "max_bandwidth_bps": args.max_bandwidth.0,
         "downtime_limit_ms": args.downtime_limit.map(|d| d.as_secs_f64() * 1e3),
-        "guest_bytes": args.mem,
+        "guest_bytes": args.mem(),
         "guest_pages": pages,
         "iterations": iterations.len(),
         "precopy_iterations": precopy,
@@ -543,7 +589,7 @@ fn json_report(
     })
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -568,7 +614,9 @@ mod tests {
     fn defaults() {
         let a = parse(&[]).unwrap();
         assert_eq!(a.workload, Workload::Tpcw);
-        assert_eq!(a.mem, 1 << 30);
+        assert_eq!(a.mem(), 1 << 30);
+        assert_eq!(a.guest, GuestKind::Synthetic);
+        assert_eq!(a.accel, Accel::Tcg);
         assert_eq!(a.policy, Policy::Smart);
         assert_eq!(a.optimizations.names(), ["zero", "cbr", "delta"]);
         assert_eq!(a.streams, 2);
@@ -617,7 +665,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.workload, Workload::Specjbb);
-        assert_eq!(a.mem, 512 << 20);
+        assert_eq!(a.mem(), 512 << 20);
         assert_eq!(a.policy, Policy::XenDefault);
         assert_eq!(a.optimizations.names(), ["zero", "delta"]);
         assert_eq!(a.max_bandwidth, Bandwidth(None));
