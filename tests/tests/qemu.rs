@@ -370,6 +370,9 @@ fn skyferry_carries_a_live_qemu_guest_then_qemu_migrates_it_for_comparison() {
         return;
     }
     let dir = Scratch::new("qemu");
+    // The destination daemon's QEMUs outlive it (they run the guest): end them however the
+    // test ends.
+    let _quit = QuitOnDrop(vec![dir.path("b.qmp"), dir.path("e.qmp")]);
     let src = source_daemon("qemu-src");
     let dest = dest_daemon("qemu-dst", &dir);
     let a = Vm::start(&dir, "a", RAM_MIB, false);
@@ -449,10 +452,17 @@ fn skyferry_carries_a_live_qemu_guest_then_qemu_migrates_it_for_comparison() {
     ));
     wait_heartbeat(&f_xbzrle.serial, Some(beat), 60);
     print_table(&rows);
-    // The QEMUs the destination daemon started (b, e) end with it; quit them here.
-    for g in ["b", "e"] {
-        if let Ok(mut q) = Qmp::connect(&dir.path(&format!("{g}.qmp")), Duration::from_secs(2)) {
-            let _ = q.execute("quit", None);
+}
+
+/// Sends QMP `quit` to the QEMUs at these sockets when dropped.
+struct QuitOnDrop(Vec<PathBuf>);
+
+impl Drop for QuitOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let Ok(mut q) = Qmp::connect(p, Duration::from_secs(2)) {
+                let _ = q.execute("quit", None);
+            }
         }
     }
 }
