@@ -57,6 +57,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the source QEMU may take to quit after the hand-over.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scratch directories are named this, then the demo's pid and a random tag.
+const SCRATCH_PREFIX: &str = "skyferry-demo-";
 /// The guest's name in the Hello (the destination checks it can name files).
 const LABEL: &str = "qemu-demo";
 
@@ -162,7 +164,13 @@ pub(crate) fn migrate_qemu(
         "source",
         &src,
     )?;
-    let booted = wait_heartbeats(&mut source_qemu, &src.log, BOOT_HEARTBEATS, BOOT_TIMEOUT)?;
+    let booted = wait_heartbeats(
+        &mut source_qemu,
+        args.accel,
+        &src.log,
+        BOOT_HEARTBEATS,
+        BOOT_TIMEOUT,
+    )?;
     say(&format!(
         "source guest up after {}: heartbeat {}",
         format_duration(started.elapsed()),
@@ -385,6 +393,7 @@ fn utf8(p: &Path) -> Result<String, String> {
 /// Waits until the guest has printed `want` heartbeats; returns the last one.
 fn wait_heartbeats(
     qemu: &mut QemuProcess,
+    accel: Accel,
     log: &Path,
     want: u64,
     timeout: Duration,
@@ -404,9 +413,16 @@ fn wait_heartbeats(
         }
         if start.elapsed() > timeout {
             return Err(format!(
-                "the source guest printed {} of {want} heartbeats in {} s; serial log ends:\n{}",
+                "the source guest printed {} of {want} heartbeats in {} s under {}{}; serial \
+                 log ends:\n{}",
                 hb.count,
                 timeout.as_secs(),
+                accel.name(),
+                if accel == Accel::Kvm {
+                    " (a host whose /dev/kvm is slow or nested may do better with --accel tcg)"
+                } else {
+                    ""
+                },
                 log_tail(log)
             ));
         }
@@ -468,7 +484,8 @@ fn log_tail(path: &Path) -> String {
     };
     let lines: Vec<&str> = text.lines().collect();
     if lines.is_empty() {
-        return "(empty)".into();
+        // The guest's kernel runs with `quiet`: an empty log means /init never ran.
+        return "(empty: the guest's kernel printed nothing and /init never ran)".into();
     }
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
@@ -510,9 +527,10 @@ impl Scratch {
         } else {
             std::env::temp_dir()
         };
+        remove_stale(&base);
         let tag = getrandom::u64().map_err(|e| format!("cannot make a name: {e}"))?;
         let dir = base.join(format!(
-            "skyferry-demo-{}-{:08x}",
+            "{SCRATCH_PREFIX}{}-{:08x}",
             std::process::id(),
             tag & 0xffff_ffff
         ));
@@ -530,6 +548,31 @@ impl Scratch {
             qmp: f("qmp"),
             log: f("log"),
             stderr: f("stderr"),
+        }
+    }
+}
+
+/// Removes the scratch directories of demos that are gone without cleaning up (killed, or
+/// interrupted by Ctrl-C, which ends QEMU too but skips our drops): their RAM files would
+/// hold memory until the next reboot.
+fn remove_stale(base: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return; // no way to tell a live demo from a dead one
+    }
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new("/proc").join(pid.to_string()).exists()
+        {
+            let _ = fs::remove_dir_all(e.path());
         }
     }
 }
@@ -727,6 +770,7 @@ fn json(args: &Args, q: &QemuOutcome, verified: bool, error: Option<&str>) -> se
     v["seed"] = serde_json::Value::Null;
     v["speed"] = serde_json::Value::Null;
     v["device_state_bytes"] = q.device_state_bytes.into();
+    v["paused_bytes"] = json!(status.paused_bytes);
     v["guest_resumed"] = q.guest_resumed.into();
     v["heartbeat_at_pause"] = json!(q.heartbeat_at_pause);
     v["heartbeat_after"] = json!(q.heartbeat_after);
@@ -766,6 +810,27 @@ mod tests {
             let e = guest_size(bad).unwrap_err();
             assert!(e.contains("whole number of MiB, at least 64.00 MiB"), "{e}");
         }
+    }
+
+    #[test]
+    fn scratch_of_dead_demos_is_removed() {
+        let base = std::env::temp_dir().join(format!(
+            "skyferry-demo-test-{}-{:x}",
+            std::process::id(),
+            getrandom::u64().unwrap()
+        ));
+        // Above Linux's largest pid_max (2^22): no such process.
+        let dead = base.join(format!("{SCRATCH_PREFIX}4294967-0000beef"));
+        let live = base.join(format!("{SCRATCH_PREFIX}{}-0000cafe", std::process::id()));
+        let other = base.join("skyferry-demo-notapid");
+        for d in [&dead, &live, &other] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("x.ram"), b"ram").unwrap();
+        }
+        remove_stale(&base);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+        fs::remove_dir_all(&base).unwrap();
     }
 
     /// The whole QEMU demo on this host: boot the test guest under TCG, migrate it between
