@@ -408,20 +408,7 @@ fn migrate_here(
     let last = snapshot();
     view.finish(&last);
 
-    // The destination ends with the source; if the source failed early it may still wait
-    // for a connection: tell it to stop and wake its accept.
-    if source.is_err() {
-        dest_abort.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-    }
-    let dest = join_within(
-        dest,
-        if source.is_ok() {
-            TIMEOUT
-        } else {
-            Duration::from_secs(5)
-        },
-    );
+    let dest = join_destination(dest, source.is_ok(), &dest_abort, addr);
     drop(guest);
     Ok(Outcome {
         source,
@@ -456,8 +443,28 @@ fn spawn_destination(
         .map_err(|e| format!("cannot start the destination thread: {e}"))
 }
 
+/// Joins the destination thread. It ends with the source; if the source failed early it may
+/// still wait for a connection: it is told to stop and its accept is woken.
+pub(crate) fn join_destination<T>(
+    dest: JoinHandle<T>,
+    source_ok: bool,
+    dest_abort: &AtomicBool,
+    addr: std::net::SocketAddr,
+) -> Option<T> {
+    if !source_ok {
+        dest_abort.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    }
+    let limit = if source_ok {
+        TIMEOUT
+    } else {
+        Duration::from_secs(5)
+    };
+    join_within(dest, limit)
+}
+
 /// Joins `t` if it ends within `limit`; otherwise leaves it (the process exit ends it).
-pub(crate) fn join_within<T>(t: JoinHandle<T>, limit: Duration) -> Option<T> {
+fn join_within<T>(t: JoinHandle<T>, limit: Duration) -> Option<T> {
     let deadline = Instant::now() + limit;
     while !t.is_finished() {
         if Instant::now() >= deadline {

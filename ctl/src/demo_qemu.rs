@@ -18,11 +18,11 @@
 //! memory), removed at the end together with both QEMUs, on success and on error.
 
 use std::fs::{self, OpenOptions};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use dataplane::transport::SocketOptions;
 use dataplane::units::{format_duration, format_size};
 use serde_json::json;
 
-use crate::demo::{Args, Outcome, POLL, TIMEOUT, join_within, json_report, millis, verdict};
+use crate::demo::{Args, Outcome, POLL, TIMEOUT, join_destination, json_report, millis, verdict};
 use crate::progress::{Progress, summary_table};
 use crate::testguest::{self, Accel, QEMU, QemuOptions, TestGuest, Workload};
 
@@ -301,18 +301,7 @@ pub(crate) fn migrate_qemu(
         .map_err(|_| "the source thread panicked".to_string())?;
     let last = snapshot();
     view.finish(&last);
-    if source.is_err() {
-        dest_abort.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-    }
-    let dest = join_within(
-        dest,
-        if source.is_ok() {
-            TIMEOUT
-        } else {
-            Duration::from_secs(5)
-        },
-    );
+    let dest = join_destination(dest, source.is_ok(), &dest_abort, addr);
     let ended = Instant::now();
     let final_status = source.as_ref().map_or(&last, |s| &s.status);
     let handed_over = matches!(
