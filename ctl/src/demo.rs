@@ -385,19 +385,8 @@ fn migrate_here(
         &label,
         pages,
     )));
-    let source = {
-        let (guest, status) = (guest.clone() as Arc<dyn SourceGuest>, status.clone());
-        thread::Builder::new()
-            .name("sf-demo-source".into())
-            .spawn(move || migrate(guest, &opts, id, &status, &AtomicBool::new(false)))
-            .map_err(|e| format!("cannot start the source thread: {e}"))?
-    };
-
-    let snapshot = || {
-        status
-            .lock()
-            .map_or_else(|e| e.into_inner().clone(), |s| s.clone())
-    };
+    let source = spawn_source(guest.clone(), opts, id, &status)?;
+    let snapshot = || snapshot(&status);
     while !source.is_finished() {
         view.update(&snapshot());
         thread::sleep(POLL);
@@ -441,6 +430,27 @@ fn spawn_destination(
         .name("sf-demo-dest".into())
         .spawn(move || receive_synthetic(&listener, &opts, &abort))
         .map_err(|e| format!("cannot start the destination thread: {e}"))
+}
+
+/// Runs the source end of the migration on its own thread.
+pub(crate) fn spawn_source(
+    guest: Arc<dyn SourceGuest>,
+    opts: SourceOptions,
+    id: u64,
+    status: &Arc<Mutex<MigrationStatus>>,
+) -> Result<JoinHandle<Result<SourceSummary, MigrateError>>, String> {
+    let status = status.clone();
+    thread::Builder::new()
+        .name("sf-demo-source".into())
+        .spawn(move || migrate(guest, &opts, id, &status, &AtomicBool::new(false)))
+        .map_err(|e| format!("cannot start the source thread: {e}"))
+}
+
+/// The status now (a panicked writer leaves it readable).
+pub(crate) fn snapshot(status: &Mutex<MigrationStatus>) -> MigrationStatus {
+    status
+        .lock()
+        .map_or_else(|e| e.into_inner().clone(), |s| s.clone())
 }
 
 /// Joins the destination thread. It ends with the source; if the source failed early it may

@@ -33,7 +33,7 @@ use dataplane::guest::qemu::qmp::Qmp;
 use dataplane::guest::qemu::{QemuDestConfig, QemuGuest, QemuSourceConfig, QemuTarget};
 use dataplane::guest::{DestGuest, SourceGuest};
 use dataplane::migrate::dest::{DestOptions, GuestFactory, receive};
-use dataplane::migrate::source::{SourceOptions, migrate};
+use dataplane::migrate::source::SourceOptions;
 use dataplane::migrate::{MigrationStatus, Phase, Role};
 use dataplane::page::PAGE_SIZE;
 use dataplane::protocol::Hello;
@@ -41,7 +41,10 @@ use dataplane::transport::SocketOptions;
 use dataplane::units::{format_duration, format_size};
 use serde_json::json;
 
-use crate::demo::{Args, Outcome, POLL, TIMEOUT, join_destination, json_report, millis, verdict};
+use crate::demo::{
+    Args, Outcome, POLL, TIMEOUT, join_destination, json_report, millis, snapshot, spawn_source,
+    verdict,
+};
 use crate::progress::{Progress, summary_table};
 use crate::testguest::{self, Accel, QEMU, QemuOptions, TestGuest, Workload};
 
@@ -268,19 +271,8 @@ pub(crate) fn migrate_qemu(
         LABEL,
         pages,
     )));
-    let source = {
-        let (guest, status) = (source_guest.clone() as Arc<dyn SourceGuest>, status.clone());
-        thread::Builder::new()
-            .name("sf-demo-source".into())
-            .spawn(move || migrate(guest, &opts, id, &status, &AtomicBool::new(false)))
-            .map_err(|e| format!("cannot start the source thread: {e}"))?
-    };
-
-    let snapshot = || {
-        status
-            .lock()
-            .map_or_else(|e| e.into_inner().clone(), |s| s.clone())
-    };
+    let source = spawn_source(source_guest.clone(), opts, id, &status)?;
+    let snapshot = || snapshot(&status);
     // The heartbeat when the switchover starts; the guest is paused right after the phase
     // changes, so the number is final once the migration is over (see below).
     let mut at_stop = None;

@@ -95,13 +95,25 @@ struct Vm {
 
 impl Vm {
     fn start(dir: &Scratch, name: &str, ram_mib: u64, incoming: bool) -> Vm {
+        Self::start_with(dir, name, ram_mib, incoming, |_| {})
+    }
+
+    /// [`start`](Self::start), with the command line changed by `edit` first.
+    fn start_with(
+        dir: &Scratch,
+        name: &str,
+        ram_mib: u64,
+        incoming: bool,
+        edit: impl FnOnce(&mut Vec<String>),
+    ) -> Vm {
         let (ram, qmp, serial) = (
             dir.path(&format!("{name}.ram")),
             dir.path(&format!("{name}.qmp")),
             dir.path(&format!("{name}.serial")),
         );
         let s = |p: &Path| p.to_str().expect("utf-8").to_string();
-        let argv = guest_argv(ram_mib, &s(&ram), &s(&qmp), &s(&serial), incoming);
+        let mut argv = guest_argv(ram_mib, &s(&ram), &s(&qmp), &s(&serial), incoming);
+        edit(&mut argv);
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .stdout(Stdio::null())
@@ -345,6 +357,31 @@ fn qemu_migrate(
     }
 }
 
+/// QEMU's own migration of the guest whose QMP socket and serial log are `from_*` to a new
+/// QEMU named `to` (paused bytes counted when capped); the heartbeat must go on there.
+fn qemu_hop(
+    dir: &Scratch,
+    from_qmp: &Path,
+    from_serial: &Path,
+    to: &str,
+    caps: &[(&str, bool)],
+    max_bandwidth: Option<u64>,
+    how: &str,
+) -> (Vm, Figures) {
+    let vm = Vm::start(dir, to, RAM_MIB, true);
+    let beat = last_heartbeat(from_serial).expect("heartbeats at the source");
+    let f = qemu_migrate(
+        &mut qmp_at(from_qmp),
+        &mut vm.qmp(),
+        caps,
+        max_bandwidth,
+        max_bandwidth.is_some(),
+        how,
+    );
+    wait_heartbeat(&vm.serial, Some(beat), 60);
+    (vm, f)
+}
+
 fn print_table(rows: &[Figures]) {
     eprintln!(
         "\n| migration (256 MiB guest, TCG) | wire MB | total ms | downtime ms | iterations | MB sent while paused |"
@@ -397,31 +434,20 @@ fn skyferry_carries_a_live_qemu_guest_then_qemu_migrates_it_for_comparison() {
     );
     let mut rows = vec![sky];
 
-    // 2. QEMU's own migration, default settings: b -> C.
-    let c = Vm::start(&dir, "c", RAM_MIB, true);
-    let beat = last_heartbeat(&b_serial).unwrap();
-    rows.push(qemu_migrate(
-        &mut qmp_at(&dir.path("b.qmp")),
-        &mut c.qmp(),
+    // 2. QEMU's own migration, default settings: b -> C; 3. with xbzrle: C -> D.
+    let (c, f) = qemu_hop(
+        &dir,
+        &dir.path("b.qmp"),
+        &b_serial,
+        "c",
         &[],
         None,
-        false,
         "QEMU default",
-    ));
-    wait_heartbeat(&c.serial, Some(beat), 60);
-
-    // 3. QEMU with xbzrle: C -> D.
-    let d = Vm::start(&dir, "d", RAM_MIB, true);
-    let beat = last_heartbeat(&c.serial).unwrap();
-    rows.push(qemu_migrate(
-        &mut c.qmp(),
-        &mut d.qmp(),
-        &[("xbzrle", true)],
-        None,
-        false,
-        "QEMU xbzrle",
-    ));
-    wait_heartbeat(&d.serial, Some(beat), 60);
+    );
+    rows.push(f);
+    let xbzrle = [("xbzrle", true)];
+    let (d, f) = qemu_hop(&dir, &c.qmp, &c.serial, "d", &xbzrle, None, "QEMU xbzrle");
+    rows.push(f);
 
     // 4. Both capped at 100 Mbit/s, counting what is sent while the guest is paused.
     let (sky_capped, _) = skyferry_migrate(&src, &dest, &d, "e", &["--max-bandwidth", "100Mbit"]);
@@ -429,28 +455,27 @@ fn skyferry_carries_a_live_qemu_guest_then_qemu_migrates_it_for_comparison() {
     let e_serial = dir.path("e.serial");
     wait_heartbeat(&e_serial, Some(beat), 60);
     rows.push(sky_capped);
-    let f = Vm::start(&dir, "f", RAM_MIB, true);
-    let beat = last_heartbeat(&e_serial).unwrap();
-    rows.push(qemu_migrate(
-        &mut qmp_at(&dir.path("e.qmp")),
-        &mut f.qmp(),
+    let cap = Some(100_000_000 / 8);
+    let (f_vm, f) = qemu_hop(
+        &dir,
+        &dir.path("e.qmp"),
+        &e_serial,
+        "f",
         &[],
-        Some(100_000_000 / 8),
-        true,
+        cap,
         "QEMU --max-bandwidth 100Mbit",
-    ));
-    wait_heartbeat(&f.serial, Some(beat), 60);
-    let f_xbzrle = Vm::start(&dir, "g", RAM_MIB, true);
-    let beat = last_heartbeat(&f.serial).unwrap();
-    rows.push(qemu_migrate(
-        &mut f.qmp(),
-        &mut f_xbzrle.qmp(),
-        &[("xbzrle", true)],
-        Some(100_000_000 / 8),
-        true,
+    );
+    rows.push(f);
+    let (_g, f) = qemu_hop(
+        &dir,
+        &f_vm.qmp,
+        &f_vm.serial,
+        "g",
+        &xbzrle,
+        cap,
         "QEMU xbzrle --max-bandwidth 100Mbit",
-    ));
-    wait_heartbeat(&f_xbzrle.serial, Some(beat), 60);
+    );
+    rows.push(f);
     print_table(&rows);
 }
 
@@ -573,29 +598,10 @@ fn failures_before_the_commit_leave_the_guest_running_at_the_source() {
 
     // A destination QEMU that refuses the device state (another machine type): the RAM
     // arrives and matches, the device state does not load, the source resumes.
-    let q35 = {
-        let (ram, qmp, serial) = (
-            dir.path("q35.ram"),
-            dir.path("q35.qmp"),
-            dir.path("q35.serial"),
-        );
-        let s = |p: &Path| p.to_str().unwrap().to_string();
-        let mut argv = guest_argv(RAM_MIB, &s(&ram), &s(&qmp), &s(&serial), true);
+    let q35 = Vm::start_with(&dir, "q35", RAM_MIB, true, |argv| {
         let m = argv.iter().position(|x| x == "pc").expect("-machine pc");
         argv[m] = "q35".into();
-        let child = Command::new(&argv[0]).args(&argv[1..]).spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !qmp.exists() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Vm {
-            child,
-            qmp,
-            serial,
-            ram,
-        }
-    };
+    });
     let s = failing_migration(&src, &to, &a, "q35");
     assert!(s["error"].as_str().unwrap().contains("device state"), "{s}");
     still_running(&a);

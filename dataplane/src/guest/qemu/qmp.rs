@@ -70,7 +70,6 @@ pub struct RunState {
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    path: PathBuf,
     timeout: Duration,
 }
 
@@ -89,7 +88,6 @@ impl Qmp {
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,
-            path: path.to_owned(),
             timeout,
         };
         let greeting = qmp.read_message("waiting for the greeting")?;
@@ -101,11 +99,6 @@ impl Qmp {
         }
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
-    }
-
-    /// The socket this session talks to.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `command` with `arguments` and returns its `return` value.

@@ -58,11 +58,6 @@ impl RamFile {
         })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Pages in the file.
     pub fn pages(&self) -> u64 {
         self.pages

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::fingerprint::{Fingerprints, PassStats, Sweeper};
+use super::fingerprint::{Fingerprints, Sweeper};
 use super::qmp::Qmp;
 use super::ram_file::RamFile;
 use super::{BACKEND, device_state, qmp_err};
@@ -45,7 +45,6 @@ pub struct QemuGuest {
     /// The guest ran before `pause` (a guest the operator had paused stays paused on resume).
     was_running: AtomicBool,
     handed_over: AtomicBool,
-    final_pass: Mutex<Option<PassStats>>,
     device_state_bytes: AtomicU64,
 }
 
@@ -86,20 +85,9 @@ impl QemuGuest {
             paused: AtomicBool::new(false),
             was_running: AtomicBool::new(status.running),
             handed_over: AtomicBool::new(false),
-            final_pass: Mutex::new(None),
             device_state_bytes: AtomicU64::new(0),
             config,
         })
-    }
-
-    /// The last background fingerprint pass, for status and the note on its cost.
-    pub fn last_background_pass(&self) -> Option<PassStats> {
-        lock(&self.sweeper).as_ref().and_then(Sweeper::last_pass)
-    }
-
-    /// The final (paused) fingerprint pass, once taken.
-    pub fn final_pass(&self) -> Option<PassStats> {
-        *lock(&self.final_pass)
     }
 
     /// Bytes of QEMU's own device-state stream, once taken.
@@ -252,7 +240,6 @@ impl SourceGuest for QemuGuest {
                 ms_per_gib = stats.ms_per_gib(),
                 "final fingerprint pass (guest paused)"
             );
-            *lock(&self.final_pass) = Some(stats);
         }
         self.fps.take_found(bitmap);
         Ok(())

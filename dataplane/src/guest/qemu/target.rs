@@ -249,11 +249,6 @@ impl QemuTarget {
             created_file: launch,
         })
     }
-
-    /// The RAM file pages are written into.
-    pub fn ram_file(&self) -> &Path {
-        &self.inner.ram_file
-    }
 }
 
 /// Creates the RAM file for a QEMU skyferryd will start: it must not exist (it could be
