@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dataplane::daemon::control::{QemuGuestSpec, Request, Response, StartRequest, request};
+use dataplane::daemon::control::{
+    QemuGuestSpec, Request, Response, StartRequest, XenGuestSpec, request,
+};
 use dataplane::migrate::{MigrationStatus, Phase};
 use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
@@ -26,13 +28,18 @@ pub struct StartArgs {
     /// Destination daemon's migration address, host:port.
     #[arg(long)]
     to: String,
-    /// The guest: `synthetic` (one this daemon creates, see --workload) or `qemu:QMP_SOCKET`
-    /// (a running QEMU guest whose RAM is the shared file --ram-file).
+    /// The guest: `synthetic` (one this daemon creates, see --workload), `qemu:QMP_SOCKET`
+    /// (a running QEMU guest whose RAM is the shared file --ram-file), or `xen:DOMID` (an HVM
+    /// domain, with skyferryd in dom0; see --dest-domid).
     #[arg(long, default_value = "synthetic", value_name = "SPEC", value_parser = guest_spec)]
     guest: GuestSpec,
     /// RAM file of a QEMU guest: the mem-path of its memory-backend-file (share=on).
     #[arg(long, value_name = "PATH")]
     ram_file: Option<std::path::PathBuf>,
+    /// For a Xen domain: the id of the domain the destination's toolstack created paused
+    /// with the same configuration (xl create -p), which skyferry fills and unpauses.
+    #[arg(long, value_name = "DOMID")]
+    dest_domid: Option<u32>,
     /// Synthetic guest workload: kernel, tpcw, specjbb or idle.
     #[arg(long, default_value = "tpcw")]
     workload: String,
@@ -150,14 +157,19 @@ fn statuses(socket: &Path, id: Option<u64>) -> Result<Vec<MigrationStatus>, Stri
 enum GuestSpec {
     Synthetic,
     Qemu(std::path::PathBuf),
+    Xen(u32),
 }
 
 fn guest_spec(s: &str) -> Result<GuestSpec, String> {
     match s.split_once(':') {
         None if s == "synthetic" => Ok(GuestSpec::Synthetic),
         Some(("qemu", qmp)) if !qmp.is_empty() => Ok(GuestSpec::Qemu(qmp.into())),
+        Some(("xen", domid)) => domid
+            .parse()
+            .map(GuestSpec::Xen)
+            .map_err(|_| format!("{s:?}: xen:DOMID takes a domain id, a number")),
         _ => Err(format!(
-            "{s:?}: use synthetic or qemu:QMP_SOCKET (the guest's QMP Unix socket)"
+            "{s:?}: use synthetic, qemu:QMP_SOCKET (the guest's QMP Unix socket) or xen:DOMID"
         )),
     }
 }
@@ -174,14 +186,30 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
                 "a QEMU guest needs --ram-file PATH (its shared memory backend's file)".into(),
             );
         }
-        (GuestSpec::Synthetic, Some(_)) => {
+        (_, Some(_)) => {
             return Err("--ram-file is for --guest qemu:QMP_SOCKET".into());
         }
-        (GuestSpec::Synthetic, None) => None,
+        (_, None) => None,
+    };
+    let xen = match (&a.guest, a.dest_domid) {
+        (GuestSpec::Xen(domid), Some(dest_domid)) => Some(XenGuestSpec {
+            domid: *domid,
+            dest_domid,
+        }),
+        (GuestSpec::Xen(_), None) => {
+            return Err(
+                "a Xen domain needs --dest-domid N: the domain the destination's toolstack \
+                 created paused to receive it (xl create -p)"
+                    .into(),
+            );
+        }
+        (_, Some(_)) => return Err("--dest-domid is for --guest xen:DOMID".into()),
+        (_, None) => None,
     };
     let req = Request::Start(Box::new(StartRequest {
         to: a.to.clone(),
         qemu,
+        xen,
         workload: a.workload.clone(),
         mem: a.mem,
         seed: a.seed,

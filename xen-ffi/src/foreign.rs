@@ -12,8 +12,14 @@ use crate::xc::open_error;
 /// Bytes per guest frame.
 pub const FRAME_SIZE: usize = 4096;
 
-/// An open libxenforeignmemory handle, closed on drop.
+/// An open libxenforeignmemory handle. Clones share it; it closes when the last clone and
+/// the last [`MappedBatch`] made from it are gone.
+#[derive(Clone)]
 pub struct ForeignMemory {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
     libs: Arc<Libraries>,
     fmem: NonNull<xenforeignmemory_handle>,
 }
@@ -21,14 +27,14 @@ pub struct ForeignMemory {
 // SAFETY: the handle is a privcmd file descriptor and a logger; each map and unmap is an
 // independent ioctl/mmap/munmap on it, with no per-call state kept in the handle, so calls
 // from several threads do not interfere. Only Drop closes it, with exclusive access.
-unsafe impl Send for ForeignMemory {}
+unsafe impl Send for Handle {}
 // SAFETY: as for Send.
-unsafe impl Sync for ForeignMemory {}
+unsafe impl Sync for Handle {}
 
 impl std::fmt::Debug for ForeignMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ForeignMemory")
-            .field("fmem", &self.fmem)
+            .field("fmem", &self.handle.fmem)
             .finish()
     }
 }
@@ -51,8 +57,10 @@ impl ForeignMemory {
         let fmem = unsafe { libs.fmem.xenforeignmemory_open(std::ptr::null_mut(), 0) };
         match NonNull::new(fmem) {
             Some(fmem) => Ok(ForeignMemory {
-                libs: Arc::clone(libs),
-                fmem,
+                handle: Arc::new(Handle {
+                    libs: Arc::clone(libs),
+                    fmem,
+                }),
             }),
             None => Err(open_error("xenforeignmemory_open", last_errno())),
         }
@@ -60,16 +68,11 @@ impl ForeignMemory {
 
     /// Maps `frames` of domain `domid`, in order, into one local range. Frames that cannot
     /// be mapped are reported per page ([`MappedBatch::failures`]); the others are usable.
-    pub fn map(
-        &self,
-        domid: u32,
-        frames: &[u64],
-        access: Access,
-    ) -> Result<MappedBatch<'_>, XenError> {
+    pub fn map(&self, domid: u32, frames: &[u64], access: Access) -> Result<MappedBatch, XenError> {
         let mut errors = vec![0i32; frames.len()];
         if frames.is_empty() {
             return Ok(MappedBatch {
-                fmem: self,
+                handle: Arc::clone(&self.handle),
                 addr: NonNull::dangling(),
                 frames: Vec::new(),
                 errors,
@@ -85,8 +88,8 @@ impl ForeignMemory {
         // as the call requires; the returned range is checked for null and unmapped once,
         // by MappedBatch's drop.
         let addr = unsafe {
-            self.libs.fmem.xenforeignmemory_map(
-                self.fmem.as_ptr(),
+            self.handle.libs.fmem.xenforeignmemory_map(
+                self.handle.fmem.as_ptr(),
                 domid,
                 prot,
                 arr.len(),
@@ -107,7 +110,7 @@ impl ForeignMemory {
             });
         };
         Ok(MappedBatch {
-            fmem: self,
+            handle: Arc::clone(&self.handle),
             addr,
             frames: arr,
             errors,
@@ -116,17 +119,17 @@ impl ForeignMemory {
     }
 }
 
-impl Drop for ForeignMemory {
+impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: opened by xenforeignmemory_open and closed exactly once, here; every
-        // MappedBatch borrows self, so all were unmapped before.
+        // MappedBatch holds the handle, so all were unmapped before.
         unsafe { self.libs.fmem.xenforeignmemory_close(self.fmem.as_ptr()) };
     }
 }
 
 /// Frames of a domain mapped into this process, unmapped on drop.
-pub struct MappedBatch<'f> {
-    fmem: &'f ForeignMemory,
+pub struct MappedBatch {
+    handle: Arc<Handle>,
     addr: NonNull<u8>,
     frames: Vec<u64>,
     errors: Vec<i32>,
@@ -136,11 +139,11 @@ pub struct MappedBatch<'f> {
 // SAFETY: the batch owns its mapping; the pages it hands out are raw guest memory accessed
 // only by copying (ForeignPage), never through Rust references, so sharing the batch
 // between threads creates no aliasing the compiler relies on.
-unsafe impl Send for MappedBatch<'_> {}
+unsafe impl Send for MappedBatch {}
 // SAFETY: as for Send.
-unsafe impl Sync for MappedBatch<'_> {}
+unsafe impl Sync for MappedBatch {}
 
-impl std::fmt::Debug for MappedBatch<'_> {
+impl std::fmt::Debug for MappedBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MappedBatch")
             .field("frames", &self.frames.len())
@@ -150,7 +153,7 @@ impl std::fmt::Debug for MappedBatch<'_> {
     }
 }
 
-impl<'f> MappedBatch<'f> {
+impl MappedBatch {
     /// Frames in the batch.
     pub fn len(&self) -> usize {
         self.frames.len()
@@ -202,7 +205,7 @@ impl<'f> MappedBatch<'f> {
     }
 }
 
-impl Drop for MappedBatch<'_> {
+impl Drop for MappedBatch {
     fn drop(&mut self) {
         if self.frames.is_empty() {
             return;
@@ -210,8 +213,8 @@ impl Drop for MappedBatch<'_> {
         // SAFETY: `addr` is the range xenforeignmemory_map returned for `frames.len()`
         // pages; it is unmapped exactly once, here, and no ForeignPage outlives the batch.
         unsafe {
-            self.fmem.libs.fmem.xenforeignmemory_unmap(
-                self.fmem.fmem.as_ptr(),
+            self.handle.libs.fmem.xenforeignmemory_unmap(
+                self.handle.fmem.as_ptr(),
                 self.addr.as_ptr().cast(),
                 self.frames.len(),
             );
@@ -247,6 +250,17 @@ impl ForeignPage<'_> {
         // SAFETY: ptr is a mapped, writable frame of FRAME_SIZE bytes for the batch's
         // lifetime; `data` is Rust memory, so the ranges do not overlap.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr(), FRAME_SIZE) };
+    }
+
+    /// The frame as a slice, without copying.
+    ///
+    /// # Safety
+    /// Nothing may write the frame while the slice lives: the domain is paused and no
+    /// mapping of this process writes it (the destination, once its writers are done).
+    pub unsafe fn as_slice(&self) -> &[u8; FRAME_SIZE] {
+        // SAFETY: the frame is mapped and readable for the batch's lifetime, which bounds
+        // the returned borrow; the caller guarantees no concurrent writes.
+        unsafe { &*self.ptr.as_ptr().cast::<[u8; FRAME_SIZE]>() }
     }
 
     /// The frame's address, for a backend that hands out frames under its own exclusion

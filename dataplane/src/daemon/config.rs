@@ -196,6 +196,35 @@ pub struct QemuSettings {
     pub quit_source_after_commit: bool,
 }
 
+/// `[xen]`: Xen HVM domains (skyferryd in dom0). At the destination its presence lets this
+/// host receive them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XenSection {
+    /// libxenctrl to load: a soname or a path (default: Xen 4.17's, the ABI of the bindings).
+    pub xenctrl: String,
+    /// libxenforeignmemory to load.
+    pub xenforeignmemory: String,
+}
+
+impl Default for XenSection {
+    fn default() -> Self {
+        XenSection {
+            xenctrl: skyferry_xen_ffi::XENCTRL_SONAME.into(),
+            xenforeignmemory: skyferry_xen_ffi::XENFOREIGNMEMORY_SONAME.into(),
+        }
+    }
+}
+
+/// Xen settings, checked.
+#[derive(Debug, Clone)]
+pub struct XenSettings {
+    /// This host receives Xen domains (the config has a `[xen]` section).
+    pub receive: bool,
+    /// Which libraries to load.
+    pub libraries: crate::guest::xen::LibraryPaths,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -210,6 +239,8 @@ pub struct DaemonConfig {
     pub source: SourceSection,
     /// `[qemu]`
     pub qemu: Option<QemuSection>,
+    /// `[xen]`
+    pub xen: Option<XenSection>,
 }
 
 /// The configuration with every value parsed and checked.
@@ -249,6 +280,8 @@ pub struct Settings {
     pub source_timeout: Duration,
     /// QEMU guests.
     pub qemu: QemuSettings,
+    /// Xen domains.
+    pub xen: XenSettings,
 }
 
 impl DaemonConfig {
@@ -347,6 +380,7 @@ impl DaemonConfig {
             pin_threads: c.source.pin_threads,
             source_timeout: dur("source.timeout", &c.source.timeout)?,
             qemu: qemu_settings(c.qemu, &key)?,
+            xen: xen_settings(c.xen, &key)?,
         })
     }
 }
@@ -380,6 +414,29 @@ fn qemu_settings(
         },
         timeout: parse_duration(&q.timeout).map_err(|e| key("qemu.timeout", e.to_string()))?,
         quit_source_after_commit: q.quit_source_after_commit,
+    })
+}
+
+fn xen_settings(
+    x: Option<XenSection>,
+    key: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<XenSettings, ConfigError> {
+    let receive = x.is_some();
+    let x = x.unwrap_or_default();
+    for (k, v) in [
+        ("xen.xenctrl", &x.xenctrl),
+        ("xen.xenforeignmemory", &x.xenforeignmemory),
+    ] {
+        if v.is_empty() {
+            return Err(key(k, "must name a library (a soname or a path)".into()));
+        }
+    }
+    Ok(XenSettings {
+        receive,
+        libraries: crate::guest::xen::LibraryPaths {
+            xenctrl: x.xenctrl.into(),
+            xenforeignmemory: x.xenforeignmemory.into(),
+        },
     })
 }
 

@@ -25,6 +25,16 @@ pub struct QemuGuestSpec {
     pub ram_file: std::path::PathBuf,
 }
 
+/// A Xen HVM domain to migrate (skyferryd runs in dom0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XenGuestSpec {
+    /// The domain here.
+    pub domid: u32,
+    /// The domain the destination's toolstack created paused to receive it.
+    pub dest_domid: u32,
+}
+
 /// Start a migration: of a running QEMU guest (`qemu`), or else of a synthetic guest this
 /// daemon creates and hosts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +45,9 @@ pub struct StartRequest {
     /// A QEMU guest; the synthetic fields below are then unused.
     #[serde(default)]
     pub qemu: Option<QemuGuestSpec>,
+    /// A Xen domain; the synthetic fields below are then unused.
+    #[serde(default)]
+    pub xen: Option<XenGuestSpec>,
     /// Synthetic workload (`kernel`, `tpcw`, `specjbb`, `idle`).
     pub workload: String,
     /// Guest memory, bytes.

@@ -10,6 +10,7 @@ use crate::crypto::PreSharedKey;
 use crate::guest::qemu::{QemuGuest, QemuSourceConfig, QemuTarget};
 use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
 use crate::guest::workload::Workload;
+use crate::guest::xen::{XenGuest, XenSourceConfig, XenTarget};
 use crate::guest::{DestGuest, SourceGuest};
 use crate::migrate::dest::{DestOptions, receive};
 use crate::migrate::source::{SourceOptions, migrate};
@@ -125,13 +126,14 @@ impl Registry {
                 .try_into()
                 .expect("8 bytes"),
         );
-        let label = r.guest.clone().unwrap_or_else(|| match &r.qemu {
+        let label = r.guest.clone().unwrap_or_else(|| match (&r.qemu, &r.xen) {
+            (_, Some(x)) => format!("domain-{}", x.domid),
             // The destination names its RAM file and QEMU after the guest.
-            Some(q) => q
+            (Some(q), None) => q
                 .ram_file
                 .file_stem()
                 .map_or_else(|| "qemu-guest".into(), |s| s.to_string_lossy().into_owned()),
-            None => format!("{}-{:x}", r.workload, id & 0xffff),
+            (None, None) => format!("{}-{:x}", r.workload, id & 0xffff),
         });
         let opts = SourceOptions {
             peer,
@@ -181,6 +183,15 @@ impl Registry {
 
     /// The guest a start request names: a running QEMU guest, or a new synthetic one.
     fn source_guest(&self, r: &StartRequest) -> Result<Arc<dyn SourceGuest>, String> {
+        if let Some(x) = &r.xen {
+            let guest = XenGuest::open(XenSourceConfig {
+                libraries: self.settings.xen.libraries.clone(),
+                domid: x.domid,
+                dest_domid: x.dest_domid,
+            })
+            .map_err(|e| e.to_string())?;
+            return Ok(Arc::new(guest));
+        }
         if let Some(q) = &r.qemu {
             let guest = QemuGuest::open(QemuSourceConfig {
                 qmp: q.qmp.clone(),
@@ -232,6 +243,26 @@ impl Registry {
             )),
             "qemu" => Err(
                 "this host does not receive QEMU guests: its config has no [qemu] section".into(),
+            ),
+            "xen" if self.settings.xen.receive => {
+                let domid = h
+                    .destination
+                    .as_deref()
+                    .and_then(|d| d.parse::<u32>().ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "a Xen domain needs the id of the paused domain to fill here \
+                             (skyferry start --dest-domid); got {:?}",
+                            h.destination
+                        )
+                    })?;
+                Ok(Arc::new(
+                    XenTarget::prepare(&self.settings.xen.libraries, domid, h.guest_pages)
+                        .map_err(|e| e.to_string())?,
+                ))
+            }
+            "xen" => Err(
+                "this host does not receive Xen domains: its config has no [xen] section".into(),
             ),
             other => Err(format!("this host cannot run {other:?} guests")),
         }

@@ -14,6 +14,7 @@ pub mod shm;
 
 pub mod synthetic;
 pub mod workload;
+pub mod xen;
 
 pub use dirty::DirtyBitmap;
 
@@ -179,6 +180,12 @@ pub trait SourceGuest: Send + Sync {
     /// what the backend holds of the hypervisor (a QEMU's single QMP connection, say) so the
     /// operator's tools can use it. The default holds nothing.
     fn release(&self) {}
+
+    /// Where the guest lands at the destination, when the operator chose it (xen: the id of
+    /// the paused domain the destination's toolstack created). Travels in the handshake.
+    fn destination(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Writes one stream's pages into the destination guest's memory.

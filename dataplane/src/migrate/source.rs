@@ -232,6 +232,7 @@ impl Run<'_> {
             frame_size: u32::try_from(o.frame_size).unwrap_or(u32::MAX),
             backend: self.guest.backend().to_string(),
             guest: o.guest_label.clone(),
+            destination: self.guest.destination(),
         };
         let keys = send_hello(&mut control, &o.psk, &hello)?;
         control

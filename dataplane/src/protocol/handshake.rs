@@ -38,6 +38,8 @@ pub struct Hello {
     pub backend: String,
     /// Operator's label for the guest (status displays).
     pub guest: String,
+    /// Where the guest lands, if the operator chose (see `SourceGuest::destination`).
+    pub destination: Option<String>,
 }
 
 /// Destination -> source: accepted (with its nonce) or refused (with why).
@@ -246,6 +248,7 @@ mod tests {
                 frame_size: 65536,
                 backend: "synthetic".into(),
                 guest: "g".into(),
+                destination: None,
             };
             let bytes = postcard::to_allocvec(&hello).unwrap();
             let back: Hello = postcard::from_bytes(&bytes).unwrap();

@@ -38,7 +38,8 @@ use crate::crypto::OpenError;
 /// Version of this protocol. 2: the Hello's codec config carries `compression`, frames may
 /// carry the compression flags, and `Final` is followed by `Digest` (both ends hash at once).
 /// 3: a state blob larger than a control frame goes ahead of `Final` in `StatePart`s.
-pub const VERSION: u16 = 3;
+/// 4: the Hello names where the guest lands (`destination`: a Xen domain id).
+pub const VERSION: u16 = 4;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).
