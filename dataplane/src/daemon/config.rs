@@ -475,6 +475,28 @@ mod tests {
     }
 
     #[test]
+    fn the_xen_section_receives_and_names_its_libraries() {
+        let p = Path::new("t.toml");
+        let none = DaemonConfig::parse("", p).unwrap();
+        assert!(!none.xen.receive);
+        assert_eq!(
+            none.xen.libraries,
+            crate::guest::xen::LibraryPaths::default()
+        );
+        let s = DaemonConfig::parse("[xen]\nxenctrl = \"/opt/double.so\"\n", p).unwrap();
+        assert!(s.xen.receive);
+        assert_eq!(s.xen.libraries.xenctrl, "/opt/double.so");
+        let e = DaemonConfig::parse("[xen]\nxenforeignmemory = \"\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xen.xenforeignmemory"), "{e}");
+        let e = DaemonConfig::parse("[xen]\ndomid = 3\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("domid"), "{e}");
+    }
+
+    #[test]
     fn typos_and_bad_values_are_named() {
         let p = Path::new("t.toml");
         let e = DaemonConfig::parse("[source]\nstreemz = 3\n", p)
