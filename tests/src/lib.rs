@@ -56,8 +56,19 @@ fn free_port() -> u16 {
 
 impl Daemon {
     /// Starts a daemon; `listen` makes it a destination too. `extra` is appended to the
-    /// config's `[source]` section.
+    /// config's `[source]` section (it may open further sections).
     pub fn start(name: &str, key: u8, listen: bool, extra: &str) -> Daemon {
+        Self::start_with_env(name, key, listen, extra, &[])
+    }
+
+    /// [`start`](Self::start), with extra environment variables for the daemon.
+    pub fn start_with_env(
+        name: &str,
+        key: u8,
+        listen: bool,
+        extra: &str,
+        env: &[(&str, &std::path::Path)],
+    ) -> Daemon {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("skyferry-e2e-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -79,6 +90,7 @@ impl Daemon {
         let child = Command::new(binary("skyferry-dataplane", "skyferryd"))
             .arg("--config")
             .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stderr(log)
             .spawn()
             .expect("start skyferryd");
