@@ -623,6 +623,51 @@ fn build_without_headers_says_what_to_install() {
     assert!(!out_dir.join("libxen_double.so").exists());
 }
 
+/// With CHILD = a domain id: what a migration source does to it, from another process.
+#[test]
+fn child_pause_and_clean() {
+    let Some(domid) = std::env::var_os(CHILD) else {
+        return;
+    };
+    let domid: u32 = domid.to_str().unwrap().parse().unwrap();
+    let so = double::build(&build_dir()).unwrap();
+    let xen = Xen::load(&so);
+    let xc = xen.open().unwrap();
+    xc.pause(domid).unwrap();
+    assert_eq!(xc.clean(domid, 16).dirty, set(&[1]));
+    xc.unpause(domid).unwrap();
+}
+
+#[test]
+fn processes_share_a_domain() {
+    let host = host();
+    let xc = host.xen.open().unwrap();
+    let dom = create(191, 16);
+    xc.shadow_control(191, SHADOW_OP_ENABLE_LOGDIRTY).unwrap();
+    dom.write(1, 0, b"guest").unwrap();
+    run_child(
+        "child_pause_and_clean",
+        Some(&host.dir),
+        Path::new("191"),
+        &[],
+    );
+    assert_eq!(
+        dom.status().dirty,
+        0,
+        "the child's CLEAN cleared this process's view too"
+    );
+
+    let events = dom.events();
+    use EventKind::*;
+    assert_eq!(kinds(&events), [LogdirtyEnable, Pause, Clean, Unpause]);
+    let child = events[1].pid;
+    assert_ne!(child, std::process::id());
+    assert_eq!(events[0].pid, std::process::id());
+    assert!(events[1..].iter().all(|e| e.pid == child));
+    assert_eq!(events[2].arg1, 1);
+    assert!(events.windows(2).all(|w| w[0].time_ns <= w[1].time_ns));
+}
+
 #[test]
 fn defines_exactly_the_bound_xen_functions() {
     let out = Command::new("nm")
