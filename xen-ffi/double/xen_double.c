@@ -468,9 +468,10 @@ int xc_shadow_control(xc_interface *xch, uint32_t domid, unsigned int sop, unsig
 
 /*
  * CLEAN / PEEK. Like Xen it returns the number of bits covered (`pages`, not 0) and writes
- * ceil(pages / 8) bytes; frames past the domain's end read as clean; a NULL buffer only
- * cleans. Unlike Xen (which returns an all-clean bitmap) it fails with EINVAL while log-dirty
- * is off, so a caller that forgot to enable it finds out.
+ * ceil(pages / 8) bytes; frames past the domain's end read as clean; a NULL dirty_bitmap only
+ * cleans. Stricter than Xen, so misuse shows: EINVAL while log-dirty is off (Xen returns an
+ * all-clean bitmap) and EFAULT for a buffer without memory, e.g. freed (Xen would clean
+ * without copying, or copy to wherever the stale pointer points).
  */
 long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int sop,
                               xc_hypercall_buffer_t *dirty_bitmap, unsigned long pages,
@@ -489,6 +490,8 @@ long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int so
         (mode & ~XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL) ||
         !__atomic_load_n(&d.h->logdirty, __ATOMIC_SEQ_CST))
         return fail(&d, XEN_DOUBLE_FN_LOGDIRTY_CONTROL, EINVAL, 0);
+    if (dirty_bitmap && !out)
+        return fail(&d, XEN_DOUBLE_FN_LOGDIRTY_CONTROL, EFAULT, 0);
     round = __atomic_load_n(&d.h->rounds, __ATOMIC_SEQ_CST) + 1;
     err = __atomic_load_n(&d.h->faults[XEN_DOUBLE_FAULT_LOGDIRTY_ROUND].err, __ATOMIC_SEQ_CST);
     fault_round = __atomic_load_n(&d.h->faults[XEN_DOUBLE_FAULT_LOGDIRTY_ROUND].arg,
@@ -550,7 +553,8 @@ void *xc__hypercall_buffer_alloc_pages(xc_interface *xch, xc_hypercall_buffer_t 
     return p;
 }
 
-/* Also clears hbuf (the real one leaves it dangling), so a use after free faults loudly. */
+/* Also clears hbuf (the real one leaves it dangling), so xc_logdirty_control can refuse a
+ * freed buffer. */
 void xc__hypercall_buffer_free_pages(xc_interface *xch, xc_hypercall_buffer_t *b, int nr_pages)
 {
     (void)xch;

@@ -31,6 +31,7 @@ const EINVAL: i32 = 22;
 const ENOSPC: i32 = 28;
 const EOVERFLOW: i32 = 75;
 const EAGAIN: i32 = 11;
+const EFAULT: i32 = 14;
 
 const PROT_READ: c_int = 1;
 const PROT_WRITE: c_int = 2;
@@ -1191,6 +1192,16 @@ fn hypercall_buffers_are_zeroed_pages() {
     bytes.fill(0xff);
     xc.free(&mut buf, 3);
     assert!(buf.hbuf.is_null());
+
+    // A freed buffer is refused, not silently skipped.
+    let _dom = create(176, 16);
+    xc.shadow_control(176, SHADOW_OP_ENABLE_LOGDIRTY).unwrap();
+    let mut stats = ShadowOpStats::default();
+    // SAFETY: buf is a valid (freed) hypercall buffer struct; stats a valid out pointer.
+    let ret = unsafe {
+        (xc.xen.logdirty_control)(xc.xch, 176, SHADOW_OP_CLEAN, &mut buf, 16, 0, &mut stats)
+    };
+    assert_eq!((ret, errno()), (-1, EFAULT));
 }
 
 /// A guest writing while CLEANs run: copying the dirty frames after every round (as a migration
