@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,7 +61,7 @@ struct header {
     pthread_mutex_t lock; /* guards next_event, events, context_len, context */
     uint64_t next_event;
     uint32_t context_len;
-    uint32_t pad;
+    uint32_t writers; /* guest writes in flight (xen_double_write): pausing waits for them */
     struct xen_double_event events[XEN_DOUBLE_EVENT_CAP];
     uint8_t context[XEN_DOUBLE_MAX_CONTEXT];
 };
@@ -420,6 +421,8 @@ static int pause_op(xc_interface *xch, uint32_t domid, int pause)
             return fail(&d, fn, EINVAL, 0);
     } while (!__atomic_compare_exchange_n(&d.h->pause_count, &old, pause ? old + 1 : old - 1,
                                           0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    while (pause && __atomic_load_n(&d.h->writers, __ATOMIC_SEQ_CST))
+        sched_yield(); /* see xen_double_write */
     log_event(&d, pause ? XEN_DOUBLE_EV_PAUSE : XEN_DOUBLE_EV_UNPAUSE, 0,
               pause ? old + 1 : old - 1, 0);
     dom_close(&d);
@@ -824,10 +827,24 @@ void xen_double_close(struct xen_double_domain *h)
 int xen_double_write(struct xen_double_domain *h, uint64_t gfn, uint32_t offset,
                      const void *data, size_t len)
 {
-    if (gfn >= h->d.h->nr_pages || offset > PAGE || len > PAGE - offset || (len && !data) ||
+    struct header *hd = h->d.h;
+
+    if (gfn >= hd->nr_pages || offset > PAGE || len > PAGE - offset || (len && !data) ||
         is_hole(&h->d, gfn))
         return -EINVAL;
+    /* A paused guest does not write, and pausing returns only once no write is in flight
+     * (as Xen's pause waits for the vCPUs to stop). Both sides announce themselves first and
+     * then look at the other (sequentially consistent), so at least one of them sees it.
+     * The first look keeps a guest that writes in a loop from starving a pause in progress. */
+    if (__atomic_load_n(&hd->pause_count, __ATOMIC_SEQ_CST))
+        return -EAGAIN;
+    __atomic_add_fetch(&hd->writers, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&hd->pause_count, __ATOMIC_SEQ_CST)) {
+        __atomic_sub_fetch(&hd->writers, 1, __ATOMIC_SEQ_CST);
+        return -EAGAIN;
+    }
     guest_write(&h->d, gfn, offset, data, len);
+    __atomic_sub_fetch(&hd->writers, 1, __ATOMIC_SEQ_CST);
     return 0;
 }
 
@@ -855,6 +872,17 @@ int xen_double_set_hole(struct xen_double_domain *h, uint64_t gfn, int hole)
     } else if (!hole && __atomic_exchange_n(&d->holes[gfn], 0, __ATOMIC_SEQ_CST)) {
         __atomic_fetch_sub(&d->h->holes, 1, __ATOMIC_SEQ_CST);
     }
+    return 0;
+}
+
+int xen_double_toolstack_pause(struct xen_double_domain *h)
+{
+    struct dom *d = &h->d;
+    uint32_t now = __atomic_add_fetch(&d->h->pause_count, 1, __ATOMIC_SEQ_CST);
+
+    while (__atomic_load_n(&d->h->writers, __ATOMIC_SEQ_CST))
+        sched_yield(); /* see xen_double_write */
+    log_event(d, XEN_DOUBLE_EV_PAUSE, 0, now, 0);
     return 0;
 }
 

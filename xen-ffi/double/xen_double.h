@@ -97,11 +97,15 @@ int xen_double_destroy(const char *dir, uint32_t domid);
 struct xen_double_domain *xen_double_open(const char *dir, uint32_t domid);
 void xen_double_close(struct xen_double_domain *h);
 
-/* Writes as the guest would: the bytes, then (log-dirty on) the dirty bit. One frame only. */
+/* Writes as the guest would: the bytes, then (log-dirty on) the dirty bit. One frame only.
+ * -EAGAIN while the domain is paused (a paused guest does not write). */
 int xen_double_write(struct xen_double_domain *h, uint64_t gfn, uint32_t offset,
                      const void *data, size_t len);
 int xen_double_read(struct xen_double_domain *h, uint64_t gfn, void *out /* 4096 bytes */);
 int xen_double_set_hole(struct xen_double_domain *h, uint64_t gfn, int is_hole);
+/* Pauses the domain as the toolstack does when it creates one paused (xl create -p): one
+ * more on the pause count, logged as a PAUSE event. */
+int xen_double_toolstack_pause(struct xen_double_domain *h);
 
 int xen_double_set_context(struct xen_double_domain *h, const void *data, size_t len);
 /* The context's length (copies at most cap bytes), or a negative errno. */

@@ -285,6 +285,7 @@ struct Hooks {
     write: unsafe extern "C" fn(*mut RawDomain, u64, u32, *const c_void, usize) -> c_int,
     read: unsafe extern "C" fn(*mut RawDomain, u64, *mut c_void) -> c_int,
     set_hole: unsafe extern "C" fn(*mut RawDomain, u64, c_int) -> c_int,
+    toolstack_pause: unsafe extern "C" fn(*mut RawDomain) -> c_int,
     set_context: unsafe extern "C" fn(*mut RawDomain, *const c_void, usize) -> c_int,
     get_context: unsafe extern "C" fn(*mut RawDomain, *mut c_void, usize) -> i64,
     set_writes_per_round: unsafe extern "C" fn(*mut RawDomain, u32, u64) -> c_int,
@@ -350,6 +351,7 @@ impl XenDouble {
                 write: symbol(&lib, b"xen_double_write\0")?,
                 read: symbol(&lib, b"xen_double_read\0")?,
                 set_hole: symbol(&lib, b"xen_double_set_hole\0")?,
+                toolstack_pause: symbol(&lib, b"xen_double_toolstack_pause\0")?,
                 set_context: symbol(&lib, b"xen_double_set_context\0")?,
                 get_context: symbol(&lib, b"xen_double_get_context\0")?,
                 set_writes_per_round: symbol(&lib, b"xen_double_set_writes_per_round\0")?,
@@ -437,7 +439,8 @@ impl Domain<'_> {
     }
 
     /// Writes guest memory as the guest would: the bytes, then (log-dirty on) the dirty bit.
-    /// `offset + data.len()` must stay within the frame; `EINVAL` for a hole or a bad frame.
+    /// `offset + data.len()` must stay within the frame; `EINVAL` for a hole or a bad frame,
+    /// `EAGAIN` while the domain is paused (a paused guest does not write).
     pub fn write(&self, gfn: u64, offset: usize, data: &[u8]) -> io::Result<()> {
         let offset = u32::try_from(offset)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond the frame"))?;
@@ -465,6 +468,12 @@ impl Domain<'_> {
     pub fn set_hole(&self, gfn: u64, hole: bool) -> io::Result<()> {
         // SAFETY: raw is open.
         check(unsafe { (self.hooks.set_hole)(self.raw.as_ptr(), gfn, c_int::from(hole)) })
+    }
+
+    /// Pauses the domain as the toolstack does when it creates one paused (`xl create -p`).
+    pub fn toolstack_pause(&self) -> io::Result<()> {
+        // SAFETY: raw is open.
+        check(unsafe { (self.hooks.toolstack_pause)(self.raw.as_ptr()) })
     }
 
     /// Sets the HVM context (at most [`MAX_CONTEXT`] bytes) without logging an event.
