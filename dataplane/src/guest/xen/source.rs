@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::state::{Holes, MAX_CONTEXT, XenState};
-use super::xen_ffi::{Access, ForeignMemory, Libraries, LibraryPaths, Xc, XenError};
+use super::xen_ffi::{Access, ForeignMemory, Libraries, LibraryPaths, Xc};
 use super::{BACKEND, MAP_BATCH, err, holes_of, xen_err};
 use crate::guest::{DIGEST_CHUNK, DirtyBitmap, GuestError, SourceGuest, memory_digest_by_chunks};
 use crate::page::{PAGE_SIZE, PageBatch, Pfn};
@@ -287,7 +287,6 @@ impl SourceGuest for XenGuest {
         if self.logdirty.swap(false, Ordering::AcqRel)
             && let Err(e) = self.xc.disable_logdirty(self.domid())
         {
-            let e: XenError = e;
             tracing::warn!(domid = self.domid(), "turning log-dirty mode off: {e}");
         }
     }
