@@ -7,6 +7,7 @@
 //! starting the guest once the migration commits.
 
 pub mod chunk_digest;
+pub mod claims;
 pub mod dirty;
 pub mod image;
 pub mod qemu;

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use super::qmp::Qmp;
 use super::ram_file::digest_file;
 use super::{BACKEND, device_state, qmp_err};
 use crate::codec::PageSink;
+use crate::guest::claims::WriterClaims;
 use crate::guest::{DestGuest, GuestError, PageWriter};
 use crate::page::{PAGE_SIZE, Page, Pfn};
 
@@ -92,17 +93,14 @@ struct Inner {
     file: File,
     ram_file: PathBuf,
     pages: u64,
-    /// Per page, the writer that wrote it (0: none yet).
-    owner: Box<[AtomicU32]>,
+    claims: WriterClaims,
     /// The file had no data when opened: pages no writer touched are zero.
     fresh: bool,
-    live_writers: AtomicUsize,
-    next_writer: AtomicU32,
     started: AtomicBool,
 }
 
 // SAFETY: `base` points into `_map`, which `Inner` owns and which is not tied to a thread.
-// Pages are handed out only as `&mut Page` to the one writer that claimed them in `owner`
+// Pages are handed out only as `&mut Page` to the one writer that claimed them in `claims`
 // (see `QemuWriter::page_mut`); every other access goes through the file (`pread`).
 unsafe impl Send for Inner {}
 // SAFETY: as for `Send`: shared state is atomic, and page references are exclusive per claim.
@@ -228,7 +226,6 @@ impl QemuTarget {
                 ));
             }
         };
-        let n = usize::try_from(pages).expect("a mapped file's pages fit in usize");
         let base_ptr = map.as_mut_ptr();
         Ok(QemuTarget {
             inner: Arc::new(Inner {
@@ -237,10 +234,8 @@ impl QemuTarget {
                 file,
                 ram_file,
                 pages,
-                owner: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                claims: WriterClaims::new(pages),
                 fresh,
-                live_writers: AtomicUsize::new(0),
-                next_writer: AtomicU32::new(1),
                 started: AtomicBool::new(false),
             }),
             qmp: Mutex::new(Some(qmp)),
@@ -413,16 +408,7 @@ impl QemuWriter {
 impl PageSink for QemuWriter {
     fn page_mut(&mut self, pfn: Pfn) -> &mut Page {
         self.check(pfn);
-        let slot = &self.inner.owner[usize::try_from(pfn).expect("checked")];
-        match slot.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {}
-            Err(id) if id == self.id => {}
-            Err(other) => panic!(
-                "{BACKEND}: page {pfn} written by writers {other} and {}: the ownership sets \
-                 given to DestGuest::writer overlap",
-                self.id
-            ),
-        }
+        self.inner.claims.claim(pfn, self.id, BACKEND);
         let offset = usize::try_from(pfn).expect("checked") * PAGE_SIZE;
         // SAFETY: `pfn < pages`, so the page lies inside the mapping that `self.inner` keeps
         // alive; the mapping is page-aligned, so the address meets `Page`'s 64-byte alignment,
@@ -436,8 +422,7 @@ impl PageSink for QemuWriter {
 
     fn zero_page(&mut self, pfn: Pfn) {
         self.check(pfn);
-        let never_written =
-            self.inner.owner[usize::try_from(pfn).expect("checked")].load(Ordering::Acquire) == 0;
+        let never_written = !self.inner.claims.written(pfn);
         if self.inner.fresh && never_written {
             return; // still a hole of a fresh file: zero, and left unallocated
         }
@@ -452,7 +437,7 @@ impl PageWriter for QemuWriter {}
 
 impl Drop for QemuWriter {
     fn drop(&mut self) {
-        self.inner.live_writers.fetch_sub(1, Ordering::AcqRel);
+        self.inner.claims.close();
     }
 }
 
@@ -472,8 +457,7 @@ impl DestGuest for QemuTarget {
         if self.inner.started.load(Ordering::Acquire) {
             return Err(err("open a page writer", "the guest already runs here"));
         }
-        let id = self.inner.next_writer.fetch_add(1, Ordering::Relaxed);
-        self.inner.live_writers.fetch_add(1, Ordering::AcqRel);
+        let id = self.inner.claims.open();
         Ok(Box::new(QemuWriter {
             inner: self.inner.clone(),
             id,
@@ -501,7 +485,7 @@ impl DestGuest for QemuTarget {
     }
 
     fn memory_digest_with(&self, known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
-        let live = self.inner.live_writers.load(Ordering::Acquire);
+        let live = self.inner.claims.live();
         assert_eq!(
             live, 0,
             "{BACKEND}: digest requested with {live} writers open"
@@ -516,7 +500,7 @@ impl DestGuest for QemuTarget {
     }
 
     fn start(&self) -> Result<(), GuestError> {
-        let live = self.inner.live_writers.load(Ordering::Acquire);
+        let live = self.inner.claims.live();
         if live != 0 {
             return Err(err("start", format!("{live} page writers are still open")));
         }

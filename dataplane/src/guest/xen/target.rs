@@ -1,12 +1,13 @@
 //! The destination side: a domain the toolstack created paused, filled from dom0.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::state::{Holes, XenState};
 use super::xen_ffi::{Access, ForeignMemory, Libraries, LibraryPaths, MappedBatch, Xc};
 use super::{BACKEND, err, holes_of, xen_err};
 use crate::codec::PageSink;
+use crate::guest::claims::WriterClaims;
 use crate::guest::{
     DIGEST_CHUNK, DestGuest, DirtyBitmap, GuestError, PageWriter, memory_digest_by_chunks,
 };
@@ -23,12 +24,9 @@ struct Inner {
     /// The whole domain, mapped for writing, `MAP_RANGE` frames per batch.
     maps: Vec<MappedBatch>,
     holes: DirtyBitmap,
-    /// Per frame, the writer that wrote it (0: none yet).
-    owner: Box<[AtomicU32]>,
+    claims: WriterClaims,
     /// Non-zero pages the source sent for frames that are holes here.
     into_holes: AtomicU64,
-    live_writers: AtomicUsize,
-    next_writer: AtomicU32,
     started: AtomicBool,
 }
 
@@ -114,7 +112,6 @@ impl XenTarget {
             }
             maps.push(map);
         }
-        let owner = (0..frames).map(|_| AtomicU32::new(0)).collect();
         Ok(XenTarget {
             inner: Arc::new(Inner {
                 xc,
@@ -122,10 +119,8 @@ impl XenTarget {
                 frames,
                 maps,
                 holes,
-                owner,
+                claims: WriterClaims::new(frames),
                 into_holes: AtomicU64::new(0),
-                live_writers: AtomicUsize::new(0),
-                next_writer: AtomicU32::new(1),
                 started: AtomicBool::new(false),
             }),
         })
@@ -193,16 +188,7 @@ impl PageSink for XenWriter {
             self.scratch_pfn = Some(pfn);
             return &mut self.scratch;
         };
-        let slot = &self.inner.owner[usize::try_from(pfn).expect("checked")];
-        match slot.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {}
-            Err(id) if id == self.id => {}
-            Err(other) => panic!(
-                "{BACKEND}: page {pfn} written by writers {other} and {}: the ownership sets \
-                 given to DestGuest::writer overlap",
-                self.id
-            ),
-        }
+        self.inner.claims.claim(pfn, self.id, BACKEND);
         // SAFETY: the frame is mapped writable (it is not a hole) in `inner.maps`, which
         // `self.inner` keeps alive; foreign mappings are page-aligned, meeting `Page`'s
         // alignment, and any 4096 bytes are a valid `Page`. The reference is exclusive: the
@@ -230,7 +216,7 @@ impl PageWriter for XenWriter {}
 impl Drop for XenWriter {
     fn drop(&mut self) {
         self.settle_scratch();
-        self.inner.live_writers.fetch_sub(1, Ordering::AcqRel);
+        self.inner.claims.close();
     }
 }
 
@@ -250,8 +236,7 @@ impl DestGuest for XenTarget {
         if self.inner.started.load(Ordering::Acquire) {
             return Err(err("open a page writer", "the guest already runs here"));
         }
-        let id = self.inner.next_writer.fetch_add(1, Ordering::Relaxed);
-        self.inner.live_writers.fetch_add(1, Ordering::AcqRel);
+        let id = self.inner.claims.open();
         Ok(Box::new(XenWriter {
             inner: self.inner.clone(),
             id,
@@ -291,7 +276,7 @@ impl DestGuest for XenTarget {
 
     fn memory_digest_with(&self, known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
         let i = &self.inner;
-        let live = i.live_writers.load(Ordering::Acquire);
+        let live = i.claims.live();
         assert_eq!(
             live, 0,
             "{BACKEND}: digest requested with {live} writers open"
@@ -320,7 +305,7 @@ impl DestGuest for XenTarget {
 
     fn start(&self) -> Result<(), GuestError> {
         let i = &self.inner;
-        let live = i.live_writers.load(Ordering::Acquire);
+        let live = i.claims.live();
         if live != 0 {
             return Err(err("start", format!("{live} page writers are still open")));
         }
