@@ -79,6 +79,23 @@ fn cli_ok(d: &Daemon, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// `skyferry start --quiet` of Xen domain `domid` into `dest_domid` at `to`: the migration id.
+fn start_xen(d: &Daemon, to: &str, domid: u32, dest_domid: u32, extra: &[&str]) -> String {
+    let (guest, dest) = (format!("xen:{domid}"), dest_domid.to_string());
+    let mut args = vec![
+        "start",
+        "--to",
+        to,
+        "--quiet",
+        "--guest",
+        &guest,
+        "--dest-domid",
+        &dest,
+    ];
+    args.extend_from_slice(extra);
+    cli_ok(d, &args)
+}
+
 fn cli_err(d: &Daemon, args: &[&str]) -> String {
     let out = d.cli(args);
     assert!(!out.status.success(), "skyferry {args:?} should fail");
@@ -112,21 +129,7 @@ fn a_domain_migrates_between_two_daemons_and_runs_only_at_the_destination() {
     let (id, s) = std::thread::scope(|scope| {
         // The guest writes until it is paused.
         let guest = scope.spawn(|| guest_writes(&src, &done));
-        let id = cli_ok(
-            &src_d,
-            &[
-                "start",
-                "--to",
-                &to,
-                "--quiet",
-                "--guest",
-                "xen:5",
-                "--dest-domid",
-                "7",
-                "--max-bandwidth",
-                "200MB/s",
-            ],
-        );
+        let id = start_xen(&src_d, &to, 5, 7, &["--max-bandwidth", "200MB/s"]);
         let s = src_d.wait_for(&id, 60, is_final);
         done.store(true, Ordering::Relaxed);
         assert!(guest.join().unwrap() > 0, "the guest wrote nothing");
@@ -168,19 +171,7 @@ fn a_domain_migrates_between_two_daemons_and_runs_only_at_the_destination() {
     src2.write(3, 0, b"second").unwrap();
     let dst2 = d.lib.create_domain(&dst_host.0, 8, 256).unwrap();
     dst2.toolstack_pause().unwrap();
-    let id = cli_ok(
-        &src_d,
-        &[
-            "start",
-            "--to",
-            &to,
-            "--quiet",
-            "--guest",
-            "xen:6",
-            "--dest-domid",
-            "8",
-        ],
-    );
+    let id = start_xen(&src_d, &to, 6, 8, &[]);
     let s = src_d.wait_for(&id, 30, is_final);
     assert_eq!(s["phase"], "completed", "{s}");
     assert_eq!(&dst2.read(3).unwrap()[..6], b"second");
@@ -228,19 +219,7 @@ fn operator_mistakes_get_clear_errors_and_change_nothing() {
     assert!(e.contains("Xen domain 99 does not exist"), "{e}");
 
     // The destination has no such domain: refused there, named here, the source runs on.
-    let id = cli_ok(
-        &src_d,
-        &[
-            "start",
-            "--to",
-            &to,
-            "--quiet",
-            "--guest",
-            "xen:5",
-            "--dest-domid",
-            "7",
-        ],
-    );
+    let id = start_xen(&src_d, &to, 5, 7, &[]);
     let s = src_d.wait_for(&id, 30, is_final);
     assert_eq!(s["phase"], "failed", "{s}");
     let why = s["error"].to_string();
@@ -250,19 +229,7 @@ fn operator_mistakes_get_clear_errors_and_change_nothing() {
 
     // A destination without [xen] refuses Xen domains, saying so.
     let plain = plain_d.listen.unwrap().to_string();
-    let id = cli_ok(
-        &src_d,
-        &[
-            "start",
-            "--to",
-            &plain,
-            "--quiet",
-            "--guest",
-            "xen:5",
-            "--dest-domid",
-            "7",
-        ],
-    );
+    let id = start_xen(&src_d, &plain, 5, 7, &[]);
     let s = src_d.wait_for(&id, 30, is_final);
     assert!(s["error"].to_string().contains("no [xen] section"), "{s}");
 
