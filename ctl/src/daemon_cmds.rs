@@ -36,6 +36,20 @@ pub struct StartArgs {
     /// RAM file of a QEMU guest: the mem-path of its memory-backend-file (share=on).
     #[arg(long, value_name = "PATH")]
     ram_file: Option<std::path::PathBuf>,
+    /// Synchronized Arrival: arrive together with the other migrations of group G (the
+    /// daemon's [coordinator] holds each until all are ready, then stops them together).
+    #[arg(long, value_name = "G")]
+    group: Option<String>,
+    /// How many migrations the group has: none goes before all have joined and are ready
+    /// (default: those that have joined by then; give it when starting members one by one).
+    #[arg(long, value_name = "N", requires = "group")]
+    group_size: Option<usize>,
+    /// If another member of the group fails: abort (default) or continue alone.
+    #[arg(long, value_name = "abort|continue", requires = "group")]
+    group_failure: Option<String>,
+    /// While held for the group, wait instead of re-sending pages (saves bytes).
+    #[arg(long, requires = "group")]
+    pace: bool,
     /// For a Xen domain: the id of the domain the destination's toolstack created paused
     /// with the same configuration (xl create -p), which skyferry fills and unpauses.
     #[arg(long, value_name = "DOMID")]
@@ -99,6 +113,9 @@ pub struct StatusArgs {
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// A Synchronized Arrival group's members side by side (from the coordinator).
+    #[arg(long, conflicts_with = "id")]
+    group: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -210,6 +227,10 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         to: a.to.clone(),
         qemu,
         xen,
+        group: a.group.clone(),
+        group_size: a.group_size,
+        group_failure: a.group_failure.clone(),
+        group_pace: a.pace,
         workload: a.workload.clone(),
         mem: a.mem,
         seed: a.seed,
@@ -231,6 +252,71 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
             a.to
         ),
         other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+    }
+    Ok(())
+}
+
+fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
+    let g = match call(
+        socket,
+        &Request::GroupStatus {
+            group: group.to_string(),
+        },
+    )? {
+        Response::Group { group } => group,
+        other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&g).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| format!("{v}"));
+    println!(
+        "group {} ({} members, on failure: {:?}){}",
+        g.name,
+        g.members.len(),
+        g.on_failure,
+        g.broken
+            .as_ref()
+            .map_or_else(String::new, |b| format!(", broken: {b}"))
+    );
+    println!(
+        "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
+        "MEMBER",
+        "MiB",
+        "STATE",
+        "ITER",
+        "SENT",
+        "DIRTIED",
+        "FINAL MS",
+        "READY@",
+        "GO@",
+        "DONE@",
+        "HELD",
+        "PACED SAVED"
+    );
+    for m in g.members.values() {
+        println!(
+            "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
+            m.name,
+            m.pages * 4096 >> 20,
+            match &m.state {
+                dataplane::coordinator::MemberState::Failed(_) => "failed".to_string(),
+                other => format!("{other:?}").to_lowercase(),
+            },
+            m.last.iteration,
+            m.last.sent,
+            m.last.dirtied,
+            ms(m.last.final_copy_ms),
+            ms(m.ready_at_ms),
+            ms(m.go_at_ms),
+            ms(m.done_at_ms),
+            m.held_iterations,
+            format_size(m.paced_saved_bytes),
+        );
+    }
+    if let Some(spread) = g.go_spread_ms() {
+        println!("all told to stop within {spread} ms of each other");
     }
     Ok(())
 }
@@ -272,6 +358,9 @@ fn describe_end(s: &MigrationStatus) -> String {
 }
 
 pub fn status(a: &StatusArgs) -> Result<(), String> {
+    if let Some(group) = &a.group {
+        return group_status(&a.socket.socket, group, a.json);
+    }
     let list = statuses(&a.socket.socket, a.id)?;
     if a.json {
         let v = if a.id.is_some() {

@@ -378,6 +378,7 @@ fn migrate_here(
         pin_threads: true,
         timeout: TIMEOUT,
         guest_label: label.clone(),
+        group: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,

@@ -264,6 +264,7 @@ pub(crate) fn migrate_qemu(
         pin_threads: true,
         timeout: TIMEOUT,
         guest_label: LABEL.into(),
+        group: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,

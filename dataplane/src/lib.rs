@@ -5,6 +5,7 @@
 //! ([`frame`], [`crypto`]). Pipelines, transport and the daemon build on it.
 
 pub mod codec;
+pub mod coordinator;
 pub mod crypto;
 pub mod daemon;
 pub mod frame;

@@ -147,6 +147,7 @@ fn a_state_larger_than_a_control_frame_arrives_whole() {
         pin_threads: false,
         timeout: Duration::from_secs(10),
         guest_label: "big-state".into(),
+        group: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(0, Role::Source, "", 0)));
     let s = migrate(guest, &opts, 7, &status, &AtomicBool::new(false)).expect("migrates");

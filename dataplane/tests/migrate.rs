@@ -44,6 +44,7 @@ fn source_opts(port: u16, psk: u8, policy: Policy, codec: CodecConfig) -> Source
         pin_threads: false,
         timeout: Duration::from_secs(10),
         guest_label: "test-guest".into(),
+        group: None,
     }
 }
 

@@ -126,6 +126,7 @@ fn source_opts(port: u16, policy: Policy, codec: CodecConfig) -> SourceOptions {
         pin_threads: false,
         timeout: Duration::from_secs(10),
         guest_label: "xen-test".into(),
+        group: None,
     }
 }
 

@@ -199,6 +199,7 @@ fn source(args: &PeerArgs) -> Result<(), String> {
         pin_threads: args.pin,
         timeout: TIMEOUT,
         guest_label: "bench".into(),
+        group: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         1,

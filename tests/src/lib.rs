@@ -47,7 +47,8 @@ pub fn psk(n: u8) -> String {
     format!("{}\n", format!("{n:02x}").repeat(32))
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")

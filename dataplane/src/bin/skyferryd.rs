@@ -51,6 +51,21 @@ fn main() -> ExitCode {
         .init();
 
     let registry = Registry::new(settings.clone(), psk);
+    if let (Some(addr), Some(coordinator)) = (settings.coordinator.listen, registry.coordinator()) {
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("skyferryd: cannot serve the coordinator on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!("coordinator on {addr}");
+        let c = coordinator.clone();
+        std::thread::Builder::new()
+            .name("sf-coordinator".into())
+            .spawn(move || c.serve(&listener))
+            .expect("spawning the coordinator");
+    }
     if let Some(addr) = settings.listen {
         let listener = match TcpListener::bind(addr) {
             Ok(l) => l,

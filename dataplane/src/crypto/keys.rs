@@ -133,6 +133,26 @@ impl std::fmt::Debug for MigrationKeys {
     }
 }
 
+/// Proof that a peer of the Synchronized Arrival coordinator holds the pre-shared key: HKDF
+/// of the key over both sides' fresh nonces, with a label per role, so neither side's proof
+/// can be replayed as the other's or in another session.
+pub fn coordinator_proof(
+    psk: &PreSharedKey,
+    server: &HandshakeNonce,
+    client: &HandshakeNonce,
+    role: &[u8],
+) -> [u8; 32] {
+    let mut salt = Vec::with_capacity(22 + 2 * NONCE_LEN);
+    salt.extend_from_slice(b"skyferry/coordinator/1");
+    salt.extend_from_slice(&server.0);
+    salt.extend_from_slice(&client.0);
+    let mut out = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(&salt), &psk.0[..])
+        .expand(role, &mut out)
+        .expect("32 bytes of HKDF output is always valid");
+    out
+}
+
 impl MigrationKeys {
     /// Derives a migration's key material from the pre-shared key and both ends' nonces.
     pub fn derive(

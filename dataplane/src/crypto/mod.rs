@@ -6,5 +6,7 @@ pub mod keys;
 pub mod seal;
 
 pub use aead::{AeadImpl, default_impl, set_default_impl};
-pub use keys::{Direction, HandshakeNonce, KeyError, MigrationKeys, PreSharedKey, StreamKey};
+pub use keys::{
+    Direction, HandshakeNonce, KeyError, MigrationKeys, PreSharedKey, StreamKey, coordinator_proof,
+};
 pub use seal::{HeaderChecker, OpenError, OpenedFrame, Opener, Sealer};

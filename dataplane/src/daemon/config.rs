@@ -225,6 +225,25 @@ pub struct XenSettings {
     pub libraries: crate::guest::xen::LibraryPaths,
 }
 
+/// `[coordinator]`: Synchronized Arrival (`skyferry start --group G`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSection {
+    /// Serve the coordinator on this address (`host:port`); empty: do not serve it.
+    pub listen: String,
+    /// Where this host's grouped migrations report (default: `listen`, this daemon's own).
+    pub address: String,
+}
+
+/// Coordinator settings, checked.
+#[derive(Debug, Clone, Default)]
+pub struct CoordinatorSettings {
+    /// Serve the coordinator here.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Where grouped migrations report.
+    pub address: Option<std::net::SocketAddr>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -241,6 +260,8 @@ pub struct DaemonConfig {
     pub qemu: Option<QemuSection>,
     /// `[xen]`
     pub xen: Option<XenSection>,
+    /// `[coordinator]`
+    pub coordinator: CoordinatorSection,
 }
 
 /// The configuration with every value parsed and checked.
@@ -282,6 +303,8 @@ pub struct Settings {
     pub qemu: QemuSettings,
     /// Xen domains.
     pub xen: XenSettings,
+    /// Synchronized Arrival.
+    pub coordinator: CoordinatorSettings,
 }
 
 impl DaemonConfig {
@@ -381,6 +404,7 @@ impl DaemonConfig {
             source_timeout: dur("source.timeout", &c.source.timeout)?,
             qemu: qemu_settings(c.qemu, &key)?,
             xen: xen_settings(c.xen, &key)?,
+            coordinator: coordinator_settings(&c.coordinator, &key)?,
         })
     }
 }
@@ -415,6 +439,26 @@ fn qemu_settings(
         timeout: parse_duration(&q.timeout).map_err(|e| key("qemu.timeout", e.to_string()))?,
         quit_source_after_commit: q.quit_source_after_commit,
     })
+}
+
+fn coordinator_settings(
+    c: &CoordinatorSection,
+    key: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<CoordinatorSettings, ConfigError> {
+    let addr = |k: &str, v: &str| -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        use std::net::ToSocketAddrs;
+        v.to_socket_addrs()
+            .map_err(|e| key(k, format!("{v:?}: {e}")))?
+            .next()
+            .map(Some)
+            .ok_or_else(|| key(k, format!("{v:?} resolves to no address")))
+    };
+    let listen = addr("coordinator.listen", &c.listen)?;
+    let address = addr("coordinator.address", &c.address)?.or(listen);
+    Ok(CoordinatorSettings { listen, address })
 }
 
 fn xen_settings(
@@ -494,6 +538,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("domid"), "{e}");
+    }
+
+    #[test]
+    fn the_coordinator_section_serves_and_addresses() {
+        let p = Path::new("t.toml");
+        let none = DaemonConfig::parse("", p).unwrap();
+        assert_eq!(none.coordinator.listen, None);
+        assert_eq!(none.coordinator.address, None);
+        let own = DaemonConfig::parse("[coordinator]\nlisten = \"127.0.0.1:7411\"\n", p).unwrap();
+        assert_eq!(own.coordinator.address, own.coordinator.listen);
+        assert!(own.coordinator.listen.is_some());
+        let other =
+            DaemonConfig::parse("[coordinator]\naddress = \"127.0.0.1:7412\"\n", p).unwrap();
+        assert_eq!(other.coordinator.listen, None);
+        assert_eq!(other.coordinator.address.unwrap().port(), 7412);
+        let e = DaemonConfig::parse("[coordinator]\nlisten = \"nowhere\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("coordinator.listen"), "{e}");
     }
 
     #[test]

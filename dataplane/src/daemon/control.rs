@@ -48,6 +48,18 @@ pub struct StartRequest {
     /// A Xen domain; the synthetic fields below are then unused.
     #[serde(default)]
     pub xen: Option<XenGuestSpec>,
+    /// Synchronized Arrival: the group this migration arrives with.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Members in the group (0 or absent: whoever has joined).
+    #[serde(default)]
+    pub group_size: Option<usize>,
+    /// What to do if another member fails: `abort` (default) or `continue`.
+    #[serde(default)]
+    pub group_failure: Option<String>,
+    /// While held for the group, wait instead of iterating.
+    #[serde(default)]
+    pub group_pace: bool,
     /// Synthetic workload (`kernel`, `tpcw`, `specjbb`, `idle`).
     pub workload: String,
     /// Guest memory, bytes.
@@ -89,6 +101,11 @@ pub enum Request {
         /// Migration id; all when absent.
         id: Option<u64>,
     },
+    /// A Synchronized Arrival group, from this host's coordinator.
+    GroupStatus {
+        /// The group.
+        group: String,
+    },
 }
 
 /// A control response.
@@ -109,6 +126,11 @@ pub enum Response {
     Status {
         /// Their states, oldest first.
         migrations: Vec<MigrationStatus>,
+    },
+    /// A group's members, side by side.
+    Group {
+        /// The group.
+        group: Box<crate::coordinator::Group>,
     },
     /// The request failed.
     Error {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::config::Settings;
 use super::control::{Request, Response, StartRequest};
+use crate::coordinator::{Coordinator, GroupOptions};
 use crate::crypto::PreSharedKey;
 use crate::guest::qemu::{QemuGuest, QemuSourceConfig, QemuTarget};
 use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
@@ -14,15 +15,16 @@ use crate::guest::xen::{XenGuest, XenSourceConfig, XenTarget};
 use crate::guest::{DestGuest, SourceGuest};
 use crate::migrate::dest::{DestOptions, receive};
 use crate::migrate::source::{SourceOptions, migrate};
-use crate::migrate::{MigrationStatus, Role};
+use crate::migrate::{MigrationStatus, Phase, Role};
 use crate::page::PAGE_SIZE;
 
 struct Entry {
     status: Arc<Mutex<MigrationStatus>>,
     abort: Arc<AtomicBool>,
-    /// The guest, kept alive: at the source it runs here again if the migration fails; at
-    /// the destination it runs here once the migration completes.
-    _source: Option<Arc<dyn SourceGuest>>,
+    /// The guest, kept alive: at the source it runs here again if the migration fails (and
+    /// is let go once it runs at the destination); at the destination it runs here once the
+    /// migration completes.
+    _source: Arc<Mutex<Option<Arc<dyn SourceGuest>>>>,
     _target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
 }
 
@@ -31,6 +33,8 @@ pub struct Registry {
     settings: Settings,
     psk: PreSharedKey,
     entries: Mutex<Vec<Entry>>,
+    /// The Synchronized Arrival coordinator this daemon serves, if it does.
+    coordinator: Option<Arc<Coordinator>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -42,11 +46,43 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A registry for a daemon with these settings.
     pub fn new(settings: Settings, psk: PreSharedKey) -> Arc<Self> {
+        let coordinator = settings
+            .coordinator
+            .listen
+            .map(|_| Coordinator::new(psk.clone()));
         Arc::new(Registry {
             settings,
             psk,
             entries: Mutex::new(Vec::new()),
+            coordinator,
         })
+    }
+
+    /// The coordinator this daemon serves (`[coordinator] listen`), if any.
+    pub fn coordinator(&self) -> Option<&Arc<Coordinator>> {
+        self.coordinator.as_ref()
+    }
+
+    fn group_status(&self, group: &str) -> Response {
+        if let Some(c) = &self.coordinator {
+            return match c.show(group) {
+                Some(g) => Response::Group { group: Box::new(g) },
+                None => Response::Error {
+                    message: format!("no group {group:?} at this host's coordinator"),
+                },
+            };
+        }
+        let Some(addr) = self.settings.coordinator.address else {
+            return Response::Error {
+                message: "this host has no [coordinator] in its config".into(),
+            };
+        };
+        match crate::coordinator::show(addr, &self.psk, group) {
+            Ok(g) => Response::Group { group: Box::new(g) },
+            Err(e) => Response::Error {
+                message: format!("coordinator {addr}: {e}"),
+            },
+        }
     }
 
     /// Answers one control request.
@@ -57,6 +93,7 @@ impl Registry {
                 Err(message) => Response::Error { message },
             },
             Request::Abort { id } => self.abort(id),
+            Request::GroupStatus { group } => self.group_status(&group),
             Request::Status { id } => {
                 let entries = self.entries.lock().expect("registry lock");
                 let migrations = entries
@@ -155,6 +192,7 @@ impl Registry {
             pin_threads: s.pin_threads,
             timeout: s.source_timeout,
             guest_label: label.clone(),
+            group: self.group_options(r)?,
         };
         let guest = self.source_guest(r)?;
         let pages = guest.page_count();
@@ -165,17 +203,27 @@ impl Registry {
             pages,
         )));
         let abort = Arc::new(AtomicBool::new(false));
+        let kept = Arc::new(Mutex::new(Some(guest.clone())));
         self.entries.lock().expect("registry lock").push(Entry {
             status: status.clone(),
             abort: abort.clone(),
-            _source: Some(guest.clone()),
+            _source: kept.clone(),
             _target: Arc::default(),
         });
         std::thread::Builder::new()
             .name(format!("sf-migrate-{:x}", id & 0xffff))
-            .spawn(move || match migrate(guest, &opts, id, &status, &abort) {
-                Ok(s) => tracing::info!(migration = id, phase = ?s.status.phase, "migration ended"),
-                Err(e) => tracing::warn!(migration = id, "migration failed: {e}"),
+            .spawn(move || {
+                match migrate(guest, &opts, id, &status, &abort) {
+                    Ok(s) => {
+                        tracing::info!(migration = id, phase = ?s.status.phase, "migration ended");
+                    }
+                    Err(e) => tracing::warn!(migration = id, "migration failed: {e}"),
+                }
+                let phase = status.lock().expect("status lock").phase;
+                if matches!(phase, Phase::Completed | Phase::CommittedUnconfirmed) {
+                    // It runs at the destination now and never again here: free its memory.
+                    kept.lock().expect("registry lock").take();
+                }
             })
             .map_err(|e| e.to_string())?;
         Ok(id)
@@ -224,6 +272,29 @@ impl Registry {
         )
         .map_err(|e| e.to_string())?;
         Ok(Arc::new(guest))
+    }
+
+    /// Synchronized Arrival options of a start request.
+    fn group_options(&self, r: &StartRequest) -> Result<Option<GroupOptions>, String> {
+        let Some(group) = &r.group else {
+            if r.group_failure.is_some() || r.group_pace || r.group_size.is_some() {
+                return Err("--group-size, --group-failure and --pace are for --group G".into());
+            }
+            return Ok(None);
+        };
+        if group.is_empty() || group.len() > 64 {
+            return Err("a group name has 1 to 64 characters".into());
+        }
+        let coordinator = self.settings.coordinator.address.ok_or(
+            "--group needs a coordinator: set [coordinator] address (or listen) in this host's config",
+        )?;
+        Ok(Some(GroupOptions {
+            coordinator,
+            group: group.clone(),
+            size: r.group_size.unwrap_or(0),
+            on_failure: r.group_failure.as_deref().unwrap_or("abort").parse()?,
+            pace: r.group_pace,
+        }))
     }
 
     /// The destination guest for an incoming Hello.
@@ -291,7 +362,7 @@ impl Registry {
             self.entries.lock().expect("registry lock").push(Entry {
                 status: status.clone(),
                 abort: abort.clone(),
-                _source: None,
+                _source: Arc::default(),
                 _target: target.clone(),
             });
             let slot = target.clone();

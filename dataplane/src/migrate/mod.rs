@@ -44,4 +44,7 @@ pub enum MigrateError {
     /// the connection failed
     #[error("{0}: {1}")]
     Connect(String, std::io::Error),
+    /// Synchronized Arrival failed: the coordinator, or another member
+    #[error("group {0}: {1}")]
+    Group(String, String),
 }

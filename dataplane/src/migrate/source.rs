@@ -17,6 +17,7 @@ use super::{
     Decision, IterationReport, MigrateError, MigrationStatus, Phase, Policy, Role, StopDecider,
 };
 use crate::codec::{CodecConfig, CodecStats};
+use crate::coordinator::{Member, Progress, Verdict};
 use crate::crypto::{Direction, HandshakeNonce, PreSharedKey};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::pipeline::source::{SourcePipeline, SourceSettings};
@@ -53,7 +54,12 @@ pub struct SourceOptions {
     pub timeout: Duration,
     /// The guest's name, for status displays.
     pub guest_label: String,
+    /// Synchronized Arrival: the group this migration arrives with.
+    pub group: Option<crate::coordinator::GroupOptions>,
 }
+
+/// Shortest iteration of a member held for its group (see `group_decision`).
+const HELD_ITERATION_FLOOR: Duration = Duration::from_millis(20);
 
 /// The end result, as measured at the source.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,8 +107,10 @@ pub fn migrate(
         started: Instant::now(),
         paused: None,
         committed: false,
+        member: None,
     };
-    let result = run.go();
+    let result = run.join_group().and_then(|()| run.go());
+    run.leave_group(&result);
     run.guest.release();
     let mut st = status.lock().expect("status lock");
     st.elapsed_ms = millis(run.started.elapsed());
@@ -136,6 +144,8 @@ struct Run<'a> {
     started: Instant,
     paused: Option<Instant>,
     committed: bool,
+    /// Synchronized Arrival: this migration's membership, while it lasts.
+    member: Option<Member>,
 }
 
 /// Everything to undo if the migration fails before the commit.
@@ -293,6 +303,101 @@ impl Run<'_> {
         ))
     }
 
+    /// Joins the group of `opts.group`, if any.
+    fn join_group(&mut self) -> Result<(), MigrateError> {
+        let Some(g) = &self.opts.group else {
+            return Ok(());
+        };
+        let m = Member::join(
+            g,
+            &self.opts.psk,
+            &self.opts.guest_label,
+            self.guest.page_count(),
+        )
+        .map_err(|e| {
+            MigrateError::Group(
+                g.group.clone(),
+                format!("coordinator {}: {e}", g.coordinator),
+            )
+        })?;
+        self.member = Some(m);
+        self.update(|s| {
+            s.group = Some(g.group.clone());
+            s.group_state = Some("iterating".into());
+        });
+        Ok(())
+    }
+
+    /// Tells the group how this migration ended.
+    fn leave_group<T>(&mut self, result: &Result<T, MigrateError>) {
+        let Some(mut m) = self.member.take() else {
+            return;
+        };
+        let told = match result {
+            Ok(_) => m.done(),
+            Err(e) => m.fail(&e.to_string()),
+        };
+        if let Err(e) = told {
+            tracing::warn!(migration = self.id, "telling the coordinator: {e}");
+        }
+    }
+
+    /// The group's say on `own`, this migration's own decision: held members keep
+    /// iterating (or, paced, wait for the others); everyone stops together.
+    fn group_decision(
+        &mut self,
+        own: Decision,
+        progress: Progress,
+        iteration_took: Duration,
+    ) -> Result<Decision, MigrateError> {
+        let opts = self.opts;
+        let (Some(mut m), Some(g)) = (self.member.take(), &opts.group) else {
+            return Ok(own);
+        };
+        let group = g.group.clone();
+        let lost =
+            |e: std::io::Error| MigrateError::Group(group.clone(), format!("coordinator: {e}"));
+        let go = |own: Decision| match own {
+            Decision::Stop(r) => Decision::Stop(r),
+            Decision::Continue => Decision::Stop(super::StopReason::Requested),
+        };
+        let mut verdict = m.report(progress).map_err(&lost)?;
+        if verdict == Verdict::Hold && progress.ready && g.pace {
+            // Waiting costs nothing on the wire; one iteration per wait keeps what the
+            // final copy will carry no larger than one wait's worth of writes.
+            let wait =
+                (iteration_took * 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+            self.update(|s| s.group_state = Some("paced".into()));
+            if !self.abort.load(Ordering::Relaxed) {
+                verdict = m.wait(wait).map_err(&lost)?;
+            }
+        }
+        if verdict == Verdict::Hold && progress.ready && !g.pace {
+            // Held and iterating: a guest that dirties little makes iterations of well
+            // under a millisecond; a floor keeps that from spinning a core and the
+            // coordinator.
+            std::thread::sleep(HELD_ITERATION_FLOOR.saturating_sub(iteration_took));
+        }
+        let (state, decision) = match verdict {
+            Verdict::Go => ("go", go(own)),
+            Verdict::Hold if progress.ready => ("held", Decision::Continue),
+            Verdict::Hold => ("iterating", Decision::Continue),
+            Verdict::Alone => ("alone", own),
+            Verdict::Abort => {
+                self.member = Some(m); // so the coordinator hears how this one ended
+                return Err(MigrateError::Group(
+                    group,
+                    "another member failed; the group aborts (--group-failure abort)".into(),
+                ));
+            }
+        };
+        if verdict != Verdict::Alone {
+            self.member = Some(m);
+        }
+        self.update(|s| s.group_state = Some(state.into()));
+        Ok(decision)
+    }
+
     /// Checks for abort and for messages from the destination without waiting.
     fn poll(&self, session: &Session) -> Result<(), MigrateError> {
         if self.abort.load(Ordering::Relaxed) {
@@ -410,7 +515,21 @@ impl Run<'_> {
                 wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed) - wire_before,
                 duration: t.elapsed(),
             };
-            let decision = decider.after_iteration(&report);
+            let own = decider.after_iteration(&report);
+            let decision = self.group_decision(
+                own,
+                Progress {
+                    iteration: it,
+                    sent,
+                    dirtied,
+                    remaining: dirtied,
+                    final_copy_ms: decider.estimate(dirtied).map(millis),
+                    iteration_ms: millis(report.duration),
+                    wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed),
+                    ready: matches!(own, Decision::Stop(_)),
+                },
+                report.duration,
+            )?;
             reports.push(IterationRecord {
                 iteration: it,
                 sent,

@@ -108,6 +108,13 @@ pub struct MigrationStatus {
     pub state_bytes: Option<u64>,
     /// Why pre-copy stopped.
     pub stop_reason: Option<StopReason>,
+    /// Synchronized Arrival: the group, and where this member stands in it (`iterating`,
+    /// `held`, `paced`, `go`, `alone`).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// See `group`.
+    #[serde(default)]
+    pub group_state: Option<String>,
     /// Memory digests matched at both ends.
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
@@ -138,6 +145,8 @@ impl MigrationStatus {
             paused_bytes: None,
             state_bytes: None,
             stop_reason: None,
+            group: None,
+            group_state: None,
             verified: None,
             error: None,
         }

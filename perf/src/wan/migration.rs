@@ -262,6 +262,7 @@ pub fn run(spec: &RunSpec, id: u64) -> Result<RunResult, String> {
         pin_threads: false,
         timeout: TIMEOUT,
         guest_label: format!("wan-{}", spec.workload),
+        group: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,
