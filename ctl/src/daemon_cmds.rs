@@ -299,7 +299,7 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
         println!(
             "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
             m.name,
-            m.pages * 4096 >> 20,
+            (m.pages * 4096) >> 20,
             match &m.state {
                 dataplane::coordinator::MemberState::Failed(_) => "failed".to_string(),
                 other => format!("{other:?}").to_lowercase(),

@@ -27,7 +27,7 @@ enum Command {
     /// Run a whole migration on this host (a destination and a source over loopback TCP).
     Demo(demo::Args),
     /// Start migrating a guest hosted by the local skyferryd to another host's skyferryd.
-    Start(daemon_cmds::StartArgs),
+    Start(Box<daemon_cmds::StartArgs>),
     /// Abort a migration before its commit: the guest keeps running at the source.
     Abort(daemon_cmds::AbortArgs),
     /// Show migrations on this host.

@@ -127,11 +127,15 @@ pub struct Group {
     pub go: bool,
     /// A member failed; why.
     pub broken: Option<String>,
+    /// When the first member joined, on the coordinator's clock: every `*_at_ms` counts
+    /// from here.
+    #[serde(skip)]
+    formed_ms: u64,
 }
 
 impl Group {
-    /// An empty group.
-    pub fn new(name: &str, on_failure: GroupFailure) -> Self {
+    /// An empty group, formed at `now_ms` on the coordinator's clock.
+    pub fn new(name: &str, on_failure: GroupFailure, now_ms: u64) -> Self {
         Group {
             name: name.to_string(),
             on_failure,
@@ -139,6 +143,7 @@ impl Group {
             members: BTreeMap::new(),
             go: false,
             broken: None,
+            formed_ms: now_ms,
         }
     }
 
@@ -166,6 +171,7 @@ impl Group {
 
     /// A member reports an iteration at `now_ms`; the answer says what it does next.
     pub fn report(&mut self, name: &str, p: Progress, now_ms: u64) -> Verdict {
+        let at = now_ms.saturating_sub(self.formed_ms);
         if let Some(v) = self.after_failure() {
             return v;
         }
@@ -179,7 +185,7 @@ impl Group {
         }
         m.last = p;
         if p.ready && m.ready_at_ms.is_none() {
-            m.ready_at_ms = Some(now_ms);
+            m.ready_at_ms = Some(at);
         }
         if p.ready && matches!(m.state, MemberState::Iterating) {
             m.state = MemberState::Held;
@@ -195,6 +201,7 @@ impl Group {
 
     /// What `name` does now (after a report or a paced wait).
     pub fn verdict(&mut self, name: &str, now_ms: u64) -> Verdict {
+        let at = now_ms.saturating_sub(self.formed_ms);
         if let Some(v) = self.after_failure() {
             return v;
         }
@@ -204,7 +211,7 @@ impl Group {
         };
         if go && m.ready_at_ms.is_some() {
             if m.go_at_ms.is_none() {
-                m.go_at_ms = Some(now_ms);
+                m.go_at_ms = Some(at);
                 m.state = MemberState::Stopping;
             }
             Verdict::Go
@@ -226,7 +233,7 @@ impl Group {
     pub fn done(&mut self, name: &str, now_ms: u64) {
         if let Some(m) = self.members.get_mut(name) {
             m.state = MemberState::Done;
-            m.done_at_ms = Some(now_ms);
+            m.done_at_ms = Some(now_ms.saturating_sub(self.formed_ms));
         }
     }
 
@@ -275,7 +282,7 @@ mod tests {
 
     #[test]
     fn ready_members_are_held_until_all_are_ready_then_all_go() {
-        let mut g = Group::new("app", GroupFailure::Abort);
+        let mut g = Group::new("app", GroupFailure::Abort, 0);
         g.join("web", 10, 3);
         g.join("db", 100, 0);
         assert_eq!(g.report("web", p(1, false, 10), 1), Verdict::Hold);
@@ -307,7 +314,7 @@ mod tests {
             (GroupFailure::Abort, Verdict::Abort),
             (GroupFailure::Continue, Verdict::Alone),
         ] {
-            let mut g = Group::new("app", policy);
+            let mut g = Group::new("app", policy, 0);
             g.join("a", 1, 2);
             g.join("b", 1, 2);
             assert_eq!(g.report("a", p(1, true, 1), 1), Verdict::Hold);
@@ -317,14 +324,14 @@ mod tests {
             assert!(g.broken.as_deref().unwrap().contains("aborted by operator"));
         }
         assert_eq!(
-            Group::new("x", GroupFailure::Abort).report("stranger", p(1, true, 1), 1),
+            Group::new("x", GroupFailure::Abort, 0).report("stranger", p(1, true, 1), 1),
             Verdict::Abort
         );
     }
 
     #[test]
     fn pacing_is_costed_at_the_average_held_iteration() {
-        let mut g = Group::new("app", GroupFailure::Abort);
+        let mut g = Group::new("app", GroupFailure::Abort, 0);
         g.join("a", 1000, 0);
         g.join("b", 1000, 0);
         g.report("a", p(1, true, 100), 1);

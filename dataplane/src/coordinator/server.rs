@@ -96,7 +96,7 @@ impl Coordinator {
             } => {
                 groups
                     .entry(group.clone())
-                    .or_insert_with(|| Group::new(&group, on_failure))
+                    .or_insert_with(|| Group::new(&group, on_failure, now))
                     .join(&member, pages, size);
                 Reply::Ok
             }
