@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod frame;
 pub mod guest;
 pub mod migrate;
+pub mod network;
 pub mod page;
 pub mod pipeline;
 pub mod protocol;
