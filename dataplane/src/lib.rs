@@ -13,6 +13,7 @@ pub mod disk;
 pub mod frame;
 pub mod guest;
 pub mod migrate;
+pub mod network;
 pub mod page;
 pub mod pipeline;
 pub mod protocol;
