@@ -74,11 +74,34 @@ impl Coordinator {
         }
         // Members report once per iteration; long silences are normal.
         s.set_read_timeout(None)?;
-        loop {
-            let req: Request = recv(&mut r)?;
+        // The member this connection joined, until it says how it ended.
+        let mut joined: Option<(String, String)> = None;
+        let result = loop {
+            let req = match recv::<Request>(&mut r) {
+                Ok(req) => req,
+                Err(e) => break Err(e),
+            };
+            match &req {
+                Request::Join { group, member, .. } => {
+                    joined = Some((group.clone(), member.clone()))
+                }
+                Request::Done { .. } | Request::Fail { .. } => joined = None,
+                _ => {}
+            }
             let reply = self.handle(req);
-            send(&mut s, &reply)?;
+            if let Err(e) = send(&mut s, &reply) {
+                break Err(e);
+            }
+        };
+        // A member whose daemon died or lost the network cannot hold the others forever.
+        if let Some((group, member)) = joined {
+            self.handle(Request::Fail {
+                group,
+                member,
+                why: "lost contact with the coordinator".into(),
+            });
         }
+        result
     }
 
     /// Answers one request.
@@ -155,5 +178,72 @@ impl Coordinator {
         drop(groups);
         self.changed.notify_all();
         reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::{GroupFailure, GroupOptions, Member, Progress};
+
+    fn serve(psk: &PreSharedKey) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = Coordinator::new(psk.clone());
+        std::thread::spawn(move || c.serve(&listener));
+        addr
+    }
+
+    fn opts(addr: std::net::SocketAddr) -> GroupOptions {
+        GroupOptions {
+            coordinator: addr,
+            group: "g".into(),
+            size: 2,
+            on_failure: GroupFailure::Abort,
+            pace: false,
+        }
+    }
+
+    fn ready() -> Progress {
+        Progress {
+            ready: true,
+            ..Progress::default()
+        }
+    }
+
+    #[test]
+    fn members_go_together_over_tcp_and_a_wrong_key_is_refused() {
+        let psk = PreSharedKey::from_bytes([3; 32]);
+        let addr = serve(&psk);
+        let mut a = Member::join(&opts(addr), &psk, "a", 10).unwrap();
+        let mut b = Member::join(&opts(addr), &psk, "b", 10).unwrap();
+        assert_eq!(a.report(ready()).unwrap(), Verdict::Hold);
+        // A paced wait ends as soon as the last member is ready.
+        let waiter = std::thread::spawn(move || a.wait(Duration::from_secs(20)).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(b.report(ready()).unwrap(), Verdict::Go);
+        assert_eq!(waiter.join().unwrap(), Verdict::Go);
+        let e = Member::join(&opts(addr), &PreSharedKey::from_bytes([4; 32]), "c", 1).unwrap_err();
+        assert!(e.to_string().contains("pre-shared key"), "{e}");
+    }
+
+    #[test]
+    fn a_member_that_vanishes_releases_the_others() {
+        let psk = PreSharedKey::from_bytes([5; 32]);
+        let addr = serve(&psk);
+        let mut a = Member::join(&opts(addr), &psk, "a", 10).unwrap();
+        let b = Member::join(&opts(addr), &psk, "b", 10).unwrap();
+        assert_eq!(a.report(ready()).unwrap(), Verdict::Hold);
+        drop(b); // its daemon died: the connection closes without Done or Fail
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match a.report(ready()).unwrap() {
+                Verdict::Abort => break,
+                v => assert!(std::time::Instant::now() < deadline, "still {v:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let g = crate::coordinator::show(addr, &psk, "g").unwrap();
+        assert!(g.broken.unwrap().contains("lost contact"));
     }
 }

@@ -152,7 +152,13 @@ pub fn client_handshake(
             proof: coordinator_proof(psk, &server, &client, b"member"),
         },
     )?;
-    let theirs: Proof = recv(r)?;
+    // The coordinator hangs up on a member whose proof fails.
+    let theirs: Proof = recv(r).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => refused(
+            "the coordinator closed the connection: it does not hold this host's pre-shared key",
+        ),
+        _ => e,
+    })?;
     if theirs.proof != coordinator_proof(psk, &server, &client, b"coordinator") {
         return Err(refused(
             "the coordinator does not hold this host's pre-shared key",
