@@ -88,7 +88,8 @@ impl XenGuest {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Copies `pfns` (in order) into `out`: memory through one mapped batch, holes as zeros.
+    /// Copies `pfns` (in order) into `out`, which the caller zeroed: memory through one
+    /// mapped batch; holes stay zero.
     fn copy_batch(&self, pfns: &[Pfn], out: &mut [crate::page::Page]) -> Result<(), GuestError> {
         let types = self
             .xc
@@ -105,17 +106,15 @@ impl XenGuest {
             .map(self.domid(), &ram, Access::Read)
             .and_then(|b| b.complete(self.domid()))
             .map_err(xen_err("map guest frames"))?;
-        let mut next = 0;
-        for (page, t) in out.iter_mut().zip(&types) {
-            if *t == super::xen_ffi::FrameType::Ram {
-                batch
-                    .page(next)
-                    .expect("complete() checked every frame")
-                    .copy_to(&mut page.0);
-                next += 1;
-            } else {
-                page.0.fill(0);
-            }
+        let ram_pages = out
+            .iter_mut()
+            .zip(&types)
+            .filter(|(_, t)| **t == super::xen_ffi::FrameType::Ram);
+        for (i, (page, _)) in ram_pages.enumerate() {
+            batch
+                .page(i)
+                .expect("complete() checked every frame")
+                .copy_to(&mut page.0);
         }
         Ok(())
     }
