@@ -50,6 +50,17 @@ pub struct StartArgs {
     /// While held for the group, wait instead of re-sending pages (saves bytes).
     #[arg(long, requires = "group")]
     pace: bool,
+    /// The guest's DRBD-replicated disk: a TOML file with a [disk] table (resource, device,
+    /// disk, port, nodes; see the README). Both daemons need a [drbd] section.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
+    /// The guest NIC's MAC: the destination announces it (RARP, and gratuitous ARP with
+    /// --ip) on its [announce] interface when the guest pauses for the switchover.
+    #[arg(long, value_name = "MAC", value_parser = mac)]
+    mac: Option<String>,
+    /// The guest's IPv4 address, for the gratuitous ARP.
+    #[arg(long, value_name = "IPV4", requires = "mac")]
+    ip: Option<std::net::Ipv4Addr>,
     /// For a Xen domain: the id of the domain the destination's toolstack created paused
     /// with the same configuration (xl create -p), which skyferry fills and unpauses.
     #[arg(long, value_name = "DOMID")]
@@ -128,6 +139,12 @@ pub struct WatchArgs {
     /// Refresh interval.
     #[arg(long, default_value = "500ms", value_parser = duration)]
     interval: Duration,
+}
+
+fn mac(s: &str) -> Result<String, String> {
+    s.parse::<dataplane::network::MacAddr>()
+        .map(|m| m.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -231,6 +248,13 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         group_size: a.group_size,
         group_failure: a.group_failure.clone(),
         group_pace: a.pace,
+        disk: a
+            .disk
+            .as_deref()
+            .map(dataplane::disk::drbd::DrbdDisk::load)
+            .transpose()?,
+        mac: a.mac.clone(),
+        ip: a.ip,
         workload: a.workload.clone(),
         mem: a.mem,
         seed: a.seed,
@@ -380,11 +404,24 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
         "ID", "ROLE", "GUEST", "PHASE", "ITER", "SENT", "REMAINING", "WIRE", "RATE"
     );
     for s in &list {
-        let note = s
+        let mut note = s
             .error
             .clone()
             .or_else(|| s.stop_reason.map(|r| format!("stop: {r:?}")))
             .unwrap_or_default();
+        for extra in [
+            s.disk.as_ref().map(crate::progress::disk_text),
+            s.disk_error.as_ref().map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
+            s.network.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            note.push_str(&extra);
+        }
         println!(
             "{:<16x} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  {}",
             s.id,

@@ -379,6 +379,8 @@ fn migrate_here(
         timeout: TIMEOUT,
         guest_label: label.clone(),
         group: None,
+        disk: None,
+        network: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,
@@ -426,6 +428,8 @@ fn spawn_destination(
         timeout: TIMEOUT,
         max_guest_pages: pages,
         max_streams: streams,
+        drbd: None,
+        announce: None,
     };
     thread::Builder::new()
         .name("sf-demo-dest".into())

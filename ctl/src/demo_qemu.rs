@@ -230,6 +230,8 @@ pub(crate) fn migrate_qemu(
             timeout: TIMEOUT,
             max_guest_pages: pages,
             max_streams: args.streams,
+            drbd: None,
+            announce: None,
         };
         let abort = dest_abort.clone();
         thread::Builder::new()
@@ -265,6 +267,8 @@ pub(crate) fn migrate_qemu(
         timeout: TIMEOUT,
         guest_label: LABEL.into(),
         group: None,
+        disk: None,
+        network: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,

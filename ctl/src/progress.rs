@@ -184,12 +184,18 @@ struct Seen {
     logged: u32,
     /// Iteration of the last snapshot.
     iteration: u32,
+    /// The disk's phase last reported.
+    disk: Option<dataplane::disk::drbd::DiskPhase>,
+    /// The network line last reported.
+    network: Option<String>,
+    /// A disk error was reported.
+    disk_error: bool,
 }
 
 /// Phases in the order a migration passes them.
 fn rank(p: Phase) -> u8 {
     match p {
-        Phase::Connecting => 0,
+        Phase::Connecting | Phase::Preparing => 0,
         Phase::Iterating => 1,
         Phase::StopAndCopy => 2,
         Phase::Verifying => 3,
@@ -232,6 +238,25 @@ impl Seen {
                 if st.guest.is_empty() { "-" } else { &st.guest },
                 format_size(st.guest_pages.saturating_mul(PAGE_SIZE as u64)),
                 group(st.guest_pages),
+            )));
+        }
+        if let Some(d) = &st.disk
+            && self.disk != Some(d.phase)
+        {
+            self.disk = Some(d.phase);
+            out.push(Event::Phase(disk_text(d)));
+        }
+        if let Some(e) = &st.disk_error
+            && !self.disk_error
+        {
+            self.disk_error = true;
+            out.push(Event::Phase(format!("disk NEEDS THE OPERATOR: {e}")));
+        }
+        if st.network.is_some() && st.network != self.network {
+            self.network.clone_from(&st.network);
+            out.push(Event::Phase(format!(
+                "network: {}",
+                st.network.as_deref().unwrap_or_default()
             )));
         }
         let r = rank(st.phase);
@@ -329,6 +354,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
     let spin = SPIN[frame % SPIN.len()];
     let phase = match st.phase {
         Phase::Connecting => "connecting".to_string(),
+        Phase::Preparing => "preparing (the disks get in sync; the guest runs)".to_string(),
         Phase::Iterating => format!("iteration {} (pre-copy, guest running)", st.iteration),
         Phase::StopAndCopy => "stop and copy (guest paused)".to_string(),
         Phase::Verifying => "verifying at the destination".to_string(),
@@ -341,7 +367,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
     };
     let s = st.saved;
     let saved = s.zero + s.cbr + s.delta + s.compress;
-    vec![
+    let mut lines = vec![
         format!("{spin} {phase} | {} | {rate}", format_duration(elapsed)),
         format!(
             "  pages  left {} | sent {} in finished iterations | last dirtied {}",
@@ -363,7 +389,23 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
             st.eta_ms.map_or("-".into(), ms_text),
             st.expected_downtime_ms.map_or("-".into(), ms_text)
         ),
-    ]
+    ];
+    if let Some(d) = &st.disk {
+        lines.push(format!("  disk   {}", disk_text(d)));
+    }
+    if let Some(n) = &st.network {
+        lines.push(format!("  net    {n}"));
+    }
+    lines
+}
+
+/// One line for the guest's disk: `disk web1 (source): bulk-sync, 42.0% in sync`.
+pub fn disk_text(d: &dataplane::disk::drbd::DiskStatus) -> String {
+    let pct = match (d.phase, d.sync_percent) {
+        (dataplane::disk::drbd::DiskPhase::BulkSync, Some(p)) => format!(", {p:.1}% in sync"),
+        _ => String::new(),
+    };
+    format!("disk {} ({}): {}{pct}", d.resource, d.side, d.phase)
 }
 
 fn ms_text(ms: u64) -> String {
@@ -374,6 +416,7 @@ fn ms_text(ms: u64) -> String {
 pub fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Connecting => "connecting",
+        Phase::Preparing => "preparing",
         Phase::Iterating => "iterating",
         Phase::StopAndCopy => "stop-and-copy",
         Phase::Verifying => "verifying",

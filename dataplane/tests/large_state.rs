@@ -114,6 +114,8 @@ fn a_state_larger_than_a_control_frame_arrives_whole() {
             timeout: Duration::from_secs(10),
             max_guest_pages: 1 << 20,
             max_streams: 8,
+            drbd: None,
+            announce: None,
         };
         let status = Arc::new(Mutex::new(MigrationStatus::new(
             0,
@@ -148,6 +150,8 @@ fn a_state_larger_than_a_control_frame_arrives_whole() {
         timeout: Duration::from_secs(10),
         guest_label: "big-state".into(),
         group: None,
+        disk: None,
+        network: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(0, Role::Source, "", 0)));
     let s = migrate(guest, &opts, 7, &status, &AtomicBool::new(false)).expect("migrates");

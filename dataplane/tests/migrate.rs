@@ -26,6 +26,8 @@ fn dest_opts(psk: u8) -> DestOptions {
         timeout: Duration::from_secs(10),
         max_guest_pages: 1 << 20,
         max_streams: 8,
+        drbd: None,
+        announce: None,
     }
 }
 
@@ -45,6 +47,8 @@ fn source_opts(port: u16, psk: u8, policy: Policy, codec: CodecConfig) -> Source
         timeout: Duration::from_secs(10),
         guest_label: "test-guest".into(),
         group: None,
+        disk: None,
+        network: None,
     }
 }
 

@@ -108,6 +108,8 @@ fn dest_opts() -> DestOptions {
         timeout: Duration::from_secs(10),
         max_guest_pages: 1 << 20,
         max_streams: 8,
+        drbd: None,
+        announce: None,
     }
 }
 
@@ -127,6 +129,8 @@ fn source_opts(port: u16, policy: Policy, codec: CodecConfig) -> SourceOptions {
         timeout: Duration::from_secs(10),
         guest_label: "xen-test".into(),
         group: None,
+        disk: None,
+        network: None,
     }
 }
 

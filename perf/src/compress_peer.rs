@@ -158,6 +158,8 @@ fn source(args: &PeerArgs) -> Result<(), String> {
         timeout: TIMEOUT,
         guest_label: "bench".into(),
         group: None,
+        disk: None,
+        network: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         1,

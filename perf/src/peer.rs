@@ -54,6 +54,8 @@ pub fn receive_one(pages: u64, pin: bool) -> Result<(DestSummary, f64), String> 
         timeout: TIMEOUT,
         max_guest_pages: pages,
         max_streams: 64,
+        drbd: None,
+        announce: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         1,

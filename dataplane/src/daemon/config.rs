@@ -244,6 +244,45 @@ pub struct CoordinatorSettings {
     pub address: Option<std::net::SocketAddr>,
 }
 
+/// `[drbd]`: guests whose disk DRBD replicates (`skyferry start --disk`). At the
+/// destination its presence lets this host receive them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrbdSection {
+    /// drbdadm to run.
+    pub drbdadm: PathBuf,
+    /// drbdsetup for drbdadm and for status queries (empty: the one beside drbdadm).
+    pub drbdsetup: String,
+    /// Where the resource files go (`/etc/drbd.conf` includes `drbd.d/*.res`).
+    pub resource_dir: PathBuf,
+    /// This host's node name in the resource files (empty: `uname -n`, as drbdadm's own).
+    pub node: String,
+    /// Longest a single drbdadm or drbdsetup command may run.
+    pub command_timeout: String,
+    /// Longest the disks may take to get in sync before the memory migration starts.
+    pub sync_deadline: String,
+    /// How often the bulk copy's progress is read.
+    pub poll_interval: String,
+    /// How long a Primary waits for its peer to demote before forbidding two primaries.
+    pub role_wait: String,
+}
+
+impl Default for DrbdSection {
+    fn default() -> Self {
+        let d = crate::migrate::disk::DrbdHost::default();
+        DrbdSection {
+            drbdadm: d.drbdadm,
+            drbdsetup: String::new(),
+            resource_dir: d.resource_dir,
+            node: String::new(),
+            command_timeout: "60s".into(),
+            sync_deadline: "24h".into(),
+            poll_interval: "1s".into(),
+            role_wait: "30s".into(),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -262,6 +301,10 @@ pub struct DaemonConfig {
     pub xen: Option<XenSection>,
     /// `[coordinator]`
     pub coordinator: CoordinatorSection,
+    /// `[drbd]`
+    pub drbd: Option<DrbdSection>,
+    /// `[announce]`
+    pub announce: Option<crate::network::AnnounceConfig>,
 }
 
 /// The configuration with every value parsed and checked.
@@ -305,6 +348,10 @@ pub struct Settings {
     pub xen: XenSettings,
     /// Synchronized Arrival.
     pub coordinator: CoordinatorSettings,
+    /// DRBD disks, if this host steers them.
+    pub drbd: Option<crate::migrate::disk::DrbdHost>,
+    /// Where guests are announced after a switchover, if this host does.
+    pub announce: Option<crate::network::AnnounceConfig>,
 }
 
 impl DaemonConfig {
@@ -405,8 +452,36 @@ impl DaemonConfig {
             qemu: qemu_settings(c.qemu, &key)?,
             xen: xen_settings(c.xen, &key)?,
             coordinator: coordinator_settings(&c.coordinator, &key)?,
+            drbd: c.drbd.map(|d| drbd_settings(d, &key)).transpose()?,
+            announce: c
+                .announce
+                .map(|a| {
+                    a.validate().map_err(|e| invalid(e.to_string()))?;
+                    Ok(a)
+                })
+                .transpose()?,
         })
     }
+}
+
+fn drbd_settings(
+    d: DrbdSection,
+    key: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<crate::migrate::disk::DrbdHost, ConfigError> {
+    let dur = |k: &str, v: &str| parse_duration(v).map_err(|e| key(k, e.to_string()));
+    let opt = |v: String| (!v.trim().is_empty()).then_some(v);
+    Ok(crate::migrate::disk::DrbdHost {
+        drbdadm: d.drbdadm,
+        drbdsetup: opt(d.drbdsetup).map(PathBuf::from),
+        resource_dir: d.resource_dir,
+        node: opt(d.node),
+        command_timeout: dur("drbd.command_timeout", &d.command_timeout)?,
+        timing: crate::disk::drbd::SteerTiming {
+            sync_deadline: dur("drbd.sync_deadline", &d.sync_deadline)?,
+            poll_interval: dur("drbd.poll_interval", &d.poll_interval)?,
+            role_wait: dur("drbd.role_wait", &d.role_wait)?,
+        },
+    })
 }
 
 fn qemu_settings(

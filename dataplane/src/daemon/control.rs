@@ -60,6 +60,15 @@ pub struct StartRequest {
     /// While held for the group, wait instead of iterating.
     #[serde(default)]
     pub group_pace: bool,
+    /// The guest's DRBD-replicated disk (the `[disk]` table of `skyferry start --disk`).
+    #[serde(default)]
+    pub disk: Option<crate::disk::drbd::DrbdDisk>,
+    /// The guest NIC's MAC, announced at the destination at the switchover.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The guest's IPv4 address (with `mac`: a gratuitous ARP goes out besides the RARP).
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
     /// Synthetic workload (`kernel`, `tpcw`, `specjbb`, `idle`).
     pub workload: String,
     /// Guest memory, bytes.

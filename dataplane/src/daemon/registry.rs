@@ -14,7 +14,8 @@ use crate::guest::workload::Workload;
 use crate::guest::xen::{XenGuest, XenSourceConfig, XenTarget};
 use crate::guest::{DestGuest, SourceGuest};
 use crate::migrate::dest::{DestOptions, receive};
-use crate::migrate::source::{SourceOptions, migrate};
+use crate::migrate::source::{SourceDisk, SourceNetwork, SourceOptions, migrate};
+use crate::network::GuestIdentity;
 use crate::migrate::{MigrationStatus, Phase, Role};
 use crate::page::PAGE_SIZE;
 
@@ -193,6 +194,8 @@ impl Registry {
             timeout: s.source_timeout,
             guest_label: label.clone(),
             group: self.group_options(r)?,
+            disk: self.disk_options(r)?,
+            network: self.network_options(r)?,
         };
         let guest = self.source_guest(r)?;
         let pages = guest.page_count();
@@ -274,6 +277,47 @@ impl Registry {
         Ok(Arc::new(guest))
     }
 
+    /// The DRBD disk of a start request, checked against this host.
+    fn disk_options(&self, r: &StartRequest) -> Result<Option<SourceDisk>, String> {
+        let Some(disk) = &r.disk else {
+            return Ok(None);
+        };
+        let host = self.settings.drbd.clone().ok_or(
+            "--disk needs DRBD steering here: add a [drbd] section to this host's config",
+        )?;
+        disk.validate().map_err(|e| e.to_string())?;
+        // This host must be one of the resource's two nodes, and the source (Primary).
+        let me = match &host.node {
+            Some(n) => n.clone(),
+            None => crate::disk::drbd::local_hostname()
+                .map_err(|e| format!("reading this host's name: {e}"))?,
+        };
+        disk.node(&me).map_err(|e| e.to_string())?;
+        Ok(Some(SourceDisk {
+            disk: disk.clone(),
+            host,
+        }))
+    }
+
+    /// The guest's network identity of a start request.
+    fn network_options(&self, r: &StartRequest) -> Result<Option<SourceNetwork>, String> {
+        let Some(mac) = &r.mac else {
+            if r.ip.is_some() {
+                return Err("--ip needs --mac: the announcement comes from the guest's MAC".into());
+            }
+            return Ok(None);
+        };
+        let guest = GuestIdentity {
+            mac: mac.parse().map_err(|e: crate::network::MacError| e.to_string())?,
+            ip: r.ip,
+        };
+        guest.check().map_err(|e| e.to_string())?;
+        Ok(Some(SourceNetwork {
+            guest,
+            announce_here: self.settings.announce.clone(),
+        }))
+    }
+
     /// Synchronized Arrival options of a start request.
     fn group_options(&self, r: &StartRequest) -> Result<Option<GroupOptions>, String> {
         let Some(group) = &r.group else {
@@ -349,6 +393,8 @@ impl Registry {
             timeout: s.listen_timeout,
             max_guest_pages: s.max_guest_pages,
             max_streams: s.max_streams,
+            drbd: s.drbd.clone(),
+            announce: s.announce.clone(),
         };
         loop {
             let status = Arc::new(Mutex::new(MigrationStatus::new(

@@ -9,10 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::announcer::Announcer;
+use super::disk::{DrbdHost, SyncTask};
 use super::{MigrateError, MigrationStatus, Phase, Role};
 use crate::codec::CodecStats;
 use crate::crypto::{Direction, PreSharedKey};
+use crate::disk::drbd::{DrbdDisk, Side, Steer};
 use crate::guest::DestGuest;
+use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::pipeline::sink::SinkPipeline;
 use crate::protocol::handshake::check_version;
 use crate::protocol::{
@@ -36,6 +40,40 @@ pub struct DestOptions {
     pub max_guest_pages: u64,
     /// Most data streams accepted.
     pub max_streams: u32,
+    /// How this host steers DRBD (`[drbd]`); without it, guests with a disk are refused.
+    pub drbd: Option<DrbdHost>,
+    /// Where this host announces the guests it receives (`[announce]`); without it, guests
+    /// with a network identity are refused.
+    pub announce: Option<AnnounceConfig>,
+}
+
+/// What moves with the guest at this end: its disk and its announcement.
+#[derive(Debug, Default)]
+struct Alongside {
+    /// Whom to announce at the pause.
+    identity: Option<GuestIdentity>,
+    /// The disk's steering, when no step runs on a thread.
+    steer: Option<Steer>,
+    /// The bulk sync and the switch to protocol C, while they run.
+    sync: Option<SyncTask>,
+    /// The announcement, once the guest paused at the source.
+    announcer: Option<Announcer>,
+}
+
+impl Alongside {
+    /// After a failure before the commit: stop announcing, put the disk back as it was.
+    fn undo(&mut self, status: &Arc<Mutex<MigrationStatus>>) {
+        if let Some(a) = self.announcer.take() {
+            a.stop();
+        }
+        if let Some(t) = self.sync.take() {
+            self.steer = Some(t.cancel());
+        }
+        if let Some(steer) = self.steer.as_mut() {
+            let id = status.lock().expect("status lock").id;
+            super::disk::roll_back(steer, status, id);
+        }
+    }
 }
 
 /// The end result at the destination.
@@ -144,8 +182,7 @@ pub fn receive(
         frame_size,
         opts.pin_threads,
     )?;
-    status.lock().expect("status lock").phase = Phase::Iterating;
-
+    let mut alongside = Alongside::default();
     let result = follow(
         &mut tx,
         &mut rx,
@@ -153,7 +190,8 @@ pub fn receive(
         guest.as_ref(),
         status,
         abort,
-        opts.timeout,
+        opts,
+        &mut alongside,
         started,
     );
     let codec = pipeline.codec_totals();
@@ -182,6 +220,8 @@ pub fn receive(
             let _ = tx.send(&ToSource::Failed {
                 reason: e.to_string(),
             });
+            // The source waits for this end's disk to let go before it restores its own.
+            alongside.undo(status);
             tx.shutdown();
             let tail = pipeline.stop();
             drop(guest);
@@ -346,6 +386,68 @@ fn wait_frames(
     }
 }
 
+/// Checks what moves with the guest against this host's config, and starts the disk's sync.
+fn prepare(
+    disk: Option<String>,
+    network: Option<crate::protocol::NetworkIdentity>,
+    opts: &DestOptions,
+    status: &Arc<Mutex<MigrationStatus>>,
+    alongside: &mut Alongside,
+) -> Result<(), MigrateError> {
+    if let Some(n) = network {
+        let g = GuestIdentity::try_from(n).map_err(|e| {
+            MigrateError::Unsupported(format!("the guest's network identity: {e}"))
+        })?;
+        let Some(cfg) = &opts.announce else {
+            return Err(MigrateError::Unsupported(format!(
+                "the guest ({}) is to be announced here, but this host has no [announce] \
+                 section naming the interface to announce it on",
+                g.mac
+            )));
+        };
+        if nix::net::if_::if_nametoindex(cfg.interface.as_str()).is_err() {
+            return Err(MigrateError::Unsupported(format!(
+                "announce.interface {:?} does not exist on this host (`ip link` lists them)",
+                cfg.interface
+            )));
+        }
+        alongside.identity = Some(g);
+    }
+    if let Some(json) = disk {
+        let Some(host) = &opts.drbd else {
+            return Err(MigrateError::Unsupported(
+                "the guest has a DRBD disk, but this host has no [drbd] section to steer it".into(),
+            ));
+        };
+        let disk: DrbdDisk = serde_json::from_str(&json)
+            .map_err(|e| MigrateError::Unsupported(format!("the guest's DRBD disk: {e}")))?;
+        status.lock().expect("status lock").phase = Phase::Preparing;
+        let steer = host.steer(disk, Side::Destination, status)?;
+        alongside.sync = Some(SyncTask::spawn(steer, true)?);
+    }
+    Ok(())
+}
+
+/// The guest runs here: record the commit on the disk, then, on a thread (it waits for the
+/// source to demote), return to one primary and protocol A.
+fn disk_after_commit(mut steer: Steer, status: &Arc<Mutex<MigrationStatus>>, id: u64) {
+    let committed = super::disk::after_commit_step(status, id, "commit check", || {
+        steer.after_commit()
+    });
+    if !committed {
+        return;
+    }
+    let status = status.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sf-drbd-finish".into())
+        .spawn(move || {
+            super::disk::after_commit_step(&status, id, "finish", || steer.finish());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(migration = id, "cannot finish the disk's steps: {e}");
+    }
+}
+
 /// Follows the source's control messages to the end.
 #[allow(clippy::too_many_arguments)]
 fn follow(
@@ -355,9 +457,12 @@ fn follow(
     guest: &dyn DestGuest,
     status: &Arc<Mutex<MigrationStatus>>,
     abort: &AtomicBool,
-    timeout: Duration,
+    opts: &DestOptions,
+    alongside: &mut Alongside,
     started: Instant,
 ) -> Result<(), MigrateError> {
+    let timeout = opts.timeout;
+    let id = status.lock().expect("status lock").id;
     rx.set_timeout(Some(Duration::from_millis(200)))?;
     let mut silent = Instant::now();
     let mut seen_bytes = 0;
@@ -372,8 +477,21 @@ fn follow(
         if abort.load(Ordering::Relaxed) {
             return Err(MigrateError::Aborted);
         }
+        if alongside.sync.as_ref().is_some_and(SyncTask::is_finished) {
+            let (steer, r) = alongside.sync.take().expect("checked").join();
+            alongside.steer = Some(steer);
+            r?;
+            tx.send(&ToSource::Prepared)?;
+            status.lock().expect("status lock").phase = Phase::Iterating;
+            silent = Instant::now();
+        }
         let msg = match later.pop_front().map_or_else(|| rx.recv::<ToDest>(), Ok) {
             Ok(m) => m,
+            // The source says nothing while the disks sync; the sync has its own deadline.
+            Err(e) if e.is_timeout() && alongside.sync.is_some() => {
+                silent = Instant::now();
+                continue;
+            }
             Err(e) if e.is_timeout() => {
                 // Data arriving is life too: iteration 1 of a large guest sends no control
                 // message for as long as it takes.
@@ -395,6 +513,21 @@ fn follow(
         silent = Instant::now();
         let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
         match msg {
+            ToDest::Prepare { disk, network } => {
+                prepare(disk, network, opts, status, alongside)?;
+                if alongside.sync.is_none() {
+                    tx.send(&ToSource::Prepared)?;
+                    status.lock().expect("status lock").phase = Phase::Iterating;
+                }
+            }
+            ToDest::Paused => {
+                status.lock().expect("status lock").phase = Phase::StopAndCopy;
+                if let (Some(g), Some(cfg)) = (alongside.identity, &opts.announce) {
+                    let a = Announcer::start(cfg.clone(), g, status, id, "destination")
+                        .map_err(|e| MigrateError::Connect("starting the announcer".into(), e))?;
+                    alongside.announcer = Some(a);
+                }
+            }
             ToDest::IterationEnd { iteration, frames } => {
                 wait_frames(pipeline, rx, &mut later, abort, &frames, timeout)?;
                 tx.send(&ToSource::IterationAck { iteration })?;
@@ -453,6 +586,11 @@ fn follow(
                     });
                 }
                 guest.set_state(&state)?;
+                // The guest is paused at the source: this host's disk becomes Primary too,
+                // so the guest can run here on it once committed.
+                if let Some(steer) = alongside.steer.as_mut() {
+                    steer.switchover()?;
+                }
                 tx.send(&ToSource::Ready { digest: ours })?;
                 ready = true;
                 let mut st = status.lock().expect("status lock");
@@ -462,6 +600,12 @@ fn follow(
             }
             ToDest::Commit if ready => {
                 guest.start()?;
+                if let Some(steer) = alongside.steer.take() {
+                    disk_after_commit(steer, status, id);
+                }
+                if let Some(a) = alongside.announcer.take() {
+                    a.detach();
+                }
                 tx.send(&ToSource::Started)?;
                 let mut st = status.lock().expect("status lock");
                 st.phase = Phase::Completed;

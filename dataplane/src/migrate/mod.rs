@@ -1,7 +1,9 @@
 //! Live migration: the pre-copy driver at the source, its peer at the destination, and the
 //! policies that decide when to stop.
 
+pub mod announcer;
 pub mod dest;
+pub mod disk;
 pub mod policy;
 pub mod source;
 pub mod status;
@@ -47,4 +49,10 @@ pub enum MigrateError {
     /// Synchronized Arrival failed: the coordinator, or another member
     #[error("group {0}: {1}")]
     Group(String, String),
+    /// steering the guest's DRBD disk failed
+    #[error(transparent)]
+    Disk(#[from] crate::disk::drbd::DrbdError),
+    /// what the source asked for cannot be done here (no `[drbd]`, no `[announce]`, ...)
+    #[error("{0}")]
+    Unsupported(String),
 }

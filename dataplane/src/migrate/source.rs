@@ -13,12 +13,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use super::announcer::Announcer;
+use super::disk::{DrbdHost, SyncTask};
 use super::{
     Decision, IterationReport, MigrateError, MigrationStatus, Phase, Policy, Role, StopDecider,
 };
 use crate::codec::{CodecConfig, CodecStats};
 use crate::coordinator::{Member, Progress, Verdict};
 use crate::crypto::{Direction, HandshakeNonce, PreSharedKey};
+use crate::disk::drbd::{DrbdDisk, Side, Steer};
+use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::pipeline::source::{SourcePipeline, SourceSettings};
 use crate::protocol::{
@@ -56,6 +60,29 @@ pub struct SourceOptions {
     pub guest_label: String,
     /// Synchronized Arrival: the group this migration arrives with.
     pub group: Option<crate::coordinator::GroupOptions>,
+    /// The guest's DRBD disk, steered along with the memory.
+    pub disk: Option<SourceDisk>,
+    /// The guest's network identity, announced at the destination at the pause.
+    pub network: Option<SourceNetwork>,
+}
+
+/// A guest disk replicated by DRBD, and how this host runs DRBD's tools.
+#[derive(Debug, Clone)]
+pub struct SourceDisk {
+    /// The resource (the destination writes the same file).
+    pub disk: DrbdDisk,
+    /// This host's `[drbd]`.
+    pub host: DrbdHost,
+}
+
+/// The guest's network identity.
+#[derive(Debug, Clone)]
+pub struct SourceNetwork {
+    /// Its MAC (and IPv4 address, if known).
+    pub guest: GuestIdentity,
+    /// This host's `[announce]`, to announce the guest back here if the migration fails
+    /// after the destination started announcing it; without one that is only logged.
+    pub announce_here: Option<AnnounceConfig>,
 }
 
 /// Shortest iteration of a member held for its group (see `group_decision`).
@@ -108,6 +135,8 @@ pub fn migrate(
         paused: None,
         committed: false,
         member: None,
+        disk: None,
+        told_paused: false,
     };
     let result = run.join_group().and_then(|()| run.go());
     run.leave_group(&result);
@@ -146,6 +175,10 @@ struct Run<'a> {
     committed: bool,
     /// Synchronized Arrival: this migration's membership, while it lasts.
     member: Option<Member>,
+    /// The guest's disk steering, once `prepare` built it.
+    disk: Option<Steer>,
+    /// The destination was told the guest paused (and may have announced it).
+    told_paused: bool,
 }
 
 /// Everything to undo if the migration fails before the commit.
@@ -173,9 +206,19 @@ impl Run<'_> {
 
     fn go(&mut self) -> Result<SourceSummary, MigrateError> {
         let (mut session, mut pipeline) = self.connect()?;
-        let result = self.precopy_and_switch(&mut session, &mut pipeline);
+        let result = self
+            .prepare(&mut session)
+            .and_then(|()| self.precopy_and_switch(&mut session, &mut pipeline));
         match result {
             Ok(iterations) => {
+                // The guest runs at the destination: let go of the disk here.
+                if let Some(steer) = self.disk.as_mut() {
+                    let (st, id) = (self.status, self.id);
+                    if super::disk::after_commit_step(st, id, "demotion", || steer.after_commit())
+                    {
+                        super::disk::after_commit_step(st, id, "finish", || steer.finish());
+                    }
+                }
                 let codec = pipeline.codec_totals();
                 // Committed: the pipeline has delivered everything; a late error is reported
                 // but does not change where the guest runs.
@@ -204,6 +247,14 @@ impl Run<'_> {
                 let tail = pipeline.finish();
                 if self.paused.is_some() && !self.committed {
                     self.guest.resume()?;
+                    if self.told_paused {
+                        self.announce_back();
+                    }
+                }
+                // The destination rolled its disk back on the Abort (or its own failure);
+                // this end waits for it to let go, then restores its own.
+                if let Some(steer) = self.disk.as_mut() {
+                    super::disk::roll_back(steer, self.status, self.id);
                 }
                 // A pipeline failure is usually the cause of the driver's error; prefer it.
                 match (e, tail) {
@@ -301,6 +352,105 @@ impl Run<'_> {
             },
             pipeline,
         ))
+    }
+
+    /// Tells the destination what moves with the guest and waits for its go-ahead. With a
+    /// DRBD disk, both hosts first bring the disks in sync (protocol A, the bulk copy) and
+    /// then make replication synchronous (protocol C), so that from iteration 1 on every
+    /// write the guest makes is on both disks.
+    fn prepare(&mut self, session: &mut Session) -> Result<(), MigrateError> {
+        let o = self.opts;
+        let disk = match &o.disk {
+            Some(d) => Some(serde_json::to_string(&d.disk).map_err(|e| {
+                MigrateError::Unsupported(format!("the disk's configuration: {e}"))
+            })?),
+            None => None,
+        };
+        if let Some(d) = &o.disk {
+            self.update(|s| s.phase = Phase::Preparing);
+            self.disk = Some(d.host.steer(d.disk.clone(), Side::Source, self.status)?);
+        }
+        session.tx.send(&ToDest::Prepare {
+            disk,
+            network: o.network.as_ref().map(|n| n.guest.into()),
+        })?;
+        let Some(steer) = self.disk.take() else {
+            return match self.expect(session, "preparing")? {
+                ToSource::Prepared => Ok(()),
+                m => Err(MigrateError::Peer(format!("expected Prepared, got {m:?}"))),
+            };
+        };
+        // Our bulk sync runs on its own thread while this one watches the destination
+        // (which syncs too, then switches to protocol C) and the operator.
+        let mut task = Some(SyncTask::spawn(steer, false)?);
+        let mut prepared = false;
+        let mut synced_at = None;
+        let outcome = loop {
+            if self.abort.load(Ordering::Relaxed) {
+                break Err(MigrateError::Aborted);
+            }
+            match session.from_dest.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(ToSource::Prepared)) => prepared = true,
+                Ok(Ok(ToSource::IterationAck { .. })) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Ok(ToSource::Failed { reason })) => break Err(MigrateError::Peer(reason)),
+                Ok(Ok(m)) => break Err(MigrateError::Peer(format!("expected Prepared, got {m:?}"))),
+                Ok(Err(e)) => {
+                    break Err(MigrateError::Peer(format!("control connection lost: {e}")));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Err(MigrateError::Peer("control connection lost".into()));
+                }
+            }
+            if task.as_ref().is_some_and(SyncTask::is_finished) {
+                let (steer, r) = task.take().expect("checked").join();
+                self.disk = Some(steer);
+                if let Err(e) = r {
+                    break Err(e.into());
+                }
+                synced_at = Some(Instant::now());
+            }
+            match synced_at {
+                Some(_) if prepared => break Ok(()),
+                // Both ends watch the same replication: once ours is in sync, the
+                // destination's follows within a poll or two.
+                Some(t) if t.elapsed() > o.timeout => {
+                    break Err(MigrateError::Timeout(
+                        o.timeout.as_secs(),
+                        "bringing its disk in sync",
+                    ));
+                }
+                _ => {}
+            }
+        };
+        if let Some(t) = task {
+            self.disk = Some(t.cancel());
+        }
+        outcome?;
+        self.disk
+            .as_mut()
+            .expect("the sync handed the steering back")
+            .before_memory()?;
+        Ok(())
+    }
+
+    /// After a failure past the pause: the destination may have announced the guest, which
+    /// now runs here again, so announce it here too (on a thread of its own).
+    fn announce_back(&self) {
+        let Some(n) = &self.opts.network else {
+            return;
+        };
+        let Some(cfg) = &n.announce_here else {
+            tracing::warn!(
+                migration = self.id,
+                "the destination may have announced the guest before the migration failed; \
+                 this host has no [announce] to announce it back"
+            );
+            return;
+        };
+        match Announcer::start(cfg.clone(), n.guest, self.status, self.id, "source") {
+            Ok(a) => a.detach(),
+            Err(e) => tracing::error!(migration = self.id, "announcing the guest back: {e}"),
+        }
     }
 
     /// Joins the group of `opts.group`, if any.
@@ -570,6 +720,9 @@ impl Run<'_> {
         });
         self.guest.pause()?;
         self.paused = Some(Instant::now());
+        // The destination announces the guest now, while the final pages travel.
+        self.told_paused = true;
+        session.tx.send(&ToDest::Paused)?;
         let wire_final = pipeline.wire_bytes.load(Ordering::Relaxed);
         self.guest.collect_dirty(&mut next)?;
         pipeline.digests.invalidate_dirty(&next);

@@ -21,6 +21,9 @@ pub enum Role {
 pub enum Phase {
     /// Handshake and stream set-up.
     Connecting,
+    /// Before iteration 1: the guest's disk is brought in sync (DRBD's bulk copy) and made
+    /// synchronous, at both ends.
+    Preparing,
     /// Pre-copy: the guest runs while memory is copied.
     Iterating,
     /// The guest is paused; the last pages and the state go over.
@@ -115,6 +118,16 @@ pub struct MigrationStatus {
     /// See `group`.
     #[serde(default)]
     pub group_state: Option<String>,
+    /// The guest's DRBD disk: resource, this host's side, phase and sync percentage.
+    #[serde(default)]
+    pub disk: Option<crate::disk::drbd::DiskStatus>,
+    /// A disk step that failed after the commit, or a roll back that could not undo
+    /// everything: the disk needs the operator.
+    #[serde(default)]
+    pub disk_error: Option<String>,
+    /// The network switchover: where the guest was announced, and how it went.
+    #[serde(default)]
+    pub network: Option<String>,
     /// Memory digests matched at both ends.
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
@@ -147,6 +160,9 @@ impl MigrationStatus {
             stop_reason: None,
             group: None,
             group_state: None,
+            disk: None,
+            disk_error: None,
+            network: None,
             verified: None,
             error: None,
         }

@@ -189,7 +189,9 @@ impl GuestIdentity {
         GuestIdentity { mac, ip: None }
     }
 
-    fn check(&self) -> Result<(), AnnounceError> {
+    /// Refuses an IPv4 address no guest NIC can have (unspecified, loopback, multicast,
+    /// broadcast).
+    pub fn check(&self) -> Result<(), AnnounceError> {
         match self.ip {
             Some(ip)
                 if ip.is_unspecified()

@@ -8,20 +8,26 @@
 //!   | data connections 1..=N                    |
 //!   |== StreamHello, then sealed frames =======>|   pages, decoded into the new guest
 //!   | (sealed control messages from here on)    |
+//!   |-- Prepare{disk?, network?} -------------->|   checks it can steer the disk and
+//!   |   (both: DRBD bulk sync, then protocol C) |   announce the guest here
+//!   |<- Prepared -------------------------------|   iteration 1 starts only now
 //!   |-- IterationEnd{frames per stream} ------->|
 //!   |<- IterationAck ---------------------------|   once every frame is decoded
-//!   |   ... pause guest, final pages ...        |
+//!   |   ... pause guest ...                     |
+//!   |-- Paused -------------------------------->|   announces the guest (GARP/RARP)
+//!   |   ... final pages ...                     |
 //!   |-- StatePart* (a large state blob) ------->|
 //!   |-- Final{frames, state} ------------------>|   both ends now hash guest memory,
 //!   |-- Digest{source's memory digest} -------->|   at the same time
-//!   |<- Ready (digest matches) -----------------|   holds everything; discards on failure
+//!   |<- Ready (digest matches) -----------------|   DRBD primary here too; holds everything
 //!   |   COMMIT POINT: source never resumes      |
 //!   |-- Commit -------------------------------->|
 //!   |<- Started --------------------------------|   guest runs at the destination
 //! ```
 //!
 //! Before Commit either side may send Abort/Failed: the guest keeps (or resumes) running at
-//! the source and the destination discards what it received.
+//! the source and the destination discards what it received, rolls its disk back, and
+//! stops announcing; the source announces the guest again where it resumes.
 
 pub mod control;
 pub mod handshake;
@@ -39,7 +45,9 @@ use crate::crypto::OpenError;
 /// carry the compression flags, and `Final` is followed by `Digest` (both ends hash at once).
 /// 3: a state blob larger than a control frame goes ahead of `Final` in `StatePart`s.
 /// 4: the Hello names where the guest lands (`destination`: a Xen domain id).
-pub const VERSION: u16 = 4;
+/// 5: `Prepare`/`Prepared` before iteration 1 (the disk and the network switchover), and
+/// `Paused` at the pause.
+pub const VERSION: u16 = 5;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).
@@ -51,9 +59,29 @@ pub const STATE_PART: usize = CONTROL_FRAME_SIZE / 2;
 /// Largest cleartext handshake message.
 pub const MAX_HANDSHAKE: usize = 64 << 10;
 
+/// The guest's network identity, for the announcement after the switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkIdentity {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// Its IPv4 address, if known (then a gratuitous ARP goes out besides the RARP).
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
 /// Source -> destination control messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToDest {
+    /// First message after the handshake: what else moves with the guest. The destination
+    /// answers `Prepared` once it can go on (its disk in sync and synchronous), else `Failed`.
+    Prepare {
+        /// The guest's DRBD disk (`DrbdDisk` as JSON), if it has one: the destination
+        /// writes the same resource file and steers its side.
+        disk: Option<String>,
+        /// The guest's network identity, if the destination is to announce it.
+        network: Option<NetworkIdentity>,
+    },
+    /// The guest has just paused for the final iteration: the destination announces it.
+    Paused,
     /// An iteration's frames are all sent: `frames[s]` is data stream s's frame count so far.
     IterationEnd {
         /// Iteration number.
@@ -98,6 +126,8 @@ pub enum ToDest {
 /// Destination -> source control messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToSource {
+    /// Answer to `Prepare`: go ahead with iteration 1.
+    Prepared,
     /// Every frame up to this iteration's end is decoded.
     IterationAck {
         /// Iteration number.

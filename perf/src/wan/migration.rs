@@ -207,6 +207,8 @@ fn spawn_destination(
         timeout: TIMEOUT,
         max_guest_pages: pages,
         max_streams: streams,
+        drbd: None,
+        announce: None,
     };
     thread::Builder::new()
         .name("wan-dest".into())
@@ -263,6 +265,8 @@ pub fn run(spec: &RunSpec, id: u64) -> Result<RunResult, String> {
         timeout: TIMEOUT,
         guest_label: format!("wan-{}", spec.workload),
         group: None,
+        disk: None,
+        network: None,
     };
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,

@@ -31,6 +31,7 @@ pub struct Drbdadm {
     program: PathBuf,
     drbdsetup: Option<PathBuf>,
     config: Option<PathBuf>,
+    node: Option<String>,
     extra_args: Vec<String>,
     timeout: Duration,
 }
@@ -41,6 +42,7 @@ impl Default for Drbdadm {
             program: "drbdadm".into(),
             drbdsetup: None,
             config: None,
+            node: None,
             extra_args: Vec::new(),
             // Long enough for a promotion, which waits for the peers to agree (DRBD's
             // twopc-timeout is 30 s by default).
@@ -71,6 +73,15 @@ impl Drbdadm {
     /// Reads this configuration file (`drbdadm -c FILE`) instead of `/etc/drbd.conf`.
     pub fn with_config(mut self, file: impl Into<PathBuf>) -> Self {
         self.config = Some(file.into());
+        self
+    }
+
+    /// Makes drbdadm take this host to be the file's `on NAME` section instead of the one
+    /// named by `uname -n` (drbdadm's `__DRBD_NODE__` environment variable): for a host
+    /// whose DRBD node name differs from its host name, and for two simulated hosts on one
+    /// machine.
+    pub fn with_node(mut self, name: impl Into<String>) -> Self {
+        self.node = Some(name.into());
         self
     }
 
@@ -105,6 +116,9 @@ impl Drbdadm {
             let mut a = std::ffi::OsString::from("--drbdsetup=");
             a.push(s);
             cmd.arg(a);
+        }
+        if let Some(n) = &self.node {
+            cmd.env("__DRBD_NODE__", n);
         }
         cmd.args(&self.extra_args).args(args);
         cmd

@@ -63,6 +63,14 @@ pub enum DrbdError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// this host cannot do what the steering needs (read its name, start a thread)
+    #[error("DRBD steering: {context}: {source}")]
+    Host {
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// drbdadm or drbdsetup could not be started
     #[error("disk step {step}: cannot run `{command}`: {source} (is drbd-utils installed?)")]
     Spawn {
@@ -171,7 +179,7 @@ impl DrbdError {
     /// The step the error belongs to, if it came from one.
     pub fn step(&self) -> Option<Step> {
         match self {
-            DrbdError::Invalid(_) | DrbdError::WriteConfig { .. } => None,
+            DrbdError::Invalid(_) | DrbdError::WriteConfig { .. } | DrbdError::Host { .. } => None,
             DrbdError::Spawn { step, .. }
             | DrbdError::Command { step, .. }
             | DrbdError::Timeout { step, .. }

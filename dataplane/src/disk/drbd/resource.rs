@@ -147,7 +147,23 @@ impl TryFrom<RawDisk> for DrbdDisk {
     }
 }
 
+/// A file holding a guest's `[disk]` table, and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskFile {
+    disk: DrbdDisk,
+}
+
 impl DrbdDisk {
+    /// Reads the `[disk]` table of a TOML file (`skyferry start --disk FILE`), checked.
+    pub fn load(path: &Path) -> Result<DrbdDisk, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str::<DiskFile>(&text)
+            .map(|f| f.disk)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// Checks everything drbdadm or the kernel would refuse later, and what would break the
     /// resource file's syntax, so the operator hears about it when the guest is configured.
     pub fn validate(&self) -> Result<(), InvalidDisk> {
