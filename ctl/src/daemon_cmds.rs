@@ -411,7 +411,9 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
             .unwrap_or_default();
         for extra in [
             s.disk.as_ref().map(crate::progress::disk_text),
-            s.disk_error.as_ref().map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
+            s.disk_error
+                .as_ref()
+                .map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
             s.network.clone(),
         ]
         .into_iter()

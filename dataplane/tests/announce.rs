@@ -10,7 +10,7 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dataplane::network::{
@@ -23,135 +23,15 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
+#[path = "common/netns.rs"]
+mod netns;
+use netns::{Pair, VETH_A, VETH_B, can_run, ip, locktime_for_old_kernels, neighbour_mac};
+
 const GUEST_MAC: &str = "52:54:00:12:34:56";
 const STALE_MAC: &str = "02:00:00:00:00:99";
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-/// Namespace B's own address, on the guest's subnet, as any neighbour on its LAN has. It
-/// matters: a namespace with no IPv4 address at all has no local routing table, and then
-/// Linux does not count an ARP as gratuitous (see `locktime_for_old_kernels`).
-const B_ADDR: &str = "192.0.2.2/24";
-/// The veth ends; each lives in its own namespace, so the names cannot collide.
-const VETH_A: &str = "sfann-a";
-const VETH_B: &str = "sfann-b";
 /// Env var that makes the child of `not_permitted_without_cap_net_raw` do its part.
 const CHILD_NETNS: &str = "SKYFERRY_ANNOUNCE_CHILD_NETNS";
-
-/// Runs `ip` with `args`, panicking with its stderr if it fails.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("ip {}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("ip prints UTF-8")
-}
-
-/// Why this host cannot run the netns tests, if it cannot.
-fn missing_facility() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not root (network namespaces and raw sockets need it)".into());
-    }
-    match Command::new("ip").arg("-V").output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!("`ip -V` failed: {}", o.status)),
-        Err(e) => Some(format!("iproute2's `ip` is missing: {e}")),
-    }
-}
-
-/// True when the test should go on; prints the reason and returns false when it should
-/// skip, or panics if skipping is not allowed.
-fn can_run(test: &str) -> bool {
-    let Some(why) = missing_facility() else {
-        return true;
-    };
-    assert!(
-        std::env::var_os("SKYFERRY_REQUIRE_NETNS").is_none(),
-        "{test}: SKYFERRY_REQUIRE_NETNS is set but {why}"
-    );
-    eprintln!("skipping {test}: {why}");
-    false
-}
-
-/// Two namespaces, `a` and `b`, joined by a veth pair; deleted on drop, panics included.
-/// Deleting a namespace destroys the veth end in it, and with it the peer.
-struct Pair {
-    a: String,
-    b: String,
-}
-
-impl Pair {
-    /// Creates the namespaces and the link; `a_up`: bring namespace A's end up.
-    fn new(a_up: bool) -> Pair {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let base = format!("skyferry-announce-{}-{n}", std::process::id());
-        // The guard exists before anything it deletes, so a failure halfway is cleaned up.
-        let pair = Pair {
-            a: format!("{base}-a"),
-            b: format!("{base}-b"),
-        };
-        ip(&["netns", "add", &pair.a]);
-        ip(&["netns", "add", &pair.b]);
-        // Created directly inside the namespaces, so nothing ever appears in the host's.
-        ip(&[
-            "link", "add", VETH_A, "netns", &pair.a, "type", "veth", "peer", "name", VETH_B,
-            "netns", &pair.b,
-        ]);
-        ip(&["-n", &pair.b, "addr", "add", B_ADDR, "dev", VETH_B]);
-        ip(&["-n", &pair.b, "link", "set", VETH_B, "up"]);
-        if a_up {
-            ip(&["-n", &pair.a, "link", "set", VETH_A, "up"]);
-        }
-        pair
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-/// Linux keeps a neighbour entry's MAC for `locktime` (default 1 s) after it last changed,
-/// and the entry the test plants has just changed. A gratuitous ARP (sender IP == target IP,
-/// an address the receiver classifies as ordinary unicast) overrides it at once since Linux
-/// 4.13 ("arp: always override existing neigh entries with gratuitous ARP"), which is what
-/// the test wants to see. Older kernels would take only a round sent after the second: there
-/// the test sets locktime to 0 rather than sleep. (`ip ntable` takes milliseconds; the same
-/// knob is /proc/sys/net/ipv4/neigh/DEV/locktime, in hundredths of a second.)
-fn locktime_for_old_kernels(ns: &str, dev: &str) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut v = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let version = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-    if version < (4, 13) {
-        eprintln!(
-            "kernel {}: setting {dev}'s ARP locktime to 0",
-            release.trim()
-        );
-        ip(&[
-            "-n",
-            ns,
-            "ntable",
-            "change",
-            "name",
-            "arp_cache",
-            "dev",
-            dev,
-            "locktime",
-            "0",
-        ]);
-    }
-}
 
 /// Moves the calling thread into namespace `ns` (only this thread: see setns(2)).
 fn enter(ns: &str) {
@@ -272,24 +152,6 @@ fn announce_and_capture(
 
 fn guest_mac() -> MacAddr {
     GUEST_MAC.parse().expect("test MAC")
-}
-
-/// The MAC namespace `ns` holds for `ip` on `dev`, from `ip -j neigh`.
-fn neighbour_mac(ns: &str, ip_addr: Ipv4Addr, dev: &str) -> Option<String> {
-    let out = ip(&[
-        "-n",
-        ns,
-        "-j",
-        "neigh",
-        "show",
-        &ip_addr.to_string(),
-        "dev",
-        dev,
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j prints JSON");
-    v.as_array()?
-        .iter()
-        .find_map(|e| e.get("lladdr")?.as_str().map(str::to_string))
 }
 
 #[test]

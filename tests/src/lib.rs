@@ -70,6 +70,23 @@ impl Daemon {
         extra: &str,
         env: &[(&str, &std::path::Path)],
     ) -> Daemon {
+        Self::launch(name, key, listen, extra, env, None)
+    }
+
+    /// [`start`](Self::start) inside network namespace `netns` (`ip netns exec`); its
+    /// control socket, a file, stays reachable from here.
+    pub fn start_in_netns(netns: &str, name: &str, key: u8, listen: bool, extra: &str) -> Daemon {
+        Self::launch(name, key, listen, extra, &[], Some(netns))
+    }
+
+    fn launch(
+        name: &str,
+        key: u8,
+        listen: bool,
+        extra: &str,
+        env: &[(&str, &std::path::Path)],
+        netns: Option<&str>,
+    ) -> Daemon {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("skyferry-e2e-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -88,7 +105,16 @@ impl Daemon {
         let config_path = dir.join("skyferryd.toml");
         std::fs::write(&config_path, config).expect("config");
         let log = std::fs::File::create(dir.join("skyferryd.log")).expect("log file");
-        let child = Command::new(binary("skyferry-dataplane", "skyferryd"))
+        let daemon = binary("skyferry-dataplane", "skyferryd");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(daemon);
+                c
+            }
+            None => Command::new(daemon),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config_path)
             .envs(env.iter().map(|(k, v)| (*k, *v)))

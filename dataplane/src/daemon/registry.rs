@@ -15,8 +15,8 @@ use crate::guest::xen::{XenGuest, XenSourceConfig, XenTarget};
 use crate::guest::{DestGuest, SourceGuest};
 use crate::migrate::dest::{DestOptions, receive};
 use crate::migrate::source::{SourceDisk, SourceNetwork, SourceOptions, migrate};
-use crate::network::GuestIdentity;
 use crate::migrate::{MigrationStatus, Phase, Role};
+use crate::network::GuestIdentity;
 use crate::page::PAGE_SIZE;
 
 struct Entry {
@@ -282,9 +282,10 @@ impl Registry {
         let Some(disk) = &r.disk else {
             return Ok(None);
         };
-        let host = self.settings.drbd.clone().ok_or(
-            "--disk needs DRBD steering here: add a [drbd] section to this host's config",
-        )?;
+        let host =
+            self.settings.drbd.clone().ok_or(
+                "--disk needs DRBD steering here: add a [drbd] section to this host's config",
+            )?;
         disk.validate().map_err(|e| e.to_string())?;
         // This host must be one of the resource's two nodes, and the source (Primary).
         let me = match &host.node {
@@ -308,7 +309,9 @@ impl Registry {
             return Ok(None);
         };
         let guest = GuestIdentity {
-            mac: mac.parse().map_err(|e: crate::network::MacError| e.to_string())?,
+            mac: mac
+                .parse()
+                .map_err(|e: crate::network::MacError| e.to_string())?,
             ip: r.ip,
         };
         guest.check().map_err(|e| e.to_string())?;

@@ -39,11 +39,7 @@ impl Announcer {
             .spawn(move || {
                 let line = match crate::network::announce(&cfg, &guest, &flag) {
                     Ok(r) => {
-                        let how = if r.cancelled {
-                            ", then stopped"
-                        } else {
-                            ""
-                        };
+                        let how = if r.cancelled { ", then stopped" } else { "" };
                         tracing::info!(
                             migration = id,
                             mac = %guest.mac,

@@ -395,9 +395,8 @@ fn prepare(
     alongside: &mut Alongside,
 ) -> Result<(), MigrateError> {
     if let Some(n) = network {
-        let g = GuestIdentity::try_from(n).map_err(|e| {
-            MigrateError::Unsupported(format!("the guest's network identity: {e}"))
-        })?;
+        let g = GuestIdentity::try_from(n)
+            .map_err(|e| MigrateError::Unsupported(format!("the guest's network identity: {e}")))?;
         let Some(cfg) = &opts.announce else {
             return Err(MigrateError::Unsupported(format!(
                 "the guest ({}) is to be announced here, but this host has no [announce] \
@@ -431,9 +430,8 @@ fn prepare(
 /// The guest runs here: record the commit on the disk, then, on a thread (it waits for the
 /// source to demote), return to one primary and protocol A.
 fn disk_after_commit(mut steer: Steer, status: &Arc<Mutex<MigrationStatus>>, id: u64) {
-    let committed = super::disk::after_commit_step(status, id, "commit check", || {
-        steer.after_commit()
-    });
+    let committed =
+        super::disk::after_commit_step(status, id, "commit check", || steer.after_commit());
     if !committed {
         return;
     }
@@ -519,6 +517,13 @@ fn follow(
                     tx.send(&ToSource::Prepared)?;
                     status.lock().expect("status lock").phase = Phase::Iterating;
                 }
+            }
+            ToDest::DiskSyncing { sync_percent } => {
+                tracing::debug!(
+                    migration = id,
+                    ?sync_percent,
+                    "the source's disk is syncing"
+                );
             }
             ToDest::Paused => {
                 status.lock().expect("status lock").phase = Phase::StopAndCopy;

@@ -130,7 +130,9 @@ impl SyncTask {
 
     /// Waits for the end; the steering comes back with the outcome.
     pub fn join(self) -> (Steer, Result<(), DrbdError>) {
-        self.handle.join().expect("the DRBD sync thread does not panic")
+        self.handle
+            .join()
+            .expect("the DRBD sync thread does not panic")
     }
 
     /// Ends the wait early (within a tenth of a second) and takes the steering back.

@@ -22,8 +22,8 @@ use crate::codec::{CodecConfig, CodecStats};
 use crate::coordinator::{Member, Progress, Verdict};
 use crate::crypto::{Direction, HandshakeNonce, PreSharedKey};
 use crate::disk::drbd::{DrbdDisk, Side, Steer};
-use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::guest::{DirtyBitmap, SourceGuest};
+use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::pipeline::source::{SourcePipeline, SourceSettings};
 use crate::protocol::{
     ControlTx, Hello, STATE_PART, StreamHello, ToDest, ToSource, VERSION, control_channel,
@@ -211,14 +211,6 @@ impl Run<'_> {
             .and_then(|()| self.precopy_and_switch(&mut session, &mut pipeline));
         match result {
             Ok(iterations) => {
-                // The guest runs at the destination: let go of the disk here.
-                if let Some(steer) = self.disk.as_mut() {
-                    let (st, id) = (self.status, self.id);
-                    if super::disk::after_commit_step(st, id, "demotion", || steer.after_commit())
-                    {
-                        super::disk::after_commit_step(st, id, "finish", || steer.finish());
-                    }
-                }
                 let codec = pipeline.codec_totals();
                 // Committed: the pipeline has delivered everything; a late error is reported
                 // but does not change where the guest runs.
@@ -385,15 +377,27 @@ impl Run<'_> {
         let mut task = Some(SyncTask::spawn(steer, false)?);
         let mut prepared = false;
         let mut synced_at = None;
+        // Tells the destination, which hears nothing else meanwhile, that we are alive.
+        let beat = (o.timeout / 4).min(Duration::from_secs(1));
+        let mut last_beat = Instant::now();
         let outcome = loop {
             if self.abort.load(Ordering::Relaxed) {
                 break Err(MigrateError::Aborted);
+            }
+            if last_beat.elapsed() >= beat {
+                last_beat = Instant::now();
+                let sync_percent = super::disk::current(self.status).and_then(|d| d.sync_percent);
+                if let Err(e) = session.tx.send(&ToDest::DiskSyncing { sync_percent }) {
+                    break Err(e.into());
+                }
             }
             match session.from_dest.recv_timeout(Duration::from_millis(100)) {
                 Ok(Ok(ToSource::Prepared)) => prepared = true,
                 Ok(Ok(ToSource::IterationAck { .. })) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Ok(ToSource::Failed { reason })) => break Err(MigrateError::Peer(reason)),
-                Ok(Ok(m)) => break Err(MigrateError::Peer(format!("expected Prepared, got {m:?}"))),
+                Ok(Ok(m)) => {
+                    break Err(MigrateError::Peer(format!("expected Prepared, got {m:?}")));
+                }
                 Ok(Err(e)) => {
                     break Err(MigrateError::Peer(format!("control connection lost: {e}")));
                 }
@@ -815,6 +819,14 @@ impl Run<'_> {
             .map_err(MigrateError::from)
             .and_then(|()| self.expect(session, "starting the guest"));
         let pause = self.paused.map(|p| millis(p.elapsed()));
+        // The guest runs at the destination: let go of the disk here (the migration is
+        // reported done once the disk is too).
+        if let Some(steer) = self.disk.as_mut() {
+            let (st, id) = (self.status, self.id);
+            if super::disk::after_commit_step(st, id, "demotion", || steer.after_commit()) {
+                super::disk::after_commit_step(st, id, "finish", || steer.finish());
+            }
+        }
         let codec = pipeline.codec_totals();
         let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
         let phase = match started {

@@ -10,6 +10,7 @@
 //!   | (sealed control messages from here on)    |
 //!   |-- Prepare{disk?, network?} -------------->|   checks it can steer the disk and
 //!   |   (both: DRBD bulk sync, then protocol C) |   announce the guest here
+//!   |-- DiskSyncing* (every second) ----------->|   the source's sync, still alive
 //!   |<- Prepared -------------------------------|   iteration 1 starts only now
 //!   |-- IterationEnd{frames per stream} ------->|
 //!   |<- IterationAck ---------------------------|   once every frame is decoded
@@ -79,6 +80,12 @@ pub enum ToDest {
         disk: Option<String>,
         /// The guest's network identity, if the destination is to announce it.
         network: Option<NetworkIdentity>,
+    },
+    /// While the source's disk syncs, about every second: the source is alive, and how far
+    /// its bulk copy is.
+    DiskSyncing {
+        /// Percent of the disk in sync, as the source last saw it.
+        sync_percent: Option<f64>,
     },
     /// The guest has just paused for the final iteration: the destination announces it.
     Paused,

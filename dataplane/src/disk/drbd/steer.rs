@@ -132,7 +132,6 @@ impl fmt::Display for DiskPhase {
 
 /// The disk's state for `skyferry status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 pub struct DiskStatus {
     /// The DRBD resource.
     pub resource: String,
