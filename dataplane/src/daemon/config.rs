@@ -635,6 +635,38 @@ mod tests {
     }
 
     #[test]
+    fn the_drbd_and_announce_sections_enable_what_moves_with_the_guest() {
+        let p = Path::new("t.toml");
+        let none = DaemonConfig::parse("", p).unwrap();
+        assert_eq!(none.drbd, None);
+        assert_eq!(none.announce, None);
+        let s = DaemonConfig::parse(
+            "[drbd]\nnode = \"dallas-3\"\nsync_deadline = \"2h\"\n\n[announce]\ninterface = \"br0\"\nrounds = 3\n",
+            p,
+        )
+        .unwrap();
+        let d = s.drbd.unwrap();
+        assert_eq!(d.node.as_deref(), Some("dallas-3"));
+        assert_eq!(d.drbdsetup, None);
+        assert_eq!(d.timing.sync_deadline, Duration::from_secs(7200));
+        assert_eq!(d.drbdadm, Path::new("/usr/sbin/drbdadm"));
+        let a = s.announce.unwrap();
+        assert_eq!((a.interface.as_str(), a.rounds), ("br0", 3));
+        let e = DaemonConfig::parse("[drbd]\nrole_wait = \"soon\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("drbd.role_wait"), "{e}");
+        let e = DaemonConfig::parse("[announce]\nrounds = 3\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interface"), "{e}");
+        let e = DaemonConfig::parse("[announce]\ninterface = \"a/b\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("announce.interface"), "{e}");
+    }
+
+    #[test]
     fn typos_and_bad_values_are_named() {
         let p = Path::new("t.toml");
         let e = DaemonConfig::parse("[source]\nstreemz = 3\n", p)
