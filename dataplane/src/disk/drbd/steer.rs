@@ -971,7 +971,7 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
-            r#"{"resource":"web1","side":"destination","phase":"dual-primary","sync-percent":100.0}"#
+            r#"{"resource":"web1","side":"destination","phase":"dual-primary","sync_percent":100.0}"#
         );
         for p in [
             DiskPhase::ProtocolC,
