@@ -410,7 +410,7 @@ fn the_whole_sequence_on_both_hosts() {
     assert_eq!(
         status,
         serde_json::json!({"resource": "web1", "side": "destination", "phase": "done",
-                           "sync-percent": 100.0})
+                           "sync_percent": 100.0})
     );
     // A roll back after the end (the other host failed late) has nothing to undo.
     let calls = dst.calls().len();
