@@ -64,6 +64,8 @@ pub struct ListenSection {
     pub max_guest: String,
     /// Most data streams one migration may open.
     pub max_streams: u32,
+    /// Most migrations received at once; more are refused with the reason.
+    pub max_migrations: usize,
     /// How long a peer may stay silent.
     pub timeout: String,
 }
@@ -74,6 +76,7 @@ impl Default for ListenSection {
             address: String::new(),
             max_guest: "256GiB".into(),
             max_streams: 16,
+            max_migrations: 16,
             timeout: "30s".into(),
         }
     }
@@ -322,6 +325,8 @@ pub struct Settings {
     pub max_guest_pages: u64,
     /// Most streams accepted.
     pub max_streams: u32,
+    /// Most migrations received at once.
+    pub max_migrations: usize,
     /// Destination silence limit.
     pub listen_timeout: Duration,
     /// Socket tuning.
@@ -420,6 +425,7 @@ impl DaemonConfig {
             max_guest_pages: size("listen.max_guest", &c.listen.max_guest)?
                 / crate::page::PAGE_SIZE as u64,
             max_streams: c.listen.max_streams,
+            max_migrations: c.listen.max_migrations,
             listen_timeout: dur("listen.timeout", &c.listen.timeout)?,
             socket: SocketOptions {
                 send_buffer: usize::try_from(size("network.send_buffer", &c.network.send_buffer)?)

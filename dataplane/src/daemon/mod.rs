@@ -1,9 +1,10 @@
 //! `skyferryd`: configuration, the control socket and the registry of migrations.
 //!
 //! One daemon runs on each host. As a source it runs migrations the CLI starts; as a
-//! destination it listens on the migration port and receives them. Migrations arrive at a
-//! destination one after another (a later one waits in the listen backlog).
+//! destination it listens on the migration port and receives them, several at once
+//! (`acceptor`).
 
+pub mod acceptor;
 pub mod config;
 pub mod control;
 pub mod registry;

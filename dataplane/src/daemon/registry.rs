@@ -1,9 +1,10 @@
 //! Every migration this daemon runs or has run, and the guests it hosts.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::acceptor::{self, RoutedStreams, Router};
 use super::config::Settings;
 use super::control::{Request, Response, StartRequest};
 use crate::coordinator::{Coordinator, GroupOptions};
@@ -13,7 +14,7 @@ use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget}
 use crate::guest::workload::Workload;
 use crate::guest::xen::{XenGuest, XenSourceConfig, XenTarget};
 use crate::guest::{DestGuest, SourceGuest};
-use crate::migrate::dest::{DestOptions, receive};
+use crate::migrate::dest::{DestOptions, receive_on};
 use crate::migrate::source::{SourceDisk, SourceNetwork, SourceOptions, migrate};
 use crate::migrate::{MigrationStatus, Phase, Role};
 use crate::network::GuestIdentity;
@@ -36,6 +37,8 @@ pub struct Registry {
     entries: Mutex<Vec<Entry>>,
     /// The Synchronized Arrival coordinator this daemon serves, if it does.
     coordinator: Option<Arc<Coordinator>>,
+    /// Incoming migrations under way (and connections not yet refused).
+    incoming: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -56,6 +59,7 @@ impl Registry {
             psk,
             entries: Mutex::new(Vec::new()),
             coordinator,
+            incoming: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -386,8 +390,18 @@ impl Registry {
         }
     }
 
-    /// Receives migrations on `listener`, one after another, forever.
+    /// Receives migrations on `listener`, as many at once as `[listen] max_migrations`,
+    /// forever.
     pub fn listen(self: &Arc<Self>, listener: &TcpListener) {
+        let router = Arc::new(Router::default());
+        let (this, routes) = (self.clone(), router.clone());
+        let receive: Arc<dyn Fn(TcpStream) + Send + Sync> =
+            Arc::new(move |control| this.receive_one(control, &routes));
+        acceptor::serve(listener, &router, &receive);
+    }
+
+    /// Receives the migration whose control connection is `control`, on this thread.
+    fn receive_one(self: &Arc<Self>, control: TcpStream, router: &Arc<Router>) {
         let s = &self.settings;
         let opts = DestOptions {
             psk: self.psk.clone(),
@@ -399,41 +413,50 @@ impl Registry {
             drbd: s.drbd.clone(),
             announce: s.announce.clone(),
         };
-        loop {
-            let status = Arc::new(Mutex::new(MigrationStatus::new(
-                0,
-                Role::Destination,
-                "",
-                0,
-            )));
-            let abort = Arc::new(AtomicBool::new(false));
-            let target: Arc<Mutex<Option<Arc<dyn DestGuest>>>> = Arc::default();
-            self.entries.lock().expect("registry lock").push(Entry {
-                status: status.clone(),
-                abort: abort.clone(),
-                _source: Arc::default(),
-                _target: target.clone(),
-            });
-            let slot = target.clone();
-            let this = self.clone();
-            let factory = Box::new(move |h: &crate::protocol::Hello| {
-                let t = this.dest_guest(h)?;
-                *slot.lock().expect("slot lock") = Some(t.clone());
-                Ok(t)
-            });
-            match receive(listener, &opts, factory, &status, &abort) {
-                Ok(_) => tracing::info!("migration received; the guest runs here"),
-                Err(e) => {
-                    tracing::warn!("incoming migration failed: {e}");
-                    // Discard the half-built guest.
-                    target.lock().expect("slot lock").take();
-                }
+        let running = self.incoming.fetch_add(1, Ordering::AcqRel);
+        let busy = running >= s.max_migrations;
+        let status = Arc::new(Mutex::new(MigrationStatus::new(
+            0,
+            Role::Destination,
+            "",
+            0,
+        )));
+        let abort = Arc::new(AtomicBool::new(false));
+        let target: Arc<Mutex<Option<Arc<dyn DestGuest>>>> = Arc::default();
+        self.entries.lock().expect("registry lock").push(Entry {
+            status: status.clone(),
+            abort: abort.clone(),
+            _source: Arc::default(),
+            _target: target.clone(),
+        });
+        let slot = target.clone();
+        let this = self.clone();
+        let max = s.max_migrations;
+        let factory = Box::new(move |h: &crate::protocol::Hello| {
+            if busy {
+                return Err(format!(
+                    "this host is receiving {running} migrations already, its limit \
+                     (listen.max_migrations = {max}); try again later"
+                ));
             }
-            // Forget entries that never got past the handshake (id 0).
-            self.entries
-                .lock()
-                .expect("registry lock")
-                .retain(|e| e.status.lock().expect("status lock").id != 0);
+            let t = this.dest_guest(h)?;
+            *slot.lock().expect("slot lock") = Some(t.clone());
+            Ok(t)
+        });
+        let mut streams = RoutedStreams::new(router.clone());
+        match receive_on(control, &mut streams, &opts, factory, &status, &abort) {
+            Ok(_) => tracing::info!("migration received; the guest runs here"),
+            Err(e) => {
+                tracing::warn!("incoming migration failed: {e}");
+                // Discard the half-built guest.
+                target.lock().expect("slot lock").take();
+            }
         }
+        drop(streams);
+        self.incoming.fetch_sub(1, Ordering::AcqRel);
+        // Forget this connection if it never got past the handshake (id 0).
+        self.entries.lock().expect("registry lock").retain(|e| {
+            !Arc::ptr_eq(&e.status, &status) || e.status.lock().expect("status lock").id != 0
+        });
     }
 }

@@ -4,7 +4,7 @@
 //! Until `Commit` arrives nothing runs here: on abort, failure, a lost connection or a
 //! timeout, the guest built so far is dropped (discarded) and the source keeps its own.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,6 +109,45 @@ pub fn receive_synthetic(
     receive(listener, opts, factory, &status, abort)
 }
 
+/// Where a migration's data connections come from.
+pub trait DataStreams {
+    /// Called once the Hello names migration `id`, before the Welcome lets the source open
+    /// its data streams; an error refuses the migration (`id` is already being received:
+    /// a replayed or duplicated Hello).
+    fn expect(&mut self, id: u64) -> Result<(), String>;
+
+    /// Data stream `want` of migration `id`. Gives up when the source hangs up `control`
+    /// (it refused our key check, or died) or after `timeout`.
+    fn next(
+        &mut self,
+        control: &TcpStream,
+        timeout: Duration,
+        id: u64,
+        want: u32,
+    ) -> Result<TcpStream, MigrateError>;
+}
+
+/// Data streams accepted on the migration's own listener, one migration at a time (the
+/// demo and the benchmarks; the daemon routes them, see `daemon::acceptor`).
+#[derive(Debug)]
+pub struct ListenerStreams<'a>(pub &'a TcpListener);
+
+impl DataStreams for ListenerStreams<'_> {
+    fn expect(&mut self, _id: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn next(
+        &mut self,
+        control: &TcpStream,
+        timeout: Duration,
+        id: u64,
+        want: u32,
+    ) -> Result<TcpStream, MigrateError> {
+        accept_data(self.0, control, timeout, id, want)
+    }
+}
+
 /// Accepts one migration on `listener` and carries it to its end.
 pub fn receive(
     listener: &TcpListener,
@@ -117,10 +156,30 @@ pub fn receive(
     status: &Arc<Mutex<MigrationStatus>>,
     abort: &AtomicBool,
 ) -> Result<DestSummary, MigrateError> {
-    let started = Instant::now();
-    let (mut control, _) = listener
+    let (control, _) = listener
         .accept()
         .map_err(|e| MigrateError::Connect("accepting the control connection".into(), e))?;
+    receive_on(
+        control,
+        &mut ListenerStreams(listener),
+        opts,
+        make_guest,
+        status,
+        abort,
+    )
+}
+
+/// Carries the migration whose control connection is `control` to its end, its data
+/// streams coming from `streams`.
+pub fn receive_on(
+    mut control: TcpStream,
+    streams: &mut dyn DataStreams,
+    opts: &DestOptions,
+    make_guest: Box<GuestFactory<'_>>,
+    status: &Arc<Mutex<MigrationStatus>>,
+    abort: &AtomicBool,
+) -> Result<DestSummary, MigrateError> {
+    let started = Instant::now();
     opts.socket
         .apply(&control)
         .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
@@ -135,7 +194,9 @@ pub fn receive(
         hello.guest_pages,
     );
 
-    let verdict = check_version(&hello).and_then(|()| check_hello(&hello, opts));
+    let verdict = check_version(&hello)
+        .and_then(|()| check_hello(&hello, opts))
+        .and_then(|()| streams.expect(hello.migration_id));
     let guest = verdict.clone().and_then(|()| make_guest(&hello));
     let keys = send_welcome(
         &mut control,
@@ -159,7 +220,7 @@ pub fn receive(
     let mut data = Vec::new();
     let mut stream_keys = Vec::new();
     for want in 1..=hello.streams {
-        let d = match accept_data(listener, &control, opts.timeout, hello.migration_id, want) {
+        let d = match streams.next(&control, opts.timeout, hello.migration_id, want) {
             Ok(d) => d,
             Err(e) => return Err(fail(status, started, e)),
         };

@@ -17,6 +17,63 @@ use crate::crypto::{Direction, HandshakeNonce, MigrationKeys};
 const CONTROL_MAGIC: [u8; 8] = *b"SKYFCTL1";
 const DATA_MAGIC: [u8; 8] = *b"SKYFDAT1";
 
+/// What a connection to the migration port carries, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionKind {
+    /// A migration's control connection: a Hello follows.
+    Control,
+    /// A data stream: a StreamHello.
+    Data,
+}
+
+/// How far the first bytes of a connection go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// Not enough yet: at least this many bytes are needed.
+    Incomplete(usize),
+    /// The whole opening message is there (a Hello, or a StreamHello), so reading it
+    /// cannot block.
+    Complete(ConnectionKind),
+    /// Not something skyferry reads.
+    Refused(String),
+}
+
+/// Where the connection that begins with `bytes` (peeked, not consumed) stands.
+pub fn opening(bytes: &[u8]) -> Opening {
+    if bytes.len() < 8 {
+        return Opening::Incomplete(8);
+    }
+    if bytes[..8] == DATA_MAGIC {
+        return if bytes.len() >= 20 {
+            Opening::Complete(ConnectionKind::Data)
+        } else {
+            Opening::Incomplete(20)
+        };
+    }
+    if bytes[..8] != CONTROL_MAGIC {
+        return Opening::Refused(format!(
+            "not a skyferry connection (first bytes {:02x?}); the migration port takes only \
+             migrations, the CLI talks to the control socket",
+            &bytes[..8]
+        ));
+    }
+    if bytes.len() < 12 {
+        return Opening::Incomplete(12);
+    }
+    let len = usize::try_from(u32::from_le_bytes(
+        bytes[8..12].try_into().expect("4 bytes"),
+    ))
+    .unwrap_or(usize::MAX);
+    if len > MAX_HANDSHAKE {
+        return Opening::Refused(format!("a Hello of {len} bytes (at most {MAX_HANDSHAKE})"));
+    }
+    if bytes.len() < 12 + len {
+        Opening::Incomplete(12 + len)
+    } else {
+        Opening::Complete(ConnectionKind::Control)
+    }
+}
+
 /// Source -> destination: what is about to be migrated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {

@@ -35,7 +35,8 @@ pub mod handshake;
 
 pub use control::{ControlRx, ControlTx, control_channel};
 pub use handshake::{
-    Hello, StreamHello, Welcome, accept_stream, open_stream, read_hello, send_hello, send_welcome,
+    ConnectionKind, Hello, Opening, StreamHello, Welcome, accept_stream, open_stream, opening,
+    read_hello, send_hello, send_welcome,
 };
 
 use serde::{Deserialize, Serialize};

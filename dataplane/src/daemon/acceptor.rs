@@ -1,0 +1,354 @@
+//! The migration port: one listener for every incoming migration, received at the same time.
+//!
+//! One thread watches every new connection (poll(2)) until its whole opening message has
+//! arrived, within [`CLASSIFY_TIMEOUT`]: a control connection's Hello starts a migration on
+//! a thread of its own; a data stream's StreamHello sends it to the migration it names,
+//! through the [`Router`]. Anything else, an oversized Hello, or a peer that sends too little
+//! too slowly, is dropped with a warning and never holds up the others: an idle connection
+//! costs a descriptor, not a thread, and at most [`MAX_PENDING`] wait at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::migrate::MigrateError;
+use crate::migrate::dest::DataStreams;
+use crate::protocol::{ConnectionKind, Opening, StreamHello, accept_stream, opening};
+
+/// How long a new connection has to say what it is (and a data stream to say whose).
+pub const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections waiting to say what they are; beyond, the oldest is closed.
+pub const MAX_PENDING: usize = 1024;
+
+/// Data streams on their way to the migration that expects them.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Mutex<HashMap<u64, Sender<(u32, TcpStream)>>>,
+}
+
+impl Router {
+    /// Hands a data stream to its migration; false (the stream is dropped) if none expects it.
+    fn route(&self, hello: StreamHello, stream: TcpStream) -> bool {
+        let routes = self.routes.lock().expect("router lock");
+        routes
+            .get(&hello.migration_id)
+            .is_some_and(|tx| tx.send((hello.stream, stream)).is_ok())
+    }
+}
+
+/// A migration's data streams, as the router delivers them.
+#[derive(Debug)]
+pub struct RoutedStreams {
+    router: Arc<Router>,
+    id: Option<u64>,
+    rx: Option<Receiver<(u32, TcpStream)>>,
+    /// Streams that came before their turn.
+    early: BTreeMap<u32, TcpStream>,
+}
+
+impl RoutedStreams {
+    /// Streams for one migration, once it `expect`s its id.
+    pub fn new(router: Arc<Router>) -> Self {
+        RoutedStreams {
+            router,
+            id: None,
+            rx: None,
+            early: BTreeMap::new(),
+        }
+    }
+}
+
+impl DataStreams for RoutedStreams {
+    fn expect(&mut self, id: u64) -> Result<(), String> {
+        let mut routes = self.router.routes.lock().expect("router lock");
+        if routes.contains_key(&id) {
+            return Err(format!(
+                "migration {id:x} is already being received here (a replayed or duplicated Hello)"
+            ));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        routes.insert(id, tx);
+        self.id = Some(id);
+        self.rx = Some(rx);
+        Ok(())
+    }
+
+    fn next(
+        &mut self,
+        control: &TcpStream,
+        timeout: Duration,
+        id: u64,
+        want: u32,
+    ) -> Result<TcpStream, MigrateError> {
+        let rx = self.rx.as_ref().expect("expect() comes first");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.early.remove(&want) {
+                return Ok(s);
+            }
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((n, s)) if n == want => return Ok(s),
+                Ok((n, s)) if n > want && !self.early.contains_key(&n) => {
+                    self.early.insert(n, s);
+                }
+                Ok((n, _)) => {
+                    tracing::warn!("migration {id:x}: dropping a second data stream {n}");
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the route holds a sender"),
+            }
+            if source_hung_up(control)? {
+                return Err(MigrateError::Peer(
+                    "source hung up before opening its data streams (did its key check fail?)"
+                        .into(),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(MigrateError::Timeout(
+                    timeout.as_secs(),
+                    "opening data streams",
+                ));
+            }
+        }
+    }
+}
+
+impl Drop for RoutedStreams {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.router.routes.lock().expect("router lock").remove(&id);
+        }
+    }
+}
+
+/// True if the peer closed `control` (without consuming anything from it).
+fn source_hung_up(control: &TcpStream) -> Result<bool, MigrateError> {
+    let io = |e| MigrateError::Connect("control".into(), e);
+    control.set_nonblocking(true).map_err(io)?;
+    let r = control.peek(&mut [0u8; 1]);
+    control.set_nonblocking(false).map_err(io)?;
+    match r {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// A connection that has not yet said all of its opening message.
+struct Pending {
+    conn: TcpStream,
+    peer: String,
+    deadline: Instant,
+    /// Had part of its opening: not polled (its data keeps it readable) until then.
+    resting_until: Option<Instant>,
+}
+
+/// Accepts connections on `listener` forever. A control connection is handed to
+/// `receive` (on its own thread) once its whole Hello has arrived; a data stream goes to the
+/// migration it names.
+pub fn serve(
+    listener: &TcpListener,
+    router: &Arc<Router>,
+    receive: &Arc<dyn Fn(TcpStream) + Send + Sync>,
+) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (router, receive) = (router.clone(), receive.clone());
+    std::thread::Builder::new()
+        .name("sf-classify".into())
+        .spawn(move || classify(&rx, &router, &receive))
+        .expect("spawning the connection classifier");
+    for conn in listener.incoming() {
+        match conn {
+            Ok(c) => {
+                if tx.send(c).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("accepting on the migration port: {e}");
+                // EMFILE and the like: give the other threads a moment to close something.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// How long a connection that sent part of its opening rests before it is looked at again.
+const REST: Duration = Duration::from_millis(50);
+
+/// Watches new connections until each has sent its opening message (or its time is up),
+/// all on this one thread: idle or slow connections cost a descriptor each, nothing more.
+fn classify(
+    rx: &Receiver<TcpStream>,
+    router: &Router,
+    receive: &Arc<dyn Fn(TcpStream) + Send + Sync>,
+) {
+    let mut pending: Vec<Pending> = Vec::new();
+    loop {
+        let add = |pending: &mut Vec<Pending>, conn: TcpStream| {
+            let peer = conn
+                .peer_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
+            if pending.len() >= MAX_PENDING {
+                let old = pending.remove(0);
+                tracing::warn!(peer = %old.peer, "{MAX_PENDING} connections are waiting to say what they are; closing the oldest");
+            }
+            pending.push(Pending {
+                conn,
+                peer,
+                deadline: Instant::now() + CLASSIFY_TIMEOUT,
+                resting_until: None,
+            });
+        };
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(c) => add(&mut pending, c),
+                Err(_) => return,
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            add(&mut pending, c);
+        }
+        let now = Instant::now();
+        // Wake for the next deadline, the next rest's end, or new connections.
+        let wake = pending
+            .iter()
+            .map(|p| p.resting_until.unwrap_or(p.deadline).min(p.deadline))
+            .min()
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+            .min(Duration::from_millis(20));
+        let watched: Vec<usize> = (0..pending.len())
+            .filter(|&i| pending[i].resting_until.is_none_or(|t| t <= now))
+            .collect();
+        let mut fds: Vec<PollFd<'_>> = watched
+            .iter()
+            .map(|&i| PollFd::new(pending[i].conn.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let timeout = PollTimeout::try_from(wake).unwrap_or(PollTimeout::ZERO);
+        if let Err(e) = poll(&mut fds, timeout)
+            && e != nix::errno::Errno::EINTR
+        {
+            tracing::error!("polling new connections: {e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ready: Vec<usize> = watched
+            .iter()
+            .zip(&fds)
+            .filter(|(_, f)| f.any().unwrap_or(false))
+            .map(|(&i, _)| i)
+            .collect();
+        drop(fds);
+        let now = Instant::now();
+        let mut done = vec![false; pending.len()];
+        for i in ready {
+            let p = &mut pending[i];
+            match look(&p.conn) {
+                Look::Wait => p.resting_until = Some(now + REST),
+                Look::Kind(kind) => {
+                    done[i] = true;
+                    dispatch(kind, &pending[i], router, receive);
+                }
+                Look::Drop(why) => {
+                    done[i] = true;
+                    tracing::warn!(peer = %p.peer, "dropping a connection: {why}");
+                }
+            }
+        }
+        for (i, p) in pending.iter().enumerate() {
+            if !done[i] && now >= p.deadline {
+                done[i] = true;
+                tracing::warn!(
+                    peer = %p.peer,
+                    "dropping a connection that did not say what it is within {} s",
+                    CLASSIFY_TIMEOUT.as_secs()
+                );
+            }
+        }
+        let mut i = 0;
+        pending.retain(|_| {
+            i += 1;
+            !done[i - 1]
+        });
+    }
+}
+
+enum Look {
+    Wait,
+    Kind(ConnectionKind),
+    Drop(String),
+}
+
+/// Peeks at what `conn` has sent so far.
+fn look(conn: &TcpStream) -> Look {
+    let mut want = 8;
+    loop {
+        let mut buf = vec![0u8; want];
+        let n = match conn
+            .set_nonblocking(true)
+            .and_then(|()| conn.peek(&mut buf))
+        {
+            Ok(0) => return Look::Drop("closed before saying what it is".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Look::Wait,
+            Err(e) => return Look::Drop(format!("reading its first bytes: {e}")),
+        };
+        match opening(&buf[..n]) {
+            Opening::Complete(kind) => {
+                return match conn.set_nonblocking(false) {
+                    Ok(()) => Look::Kind(kind),
+                    Err(e) => Look::Drop(e.to_string()),
+                };
+            }
+            Opening::Refused(why) => return Look::Drop(why),
+            Opening::Incomplete(more) if more > n && n == want => want = more,
+            Opening::Incomplete(_) => return Look::Wait,
+        }
+    }
+}
+
+fn dispatch(
+    kind: ConnectionKind,
+    p: &Pending,
+    router: &Router,
+    receive: &Arc<dyn Fn(TcpStream) + Send + Sync>,
+) {
+    let conn = match p.conn.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(peer = %p.peer, "dropping a connection: {e}");
+            return;
+        }
+    };
+    match kind {
+        ConnectionKind::Data => data_stream(conn, router, &p.peer),
+        ConnectionKind::Control => {
+            let receive = receive.clone();
+            let spawned = std::thread::Builder::new()
+                .name("sf-receive".into())
+                .spawn(move || receive(conn));
+            if let Err(e) = spawned {
+                tracing::warn!(peer = %p.peer, "cannot start a thread for a migration: {e}");
+            }
+        }
+    }
+}
+
+/// Its whole StreamHello has arrived: reading it does not wait.
+fn data_stream(mut conn: TcpStream, router: &Router, peer: &str) {
+    match accept_stream(&mut conn) {
+        Ok(h) if router.route(h, conn) => {}
+        Ok(h) => tracing::warn!(
+            %peer,
+            "dropping data stream {} of migration {:x}: no such migration is being received",
+            h.stream,
+            h.migration_id
+        ),
+        Err(e) => tracing::warn!(%peer, "dropping a data connection: {e}"),
+    }
+}
