@@ -35,6 +35,9 @@ fn eight_concurrent_migrations_all_verify_with_bounded_memory() {
                 &seed,
                 "--name",
                 &name,
+                // Slow enough that all eight are under way together.
+                "--max-bandwidth",
+                "24MB/s",
             ]);
             assert!(
                 out.status.success(),

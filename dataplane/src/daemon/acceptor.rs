@@ -352,3 +352,79 @@ fn data_stream(mut conn: TcpStream, router: &Router, peer: &str) {
         Err(e) => tracing::warn!(%peer, "dropping a data connection: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A connected pair of sockets on loopback.
+    fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn a_migration_id_is_received_once_at_a_time() {
+        let router = Arc::new(Router::default());
+        let mut first = RoutedStreams::new(router.clone());
+        first.expect(7).unwrap();
+        let mut again = RoutedStreams::new(router.clone());
+        let e = again.expect(7).unwrap_err();
+        assert!(e.contains("already being received"), "{e}");
+        drop(first);
+        RoutedStreams::new(router).expect(7).unwrap();
+    }
+
+    #[test]
+    fn streams_arriving_out_of_order_are_handed_out_in_order() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let router = Arc::new(Router::default());
+        let mut streams = RoutedStreams::new(router.clone());
+        streams.expect(9).unwrap();
+        let (_control_peer, control) = pair(&l);
+        let (two_peer, two) = pair(&l);
+        let (one_peer, one) = pair(&l);
+        for (n, s) in [(2, two), (1, one)] {
+            assert!(router.route(
+                StreamHello {
+                    migration_id: 9,
+                    stream: n
+                },
+                s
+            ));
+        }
+        let got = |streams: &mut RoutedStreams, want| {
+            streams
+                .next(&control, Duration::from_secs(2), 9, want)
+                .unwrap()
+                .peer_addr()
+                .unwrap()
+        };
+        assert_eq!(got(&mut streams, 1), one_peer.local_addr().unwrap());
+        assert_eq!(got(&mut streams, 2), two_peer.local_addr().unwrap());
+        // Nobody expects migration 10.
+        let (_p, s) = pair(&l);
+        assert!(!router.route(
+            StreamHello {
+                migration_id: 10,
+                stream: 1
+            },
+            s
+        ));
+    }
+
+    #[test]
+    fn a_source_that_hangs_up_ends_the_wait() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut streams = RoutedStreams::new(Arc::new(Router::default()));
+        streams.expect(3).unwrap();
+        let (peer, control) = pair(&l);
+        drop(peer);
+        let e = streams
+            .next(&control, Duration::from_secs(5), 3, 1)
+            .unwrap_err();
+        assert!(e.to_string().contains("hung up"), "{e}");
+    }
+}

@@ -290,6 +290,30 @@ mod tests {
     use crate::codec::Compression;
 
     #[test]
+    fn openings_are_told_apart_only_once_whole() {
+        assert_eq!(opening(b""), Opening::Incomplete(8));
+        assert_eq!(opening(b"SKYFDAT"), Opening::Incomplete(8));
+        assert_eq!(opening(b"SKYFDAT1\0\0"), Opening::Incomplete(20));
+        assert_eq!(
+            opening(&[b"SKYFDAT1".as_slice(), &[0; 12]].concat()),
+            Opening::Complete(ConnectionKind::Data)
+        );
+        assert_eq!(opening(b"SKYFCTL1\x05"), Opening::Incomplete(12));
+        let head = [b"SKYFCTL1".as_slice(), &5u32.to_le_bytes()].concat();
+        assert_eq!(opening(&head), Opening::Incomplete(17));
+        assert_eq!(
+            opening(&[head.as_slice(), b"hello"].concat()),
+            Opening::Complete(ConnectionKind::Control)
+        );
+        let huge = [b"SKYFCTL1".as_slice(), &u32::MAX.to_le_bytes()].concat();
+        assert!(matches!(opening(&huge), Opening::Refused(w) if w.contains("4294967295 bytes")));
+        assert!(matches!(
+            opening(b"GET / HTTP/1.1"),
+            Opening::Refused(w) if w.contains("not a skyferry connection")
+        ));
+    }
+
+    #[test]
     fn the_hello_carries_the_compression_setting() {
         for compression in [Compression::Off, Compression::Zstd3, Compression::Auto] {
             let hello = Hello {
