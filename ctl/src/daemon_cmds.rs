@@ -374,10 +374,44 @@ fn describe_end(s: &MigrationStatus) -> String {
             "failed: the guest runs at the source ({})",
             s.error.as_deref().unwrap_or("no detail")
         ),
-        Phase::CommittedUnconfirmed => {
-            "committed but unconfirmed: the guest belongs to the destination; check it there".into()
-        }
+        Phase::CommittedUnconfirmed => format!(
+            "committed but unconfirmed: the guest belongs to the destination; if it is held in \
+             doubt there, start it with `skyferry resolve {:x} --start` on that host",
+            s.id
+        ),
         p => format!("{p:?}"),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ResolveArgs {
+    #[command(flatten)]
+    socket: Socket,
+    /// Migration id (hex), in doubt at this destination.
+    #[arg(value_parser = hex_id)]
+    id: u64,
+    /// The source committed (its status: committed-unconfirmed): start the guest here.
+    #[arg(long, conflicts_with = "discard", required_unless_present = "discard")]
+    start: bool,
+    /// The source kept the guest (its status: failed or aborted): discard it here.
+    #[arg(long)]
+    discard: bool,
+}
+
+/// Settles a migration held in doubt at this destination.
+pub fn resolve(a: &ResolveArgs) -> Result<(), String> {
+    match call(
+        &a.socket.socket,
+        &Request::Resolve {
+            id: a.id,
+            start: a.start,
+        },
+    )? {
+        Response::Resolved { status } => {
+            println!("migration {:x}: {}", a.id, describe_end(&status));
+            Ok(())
+        }
+        other => Err(format!("unexpected response from skyferryd: {other:?}")),
     }
 }
 

@@ -30,6 +30,9 @@ enum Command {
     Start(Box<daemon_cmds::StartArgs>),
     /// Abort a migration before its commit: the guest keeps running at the source.
     Abort(daemon_cmds::AbortArgs),
+    /// At a destination: settle a migration held in doubt (the source was lost after the
+    /// destination said it was ready) by starting the guest here or discarding it.
+    Resolve(daemon_cmds::ResolveArgs),
     /// Show migrations on this host.
     Status(daemon_cmds::StatusArgs),
     /// Follow a migration live.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(&a),
         Command::Start(a) => daemon_cmds::start(&a),
         Command::Abort(a) => daemon_cmds::abort(&a),
+        Command::Resolve(a) => daemon_cmds::resolve(&a),
         Command::Status(a) => daemon_cmds::status(&a),
         Command::Watch(a) => daemon_cmds::watch(&a),
         Command::Keygen(args) => keygen::run(&args),

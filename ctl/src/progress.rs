@@ -199,7 +199,11 @@ fn rank(p: Phase) -> u8 {
         Phase::Iterating => 1,
         Phase::StopAndCopy => 2,
         Phase::Verifying => 3,
-        Phase::Completed | Phase::Aborted | Phase::Failed | Phase::CommittedUnconfirmed => 4,
+        Phase::Completed
+        | Phase::Aborted
+        | Phase::Failed
+        | Phase::CommittedUnconfirmed
+        | Phase::InDoubt => 4,
     }
 }
 
@@ -344,6 +348,7 @@ pub fn end_line(st: &MigrationStatus) -> String {
             "committed, but the destination did not confirm that the guest started ({err}): \
              start it there"
         ),
+        Phase::InDoubt => err.to_string(),
         _ => phase_name(st.phase).to_string(),
     }
 }
@@ -424,6 +429,7 @@ pub fn phase_name(p: Phase) -> &'static str {
         Phase::Aborted => "aborted",
         Phase::Failed => "failed",
         Phase::CommittedUnconfirmed => "committed-unconfirmed",
+        Phase::InDoubt => "in-doubt",
     }
 }
 

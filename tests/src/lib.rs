@@ -127,8 +127,10 @@ impl Daemon {
             socket,
             listen,
         };
-        for _ in 0..200 {
-            if d.socket.exists() {
+        // The socket file appears at bind(2), a moment before listen(2): wait until it
+        // takes a connection.
+        for _ in 0..400 {
+            if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
                 return d;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));

@@ -110,6 +110,14 @@ pub enum Request {
         /// Migration id; all when absent.
         id: Option<u64>,
     },
+    /// Settles a migration held in doubt at this destination: start the guest here (the
+    /// source committed) or discard it (the source kept it).
+    Resolve {
+        /// Migration id.
+        id: u64,
+        /// Start it here; else discard it.
+        start: bool,
+    },
     /// A Synchronized Arrival group, from this host's coordinator.
     GroupStatus {
         /// The group.
@@ -130,6 +138,11 @@ pub enum Response {
     Aborting {
         /// Its id.
         id: u64,
+    },
+    /// A migration held in doubt was settled.
+    Resolved {
+        /// Its status now.
+        status: Box<MigrationStatus>,
     },
     /// Migrations known to this daemon.
     Status {

@@ -98,6 +98,7 @@ impl Registry {
                 Err(message) => Response::Error { message },
             },
             Request::Abort { id } => self.abort(id),
+            Request::Resolve { id, start } => self.resolve(id, start),
             Request::GroupStatus { group } => self.group_status(&group),
             Request::Status { id } => {
                 let entries = self.entries.lock().expect("registry lock");
@@ -115,6 +116,58 @@ impl Registry {
                 }
                 Response::Status { migrations }
             }
+        }
+    }
+
+    /// Starts or discards a guest held in doubt.
+    fn resolve(&self, id: u64, start: bool) -> Response {
+        let entries = self.entries.lock().expect("registry lock");
+        let Some(e) = entries
+            .iter()
+            .find(|e| e.status.lock().expect("status lock").id == id)
+        else {
+            return Response::Error {
+                message: format!("no migration {id:x} on this host"),
+            };
+        };
+        let phase = e.status.lock().expect("status lock").phase;
+        if phase != Phase::InDoubt {
+            return Response::Error {
+                message: format!(
+                    "migration {id:x} is not in doubt ({phase:?}); there is nothing to resolve"
+                ),
+            };
+        }
+        let Some(guest) = e._target.lock().expect("slot lock").take() else {
+            return Response::Error {
+                message: format!("migration {id:x} holds no guest"),
+            };
+        };
+        let (phase, note) = if start {
+            if let Err(err) = guest.start() {
+                *e._target.lock().expect("slot lock") = Some(guest);
+                return Response::Error {
+                    message: format!("starting the guest of {id:x}: {err}"),
+                };
+            }
+            *e._target.lock().expect("slot lock") = Some(guest);
+            (
+                Phase::Completed,
+                "was in doubt; started here by the operator",
+            )
+        } else {
+            drop(guest);
+            (
+                Phase::Failed,
+                "was in doubt; discarded here by the operator",
+            )
+        };
+        tracing::warn!(migration = id, "{note}");
+        let mut st = e.status.lock().expect("status lock");
+        st.phase = phase;
+        st.error = Some(note.into());
+        Response::Resolved {
+            status: Box::new(st.clone()),
         }
     }
 
@@ -446,6 +499,8 @@ impl Registry {
         let mut streams = RoutedStreams::new(router.clone());
         match receive_on(control, &mut streams, &opts, factory, &status, &abort) {
             Ok(_) => tracing::info!("migration received; the guest runs here"),
+            // Held, paused, until the operator resolves it.
+            Err(e @ crate::migrate::MigrateError::InDoubt(_)) => tracing::error!("{e}"),
             Err(e) => {
                 tracing::warn!("incoming migration failed: {e}");
                 // Discard the half-built guest.

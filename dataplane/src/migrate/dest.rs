@@ -58,6 +58,8 @@ struct Alongside {
     sync: Option<SyncTask>,
     /// The announcement, once the guest paused at the source.
     announcer: Option<Announcer>,
+    /// `Ready` was sent: from here only the source decides the guest's fate.
+    ready: bool,
 }
 
 impl Alongside {
@@ -269,6 +271,29 @@ pub fn receive_on(
                 status: st.clone(),
                 codec,
             })
+        }
+        Err(e)
+            if alongside.ready
+                && matches!(e, MigrateError::Protocol(_) | MigrateError::Timeout(..)) =>
+        {
+            // Ready was sent: the source may have committed since. Neither discard (the
+            // guest would be lost) nor start (it may run at the source): hold it, paused.
+            let id = hello.migration_id;
+            let why = format!(
+                "in doubt: lost the source after telling it we were ready ({e}); it may have \
+                 committed. The guest is held here, paused. If the source's status says \
+                 committed-unconfirmed, start it here: skyferry resolve {id:x} --start; if it \
+                 says failed or aborted: skyferry resolve {id:x} --discard"
+            );
+            tracing::error!(migration = id, "{why}");
+            if let Some(a) = alongside.announcer.take() {
+                a.detach();
+            }
+            let mut st = status.lock().expect("status lock");
+            st.phase = Phase::InDoubt;
+            st.error = Some(why.clone());
+            st.elapsed_ms = millis(started.elapsed());
+            Err(MigrateError::InDoubt(why))
         }
         Err(e) => {
             // The data streams may have closed under a wait because the operator aborted at
@@ -525,7 +550,6 @@ fn follow(
     rx.set_timeout(Some(Duration::from_millis(200)))?;
     let mut silent = Instant::now();
     let mut seen_bytes = 0;
-    let mut ready = false;
     // After Final: (iteration, our digest, state) until the source's digest arrives.
     let mut final_state = None;
     // A large state blob's parts, before Final.
@@ -533,7 +557,8 @@ fn follow(
     // Messages read while waiting for frames, handled in order before reading more.
     let mut later = std::collections::VecDeque::new();
     loop {
-        if abort.load(Ordering::Relaxed) {
+        // Once Ready is sent only the source may abort: it may have committed already.
+        if abort.load(Ordering::Relaxed) && !alongside.ready {
             return Err(MigrateError::Aborted);
         }
         if alongside.sync.as_ref().is_some_and(SyncTask::is_finished) {
@@ -658,13 +683,14 @@ fn follow(
                     steer.switchover()?;
                 }
                 tx.send(&ToSource::Ready { digest: ours })?;
-                ready = true;
+                alongside.ready = true;
+                super::hold::at("dest-ready", id);
                 let mut st = status.lock().expect("status lock");
                 st.iteration = iteration;
                 st.verified = Some(true);
                 st.wire_bytes = wire;
             }
-            ToDest::Commit if ready => {
+            ToDest::Commit if alongside.ready => {
                 guest.start()?;
                 if let Some(steer) = alongside.steer.take() {
                     disk_after_commit(steer, status, id);

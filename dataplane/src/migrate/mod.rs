@@ -4,6 +4,7 @@
 pub mod announcer;
 pub mod dest;
 pub mod disk;
+pub mod hold;
 pub mod policy;
 pub mod source;
 pub mod status;
@@ -55,4 +56,8 @@ pub enum MigrateError {
     /// what the source asked for cannot be done here (no `[drbd]`, no `[announce]`, ...)
     #[error("{0}")]
     Unsupported(String),
+    /// the destination lost the source after `Ready`: the guest's fate is the source's
+    /// decision, unknown here; the guest is held, paused, for the operator
+    #[error("{0}")]
+    InDoubt(String),
 }

@@ -610,11 +610,23 @@ impl Run<'_> {
         pipeline
             .send_pages(it, pages)
             .map_err(|_| MigrateError::Peer("pipeline stopped".into()))?;
+        // A destination that stops taking data (or a link that stops carrying it) blocks
+        // the sends: no byte moving for the timeout fails the iteration.
+        let (mut last_wire, mut moved) =
+            (pipeline.wire_bytes.load(Ordering::Relaxed), Instant::now());
         loop {
             self.poll(session)?;
             // Live progress within the iteration, for `watch` and `status`.
             let done = pipeline.pages_scanned.load(Ordering::Relaxed) - scanned_before;
             let wire = pipeline.wire_bytes.load(Ordering::Relaxed);
+            if wire != last_wire {
+                (last_wire, moved) = (wire, Instant::now());
+            } else if moved.elapsed() > self.opts.timeout {
+                return Err(MigrateError::Timeout(
+                    self.opts.timeout.as_secs(),
+                    "taking data: nothing was sent",
+                ));
+            }
             let elapsed = self.started.elapsed().as_secs_f64();
             self.update(|s| {
                 s.remaining = pages_in_iteration.saturating_sub(done);
@@ -727,6 +739,7 @@ impl Run<'_> {
         // The destination announces the guest now, while the final pages travel.
         self.told_paused = true;
         session.tx.send(&ToDest::Paused)?;
+        super::hold::at("source-paused", self.id);
         let wire_final = pipeline.wire_bytes.load(Ordering::Relaxed);
         self.guest.collect_dirty(&mut next)?;
         pipeline.digests.invalidate_dirty(&next);
@@ -806,15 +819,17 @@ impl Run<'_> {
             ms = since(self.paused),
             "destination ready"
         );
-        if self.abort.load(Ordering::Relaxed) {
-            return Err(MigrateError::Aborted);
-        }
+        super::hold::at("source-ready", self.id);
+        // Last look before the commit: an abort, or a destination already gone (its
+        // connection closed: it discards), means the guest stays here.
+        self.poll(session)?;
 
         // COMMIT POINT: from here on the guest belongs to the destination.
         self.guest.hand_over()?;
         self.committed = true;
         tracing::info!(migration = self.id, ms = since(self.paused), "committed");
         let sent_commit = session.tx.send(&ToDest::Commit);
+        super::hold::at("source-committed", self.id);
         let started = sent_commit
             .map_err(MigrateError::from)
             .and_then(|()| self.expect(session, "starting the guest"));

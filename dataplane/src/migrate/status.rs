@@ -38,6 +38,10 @@ pub enum Phase {
     Failed,
     /// Committed, but the destination did not confirm that the guest started.
     CommittedUnconfirmed,
+    /// At the destination: the source was lost after `Ready`, so it may or may not have
+    /// committed. The guest is held here, paused, until the operator resolves it
+    /// (`skyferry resolve`).
+    InDoubt,
 }
 
 impl Phase {

@@ -1,0 +1,390 @@
+//! Faults at every phase of a migration between two real skyferryd, with a relay between
+//! them that can cut the connections or freeze them (stop forwarding, so the peer stops
+//! answering), and SIGKILL of a daemon. Each case must end in a defined state:
+//!
+//! - before the commit, the guest runs at the source; the destination discards, or, when it
+//!   had already said it was ready, holds the guest paused *in doubt* until the operator
+//!   resolves it (it cannot know whether the source committed);
+//! - after the commit, the source never resumes the guest.
+//!
+//! After each case the daemons still work: a next migration completes.
+//!
+//! Exact moments are reached with the daemons' `SKYFERRY_HOLD` test hook: the source waits
+//! at a named point, long enough for the test to strike.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skyferry_tests::{Daemon, is_final};
+
+/// A TCP relay from the source to the destination's migration port.
+struct Relay {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    frozen: AtomicBool,
+    /// Each new connection: forward the client's first bytes, then close both ends.
+    cut_after_first: AtomicBool,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+impl Relay {
+    fn new(upstream: SocketAddr) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            frozen: AtomicBool::new(false),
+            cut_after_first: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+        });
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                let Ok(mut u) = TcpStream::connect(upstream) else {
+                    continue; // the destination is gone: the source sees the close
+                };
+                if sh.cut_after_first.load(Ordering::SeqCst) {
+                    let mut c = c;
+                    let mut buf = [0u8; 4096];
+                    if let Ok(n) = c.read(&mut buf) {
+                        let _ = u.write_all(&buf[..n]);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = c.shutdown(Shutdown::Both);
+                    let _ = u.shutdown(Shutdown::Both);
+                    continue;
+                }
+                {
+                    let mut conns = sh.conns.lock().unwrap();
+                    conns.push(c.try_clone().unwrap());
+                    conns.push(u.try_clone().unwrap());
+                }
+                for (from, to) in [(c.try_clone().unwrap(), u.try_clone().unwrap()), (u, c)] {
+                    let sh = sh.clone();
+                    std::thread::spawn(move || pump(from, to, &sh));
+                }
+            }
+        });
+        Relay { addr, shared }
+    }
+
+    /// Closes every relayed connection, both ways.
+    fn cut(&self) {
+        for s in self.shared.conns.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Stops forwarding anything, keeping the connections open.
+    fn freeze(&self) {
+        self.shared.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Frozen: what was read is never delivered, and nothing more is read.
+        while sh.frozen.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Cut,
+    Freeze,
+    KillDest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Handshake,
+    FirstIteration,
+    LaterIteration,
+    StopAndCopy,
+    AfterReady,
+    AfterCommit,
+}
+
+impl At {
+    /// The source's hold point for the phase, if it needs one.
+    fn hold(self) -> Option<&'static str> {
+        match self {
+            At::StopAndCopy => Some("source-paused"),
+            At::AfterReady => Some("source-ready"),
+            At::AfterCommit => Some("source-committed"),
+            _ => None,
+        }
+    }
+}
+
+/// Source arguments: iterations long enough to strike in, and many of them.
+const GUEST: &[&str] = &[
+    "--workload",
+    "tpcw",
+    "--mem",
+    "48MiB",
+    "--speed",
+    "6",
+    "--policy",
+    "xen-default",
+    "--max-bandwidth",
+    "40MB/s",
+];
+
+fn start(src: &Daemon, to: SocketAddr, args: &[&str]) -> String {
+    let to = to.to_string();
+    let mut all = vec!["start", "--to", &to, "--quiet"];
+    all.extend_from_slice(args);
+    let out = src.cli(&all);
+    assert!(
+        out.status.success(),
+        "start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn wait_log(d: &Daemon, what: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !d.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "{what:?} never logged:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The destination's record of migration `id`, once it has one in a settled phase.
+fn dest_settled(dst: &Daemon, id: &str, secs: u64) -> serde_json::Value {
+    dst.wait_for(id, secs, |s| is_final(s) || s["phase"] == "in-doubt")
+}
+
+/// One case: returns (source status, destination status if it survived).
+fn case(at: At, fault: Fault) -> (serde_json::Value, Option<serde_json::Value>) {
+    let name = format!("{at:?}-{fault:?}").to_lowercase();
+    let mut dst = Daemon::start(&format!("f-{name}-d"), 1, true, "");
+    let hold = at.hold().map(|p| format!("{p}:3000"));
+    let env: Vec<(&str, &Path)> = hold
+        .iter()
+        .map(|h| ("SKYFERRY_HOLD", Path::new(h.as_str())))
+        .collect();
+    let src = Daemon::start_with_env(&format!("f-{name}-s"), 1, false, "", &env);
+    let relay = Relay::new(dst.listen.unwrap());
+    let strike = |dst: &mut Daemon| match fault {
+        Fault::Cut => relay.cut(),
+        Fault::Freeze => relay.freeze(),
+        Fault::KillDest => dst.kill(),
+    };
+    if at == At::Handshake {
+        // The Hello reaches the destination and the connection is then cut; or nothing
+        // passes; or nobody is there.
+        match fault {
+            Fault::Cut => relay.shared.cut_after_first.store(true, Ordering::SeqCst),
+            _ => strike(&mut dst),
+        }
+    }
+    let id = start(&src, relay.addr, GUEST);
+    match at {
+        At::Handshake => {}
+        At::FirstIteration => {
+            src.wait_for(&id, 60, |s| {
+                s["phase"] == "iterating" && s["wire_bytes"].as_u64() > Some(1 << 20)
+            });
+            strike(&mut dst);
+        }
+        At::LaterIteration => {
+            let s = src.wait_for(&id, 120, |s| {
+                s["iteration"].as_u64() >= Some(2) || is_final(s)
+            });
+            assert!(!is_final(&s), "ended before iteration 2: {s}");
+            strike(&mut dst);
+        }
+        At::StopAndCopy | At::AfterReady | At::AfterCommit => {
+            wait_log(&src, &format!("holding at {}", at.hold().unwrap()), 120);
+            strike(&mut dst);
+        }
+    }
+    let s = src.wait_for(&id, 60, is_final);
+    // A Hello that never got through leaves no record at the destination (its connection
+    // is dropped once it has said nothing for 5 s).
+    let never_arrived = at == At::Handshake && fault == Fault::Freeze;
+    let d = (fault != Fault::KillDest && !never_arrived).then(|| dest_settled(&dst, &id, 60));
+    if never_arrived {
+        let out = dst.cli(&["status", &id]);
+        assert!(
+            !out.status.success(),
+            "{name}: the destination has a record"
+        );
+    }
+
+    // The daemons survive: the source starts the next migration, to a destination that
+    // is alive (the same one unless it was killed), straight, not through the relay.
+    let fresh;
+    let next_dst = if fault == Fault::KillDest {
+        fresh = Daemon::start(&format!("f-{name}-d2"), 1, true, "");
+        &fresh
+    } else {
+        &dst
+    };
+    let next = start(
+        &src,
+        next_dst.listen.unwrap(),
+        &["--workload", "idle", "--mem", "8MiB"],
+    );
+    let n = src.wait_for(&next, 120, is_final);
+    assert_eq!(n["phase"], "completed", "{name}: next migration: {n}");
+    eprintln!(
+        "{name}: source {} ({}); destination {}",
+        s["phase"],
+        s["error"].as_str().unwrap_or("-"),
+        d.as_ref().map_or("killed".to_string(), |d| format!(
+            "{} ({})",
+            d["phase"],
+            d["error"].as_str().unwrap_or("-")
+        ))
+    );
+    (s, d)
+}
+
+/// Before the destination said it was ready: the guest runs at the source, the
+/// destination discards. (A fault meant for the pre-copy may land just after the
+/// destination's Ready, if the migration was about to end: the destination then holds the
+/// guest in doubt, paused, which is as safe.)
+fn before_ready(at: At) {
+    for fault in [Fault::Cut, Fault::Freeze, Fault::KillDest] {
+        let (s, d) = case(at, fault);
+        assert!(
+            s["phase"] == "failed" || s["phase"] == "aborted",
+            "{at:?}/{fault:?}: the guest must run at the source: {s}"
+        );
+        assert_ne!(s["verified"], true, "{at:?}/{fault:?}: {s}");
+        if let Some(d) = d {
+            assert!(
+                d["phase"] == "failed" || d["phase"] == "in-doubt",
+                "{at:?}/{fault:?}: the destination discards: {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn faults_in_the_handshake() {
+    before_ready(At::Handshake);
+}
+
+#[test]
+fn faults_in_the_first_iteration() {
+    before_ready(At::FirstIteration);
+}
+
+#[test]
+fn faults_in_a_later_iteration() {
+    before_ready(At::LaterIteration);
+}
+
+#[test]
+fn faults_in_the_stop_and_copy() {
+    before_ready(At::StopAndCopy);
+}
+
+#[test]
+fn faults_after_the_destination_is_ready() {
+    // A cut or a killed destination is seen before the commit: the guest stays at the
+    // source. The destination that lost the source after Ready cannot know that, so it
+    // holds the guest in doubt; the operator discards it there.
+    for fault in [Fault::Cut, Fault::KillDest] {
+        let (s, d) = case(At::AfterReady, fault);
+        assert_eq!(s["phase"], "failed", "{fault:?}: {s}");
+        if let Some(d) = d {
+            assert_eq!(d["phase"], "in-doubt", "{fault:?}: {d}");
+        }
+    }
+    // A frozen link hides the destination's state: the source commits, Commit never
+    // arrives. The source never resumes the guest, the destination holds it in doubt,
+    // and the operator starts it there: it then runs on exactly one host.
+    let name = "afterready-freeze-resolve";
+    let dst = Daemon::start(&format!("{name}-d"), 1, true, "");
+    let src = Daemon::start_with_env(
+        &format!("{name}-s"),
+        1,
+        false,
+        "",
+        &[("SKYFERRY_HOLD", Path::new("source-ready:3000"))],
+    );
+    let relay = Relay::new(dst.listen.unwrap());
+    let id = start(&src, relay.addr, GUEST);
+    wait_log(&src, "holding at source-ready", 120);
+    relay.freeze();
+    let s = src.wait_for(&id, 60, is_final);
+    assert_eq!(s["phase"], "committed-unconfirmed", "{s}");
+    let d = dest_settled(&dst, &id, 60);
+    assert_eq!(d["phase"], "in-doubt", "{d}");
+    let out = dst.cli(&["resolve", &id, "--start"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = dst.status(&id);
+    assert_eq!(d["phase"], "completed", "{d}");
+    // Resolving twice is refused.
+    let out = dst.cli(&["resolve", &id, "--discard"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn faults_after_the_commit() {
+    // The source never resumes the guest once it committed.
+    for fault in [Fault::Cut, Fault::Freeze, Fault::KillDest] {
+        let (s, d) = case(At::AfterCommit, fault);
+        assert!(
+            s["phase"] == "completed" || s["phase"] == "committed-unconfirmed",
+            "{fault:?}: {s}"
+        );
+        if let Some(d) = d {
+            assert_eq!(d["phase"], "completed", "{fault:?}: {d}");
+            assert_eq!(d["verified"], true);
+        }
+    }
+}
+
+#[test]
+fn a_killed_source_leaves_nothing_at_the_destination() {
+    let dst = Daemon::start("f-killsrc-d", 1, true, "");
+    let mut src = Daemon::start("f-killsrc-s", 1, false, "");
+    let id = start(&src, dst.listen.unwrap(), GUEST);
+    src.wait_for(&id, 60, |s| {
+        s["phase"] == "iterating" && s["wire_bytes"].as_u64() > Some(1 << 20)
+    });
+    src.kill();
+    let d = dest_settled(&dst, &id, 60);
+    assert_eq!(d["phase"], "failed", "{d}");
+    let src = Daemon::start("f-killsrc-s2", 1, false, "");
+    let next = start(
+        &src,
+        dst.listen.unwrap(),
+        &["--workload", "idle", "--mem", "8MiB"],
+    );
+    assert_eq!(src.wait_for(&next, 60, is_final)["phase"], "completed");
+}
