@@ -609,6 +609,57 @@ fn failures_before_the_commit_leave_the_guest_running_at_the_source() {
         !q35.qmp().status().unwrap().running,
         "destination left unresumed"
     );
+
+    // The destination daemon killed (SIGKILL) while the guest is paused at the source for
+    // its final copy: the source resumes it, and the destination QEMU never runs.
+    let held = Daemon::start_with_env(
+        "qemu-fail-held",
+        1,
+        false,
+        "\n[qemu]\n",
+        &[("SKYFERRY_HOLD", Path::new("source-paused:5000"))],
+    );
+    let mut doomed = Daemon::start(
+        "qemu-fail-doomed",
+        1,
+        true,
+        &format!(
+            "\n[qemu]\nram_file = \"{0}/{{guest}}.ram\"\nqmp = \"{0}/{{guest}}.qmp\"\ntimeout = \"20s\"\n",
+            dir.0.display()
+        ),
+    );
+    let late = Vm::start(&dir, "late", RAM_MIB, true);
+    let to_doomed = doomed.listen.unwrap().to_string();
+    let out = held.cli(&[
+        "start",
+        "--to",
+        &to_doomed,
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+        "--name",
+        "late",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !held.log().contains("holding at source-paused") {
+        assert!(Instant::now() < deadline, "{}", held.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // (QMP serves one client, the source daemon, until the migration ends.)
+    doomed.kill();
+    let s = held.wait_for(&id, 120, is_final);
+    assert_eq!(s["phase"], "failed", "{s}");
+    still_running(&a);
+    assert!(!late.qmp().status().unwrap().running, "never started");
+
     eprintln!(
         "source log:\n{}\ndestination log:\n{}",
         src.log(),
