@@ -362,8 +362,15 @@ fn faults_after_the_commit() {
             s["phase"] == "completed" || s["phase"] == "committed-unconfirmed",
             "{fault:?}: {s}"
         );
+        // The Commit left the source but the relay may not have passed it on before the
+        // cut: then the destination holds the guest in doubt, and the source's
+        // committed-unconfirmed tells the operator to start it there (as tested above).
         if let Some(d) = d {
-            assert_eq!(d["phase"], "completed", "{fault:?}: {d}");
+            assert!(
+                d["phase"] == "completed"
+                    || (d["phase"] == "in-doubt" && s["phase"] == "committed-unconfirmed"),
+                "{fault:?}: {d}"
+            );
             assert_eq!(d["verified"], true);
         }
     }
