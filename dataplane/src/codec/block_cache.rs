@@ -32,9 +32,21 @@ pub enum Fate {
     Keep(u64),
 }
 
+/// One slot of the store: a block on its own cache lines, so non-temporal stores fill whole
+/// lines and meet the vector stores' alignment.
+#[derive(Clone, zerocopy::FromZeros)]
+#[repr(C, align(64))]
+struct Slot(Block);
+
 /// The FIFO block store.
+///
+/// Blocks are written with non-temporal stores ([`copy_streaming`]): the store is far larger
+/// than the CPU caches and a block is read back rarely (a confirmed CBR hit, a delta base),
+/// so an ordinary store would first read every line it writes from memory and then push out
+/// of the cache the frame and the page being encoded. Measured with `skyferry-bench pipeline`
+/// (perf/RESULTS.md, "What changed, measured").
 pub struct BlockStore {
-    blocks: Vec<Block>,
+    blocks: Box<[Slot]>,
     next_seq: u64,
 }
 
@@ -55,8 +67,13 @@ impl BlockStore {
             (1..=1 << 32).contains(&capacity),
             "cache capacity {capacity}"
         );
+        // Zeroed by the allocator (calloc): the kernel maps the pages as the cache fills.
+        let blocks = <[Slot] as zerocopy::FromZeros>::new_box_zeroed_with_elems(capacity)
+            .unwrap_or_else(|_| {
+                std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>())
+            });
         BlockStore {
-            blocks: vec![[0; BLOCK_SIZE]; capacity],
+            blocks,
             next_seq: 0,
         }
     }
@@ -111,7 +128,7 @@ impl BlockStore {
             return &ZERO_BLOCK;
         }
         debug_assert!(self.is_live(seq));
-        &self.blocks[self.index(seq)]
+        &self.blocks[self.index(seq)].0
     }
 
     /// Forgets every block, keeping the memory (already faulted in) for reuse.
@@ -121,12 +138,55 @@ impl BlockStore {
 
     /// Stores `block` at the next slot; returns its sequence number and the one it evicted.
     pub fn push(&mut self, block: &Block) -> (u64, Option<u64>) {
+        let r = self.push_unfenced(block);
+        store_fence();
+        r
+    }
+
+    /// [`push`](Self::push) without the closing fence: the caller must call [`store_fence`]
+    /// before the store is read or leaves this thread (`&mut self` until then keeps
+    /// everyone else out).
+    fn push_unfenced(&mut self, block: &Block) -> (u64, Option<u64>) {
         let seq = self.next_seq;
         let evicted = seq.checked_sub(self.cap());
         let slot = self.index(seq);
-        self.blocks[slot] = *block;
+        copy_streaming(&mut self.blocks[slot].0, block);
         self.next_seq += 1;
         (seq, evicted)
+    }
+}
+
+/// Copies `src` into `dst` with non-temporal (streaming) stores: the lines go to memory
+/// without being read first and without displacing what the caches hold. Until
+/// [`store_fence`] runs, the stores count as still in flight: `dst` must not be read.
+#[cfg(target_arch = "x86_64")]
+fn copy_streaming(dst: &mut Block, src: &Block) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    let d = dst.as_mut_ptr().cast::<__m128i>();
+    let s = src.as_ptr().cast::<__m128i>();
+    for i in 0..BLOCK_SIZE / 16 {
+        // SAFETY: SSE2 is part of x86_64. `i * 16 + 16 <= BLOCK_SIZE`, so both 16-byte
+        // accesses lie inside their 1 KiB blocks; the load is unaligned (`loadu`), and the
+        // store's 16-byte alignment holds because `dst` is a whole `Slot` (64-byte aligned)
+        // and offsets are multiples of 16. `dst` is borrowed mutably, so nothing else
+        // accesses it; Rust counts the streamed stores as unordered until the fence every
+        // caller issues before `dst` is read again.
+        unsafe { _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i))) };
+    }
+}
+
+/// Elsewhere: an ordinary copy.
+#[cfg(not(target_arch = "x86_64"))]
+fn copy_streaming(dst: &mut Block, src: &Block) {
+    dst.copy_from_slice(src);
+}
+
+/// Orders the streamed stores before every later memory access (`sfence`).
+fn store_fence() {
+    // SAFETY: `sfence` needs SSE, which every x86_64 CPU has; it touches no memory.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence();
     }
 }
 
@@ -197,11 +257,13 @@ impl CacheState {
         mut on_insert: impl FnMut(usize, u64),
     ) {
         let mut seqs = [ZERO_SEQ; BLOCKS_PER_PAGE];
+        let mut streamed = false;
         for (i, (fate, block)) in fates.iter().zip(page.blocks()).enumerate() {
             seqs[i] = match *fate {
                 Fate::Keep(seq) => seq,
                 Fate::Insert => {
-                    let (seq, evicted) = self.store.push(block);
+                    let (seq, evicted) = self.store.push_unfenced(block);
+                    streamed = true;
                     self.evictions += u64::from(evicted.is_some());
                     if let Some(d) = &mut self.digest {
                         // Order-dependent mix: equal only if both ends inserted the same
@@ -215,6 +277,10 @@ impl CacheState {
                     seq
                 }
             };
+        }
+        if streamed {
+            // One fence for the page's blocks, before anything can read them.
+            store_fence();
         }
         if let Some(pages) = &mut self.pages {
             // A zero page stays a base (sparse writes to it make small deltas); as its
