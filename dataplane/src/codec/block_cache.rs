@@ -16,7 +16,9 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::page_index::PageIndex;
-use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, Block, Page, Pfn};
+use crate::page::{
+    BLOCK_SIZE, BLOCKS_PER_PAGE, Block, Pfn, copy_streaming_unfenced, store_fence, streamable,
+};
 
 /// Page-index marker for a block known to be zero (never stored).
 pub const ZERO_SEQ: u64 = u64::MAX;
@@ -40,7 +42,7 @@ struct Slot(Block);
 
 /// The FIFO block store.
 ///
-/// Blocks are written with non-temporal stores ([`copy_streaming`]): the store is far larger
+/// Blocks are written with non-temporal stores ([`crate::page::copy_streaming`]): the store is far larger
 /// than the CPU caches and a block is read back rarely (a confirmed CBR hit, a delta base),
 /// so an ordinary store would first read every line it writes from memory and then push out
 /// of the cache the frame and the page being encoded. Measured with `skyferry-bench pipeline`
@@ -69,9 +71,7 @@ impl BlockStore {
         );
         // Zeroed by the allocator (calloc): the kernel maps the pages as the cache fills.
         let blocks = <[Slot] as zerocopy::FromZeros>::new_box_zeroed_with_elems(capacity)
-            .unwrap_or_else(|_| {
-                std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>())
-            });
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>()));
         BlockStore {
             blocks,
             next_seq: 0,
@@ -150,43 +150,18 @@ impl BlockStore {
         let seq = self.next_seq;
         let evicted = seq.checked_sub(self.cap());
         let slot = self.index(seq);
-        copy_streaming(&mut self.blocks[slot].0, block);
+        let dst = &mut self.blocks[slot].0;
+        debug_assert!(streamable(dst) || !cfg!(target_arch = "x86_64"));
+        if streamable(dst) {
+            // SAFETY: `dst` is streamable (a whole 64-byte-aligned `Slot` of 1 KiB) and as long
+            // as `block`; every caller fences before the store is read again (`push` at once,
+            // `CacheState::commit` after the page's blocks, holding `&mut self` until then).
+            unsafe { copy_streaming_unfenced(dst, block) };
+        } else {
+            *dst = *block;
+        }
         self.next_seq += 1;
         (seq, evicted)
-    }
-}
-
-/// Copies `src` into `dst` with non-temporal (streaming) stores: the lines go to memory
-/// without being read first and without displacing what the caches hold. Until
-/// [`store_fence`] runs, the stores count as still in flight: `dst` must not be read.
-#[cfg(target_arch = "x86_64")]
-fn copy_streaming(dst: &mut Block, src: &Block) {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
-    let d = dst.as_mut_ptr().cast::<__m128i>();
-    let s = src.as_ptr().cast::<__m128i>();
-    for i in 0..BLOCK_SIZE / 16 {
-        // SAFETY: SSE2 is part of x86_64. `i * 16 + 16 <= BLOCK_SIZE`, so both 16-byte
-        // accesses lie inside their 1 KiB blocks; the load is unaligned (`loadu`), and the
-        // store's 16-byte alignment holds because `dst` is a whole `Slot` (64-byte aligned)
-        // and offsets are multiples of 16. `dst` is borrowed mutably, so nothing else
-        // accesses it; Rust counts the streamed stores as unordered until the fence every
-        // caller issues before `dst` is read again.
-        unsafe { _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i))) };
-    }
-}
-
-/// Elsewhere: an ordinary copy.
-#[cfg(not(target_arch = "x86_64"))]
-fn copy_streaming(dst: &mut Block, src: &Block) {
-    dst.copy_from_slice(src);
-}
-
-/// Orders the streamed stores before every later memory access (`sfence`).
-fn store_fence() {
-    // SAFETY: `sfence` needs SSE, which every x86_64 CPU has; it touches no memory.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_sfence();
     }
 }
 
@@ -244,21 +219,21 @@ impl CacheState {
             .then_some(seqs)
     }
 
-    /// Records that `page` was just sent (or received) as page `pfn`, block `i` meeting
+    /// Records that a page with `blocks` was just sent (or received) as page `pfn`, block `i` meeting
     /// `fates[i]`. `on_insert(i, seq)` is told of each insertion, in block order.
     /// `xxh3(i)` returns block `i`'s XXH3-64 if the caller already has it (the digest needs
     /// it), else `None`.
     pub fn commit(
         &mut self,
         pfn: Pfn,
-        page: &Page,
+        blocks: &[Block; BLOCKS_PER_PAGE],
         fates: &[Fate; BLOCKS_PER_PAGE],
         xxh3: impl Fn(usize) -> Option<u64>,
         mut on_insert: impl FnMut(usize, u64),
     ) {
         let mut seqs = [ZERO_SEQ; BLOCKS_PER_PAGE];
         let mut streamed = false;
-        for (i, (fate, block)) in fates.iter().zip(page.blocks()).enumerate() {
+        for (i, (fate, block)) in fates.iter().zip(blocks).enumerate() {
             seqs[i] = match *fate {
                 Fate::Keep(seq) => seq,
                 Fate::Insert => {
@@ -321,6 +296,7 @@ impl CacheState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::Page;
 
     fn block(b: u8) -> Block {
         [b; BLOCK_SIZE]
@@ -361,7 +337,7 @@ mod tests {
             Fate::Insert,
             Fate::Insert,
         ];
-        c.commit(7, &page, &fates, |_| None, |_, _| {});
+        c.commit(7, page.blocks(), &fates, |_| None, |_, _| {});
         assert_eq!(c.base(7), Some([0, ZERO_SEQ, 1, 2]));
         assert_eq!(c.base(8), None);
         c.store.push(&block(9));

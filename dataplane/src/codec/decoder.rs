@@ -7,7 +7,7 @@ use super::stats::CodecStats;
 use super::wire::{BlockCode, RecordKind, RecordReader, WireError};
 use super::{CodecConfig, ConfigError};
 use crate::frame::{DEFAULT_FRAME_SIZE, HEADER_LEN, TAG_LEN};
-use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, Pfn};
+use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, Block, PAGE_SIZE, Page, Pfn, blocks_of};
 
 /// Where decoded pages go: the destination guest's memory.
 pub trait PageSink {
@@ -18,6 +18,14 @@ pub trait PageSink {
     /// Page `pfn` is all zeros. Override when zeroing can be skipped (fresh anonymous memory).
     fn zero_page(&mut self, pfn: Pfn) {
         self.page_mut(pfn).0.fill(0);
+    }
+
+    /// Page `pfn` is `data`, whole (a page sent in full). The default copies it into
+    /// [`page_mut`](Self::page_mut) with non-temporal stores: guest memory is written once
+    /// here and not read again soon, and the decoder reads the page from `data`, still in
+    /// the CPU's cache, for everything else.
+    fn write_page(&mut self, pfn: Pfn, data: &[u8; PAGE_SIZE]) {
+        crate::page::copy_streaming(&mut self.page_mut(pfn).0, data);
     }
 }
 
@@ -324,10 +332,15 @@ impl Decoder {
         })
     }
 
-    fn commit(&mut self, pfn: Pfn, page: &Page, fates: &[Fate; BLOCKS_PER_PAGE]) {
+    fn commit(
+        &mut self,
+        pfn: Pfn,
+        blocks: &[Block; BLOCKS_PER_PAGE],
+        fates: &[Fate; BLOCKS_PER_PAGE],
+    ) {
         if let Some(cache) = &mut self.cache {
             let before = cache.evictions();
-            cache.commit(pfn, page, fates, |_| None, |_, _| {});
+            cache.commit(pfn, blocks, fates, |_| None, |_, _| {});
             self.stats.cache_evictions += cache.evictions() - before;
         }
     }
@@ -337,7 +350,7 @@ impl Decoder {
         self.stats.saved_zero += PAGE_SIZE as u64;
         self.commit(
             pfn,
-            &Page::zeroed(),
+            Page::zeroed().blocks(),
             &[Fate::Keep(ZERO_SEQ); BLOCKS_PER_PAGE],
         );
     }
@@ -348,10 +361,11 @@ impl Decoder {
         reader: &mut RecordReader<'_>,
         sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
+        // Guest memory is written, the cache filled and the blocks hashed from the frame, not
+        // from the page just written.
         let data = reader.array::<PAGE_SIZE>()?;
-        let page = sink.page_mut(pfn);
-        page.0.copy_from_slice(data);
-        self.commit(pfn, page, &[Fate::Insert; BLOCKS_PER_PAGE]);
+        sink.write_page(pfn, data);
+        self.commit(pfn, blocks_of(data), &[Fate::Insert; BLOCKS_PER_PAGE]);
         Ok(())
     }
 
@@ -399,7 +413,7 @@ impl Decoder {
                 }
             }
         }
-        self.commit(pfn, page, &fates);
+        self.commit(pfn, page.blocks(), &fates);
         Ok(())
     }
 
@@ -440,7 +454,7 @@ impl Decoder {
         // A hostile delta may use the whole page (our encoder stops short of it): saturate.
         let record_payload = reader.offset() - len_at;
         self.stats.saved_delta += PAGE_SIZE.saturating_sub(record_payload) as u64;
-        self.commit(pfn, page, &fates);
+        self.commit(pfn, page.blocks(), &fates);
         Ok(())
     }
 }

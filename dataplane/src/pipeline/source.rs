@@ -363,7 +363,7 @@ impl StreamStage {
                             return Ok(());
                         }
                         // The copy is in this core's cache now: hash it for the digest too.
-                        self.hasher.feed(&self.digests, pfn, page, false);
+                        self.hasher.feed(&self.digests, pfn, &page.0, false);
                         self.encoder.encode_page(pfn, page, &mut frame.frame);
                     }
                     self.publish_stats();
