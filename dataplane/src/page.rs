@@ -130,6 +130,27 @@ pub(crate) fn store_fence() {
     }
 }
 
+/// Asks the CPU to start loading the cache lines of `value`, so that a lookup into a table
+/// far larger than the CPU caches finds them there later. A hint only: it changes no memory
+/// and cannot fault.
+pub(crate) fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let start = std::ptr::from_ref(value).cast::<i8>();
+        let len = size_of::<T>().max(1);
+        // Every line the value touches: one address per 64 bytes, and its last byte.
+        for at in (0..len).step_by(64).chain([len - 1]) {
+            // SAFETY: `prefetch` needs SSE, which every x86_64 CPU has. It is a hint that
+            // accesses no memory architecturally and never faults; the address lies inside
+            // `value` (`at < len`), which the reference keeps alive.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(at)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// True when every byte of `bytes` is zero.
 ///
 /// ORs 256-byte chunks into one word before testing, so the inner loop vectorises and the

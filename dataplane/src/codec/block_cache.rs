@@ -211,6 +211,13 @@ impl CacheState {
         self.digest
     }
 
+    /// Starts loading what [`base`](Self::base) will read for `pfn` into the CPU cache.
+    pub fn prefetch_base(&self, pfn: Pfn) {
+        if let Some(pages) = &self.pages {
+            pages.prefetch(pfn);
+        }
+    }
+
     /// The blocks page `pfn` had when last sent, if all of them are still cached.
     pub fn base(&self, pfn: Pfn) -> Option<[u64; BLOCKS_PER_PAGE]> {
         let seqs = self.pages.as_ref()?.get(pfn)?;

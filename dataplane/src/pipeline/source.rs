@@ -358,7 +358,11 @@ impl StreamStage {
                     scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     lists.give(pfns);
                     let _span = tracing::trace_span!("encode", pages = batch.len()).entered();
-                    for (pfn, page) in batch.iter() {
+                    let next = batch.iter().skip(1).map(|(pfn, _)| Some(pfn)).chain([None]);
+                    for ((pfn, page), next) in batch.iter().zip(next) {
+                        if let Some(next) = next {
+                            self.encoder.prefetch(next);
+                        }
                         if !frame.frame.has_room() && !self.ship(&mut frame) {
                             return Ok(());
                         }
