@@ -253,6 +253,16 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_is_only_a_hint() {
+        prefetch(&());
+        prefetch(&0u8);
+        let table = vec![[7u64; 20]; 3];
+        prefetch(&table[2]);
+        prefetch(&Page::zeroed());
+        assert_eq!(table[2], [7; 20]);
+    }
+
+    #[test]
     fn blocks_cover_the_page_in_order() {
         let mut page = Page::zeroed();
         for (block, v) in page.blocks_mut().iter_mut().zip(0u8..) {
