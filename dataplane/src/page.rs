@@ -240,12 +240,12 @@ mod tests {
 
     #[test]
     fn streaming_copy_matches_an_ordinary_one_aligned_or_not() {
-        let src: Vec<u8> = (0..PAGE_SIZE + 64).map(|i| (i * 7 % 251) as u8).collect();
+        let src: Vec<u8> = (0..=250u8).cycle().take(PAGE_SIZE + 64).collect();
         let mut page = Page::zeroed();
         copy_streaming(&mut page.0, &src[3..3 + PAGE_SIZE]);
         assert_eq!(&page.0[..], &src[3..3 + PAGE_SIZE]);
         // Unaligned and odd-sized destinations fall back to an ordinary copy.
-        let mut buf = vec![0u8; 100];
+        let mut buf = [0u8; 100];
         copy_streaming(&mut buf[1..38], &src[..37]);
         assert_eq!(&buf[1..38], &src[..37]);
         assert!(buf[0] == 0 && buf[38..].iter().all(|&b| b == 0));

@@ -484,8 +484,8 @@ mod tests {
 
     fn page(seed: u8) -> Page {
         let mut p = Page::zeroed();
-        for (i, b) in p.0.iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
+        for (i, b) in (0u8..=255).cycle().zip(p.0.iter_mut()) {
+            *b = i.wrapping_mul(31).wrapping_add(seed) | 1;
         }
         p
     }
@@ -512,16 +512,26 @@ mod tests {
         enc.encode_page(0, &first, &mut frame);
         enc.encode_page(1, &page(5), &mut frame);
         enc.finish_frame(&mut frame);
-        dec.decode(frame.body(), frame.records(), frame.cache_digest(), &mut guest)
-            .unwrap();
+        dec.decode(
+            frame.body(),
+            frame.records(),
+            frame.cache_digest(),
+            &mut guest,
+        )
+        .unwrap();
         assert_eq!(guest.whole, vec![0, 1], "full pages go through write_page");
 
         frame.clear();
         enc.encode_page(0, &edited, &mut frame);
         enc.encode_page(2, &shared, &mut frame);
         enc.finish_frame(&mut frame);
-        dec.decode(frame.body(), frame.records(), frame.cache_digest(), &mut guest)
-            .unwrap();
+        dec.decode(
+            frame.body(),
+            frame.records(),
+            frame.cache_digest(),
+            &mut guest,
+        )
+        .unwrap();
         let kinds = &dec.stats().pages;
         assert_eq!(kinds[RecordKind::Delta as usize], 1, "{kinds:?}");
         assert_eq!(kinds[RecordKind::Blocks as usize], 1, "{kinds:?}");
