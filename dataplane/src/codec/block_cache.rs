@@ -16,7 +16,9 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::page_index::PageIndex;
-use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, Block, Page, Pfn};
+use crate::page::{
+    BLOCK_SIZE, BLOCKS_PER_PAGE, Block, Pfn, copy_streaming_unfenced, store_fence, streamable,
+};
 
 /// Page-index marker for a block known to be zero (never stored).
 pub const ZERO_SEQ: u64 = u64::MAX;
@@ -32,9 +34,21 @@ pub enum Fate {
     Keep(u64),
 }
 
+/// One slot of the store: a block on its own cache lines, so non-temporal stores fill whole
+/// lines and meet the vector stores' alignment.
+#[derive(Clone, zerocopy::FromZeros)]
+#[repr(C, align(64))]
+struct Slot(Block);
+
 /// The FIFO block store.
+///
+/// Blocks are written with non-temporal stores ([`crate::page::copy_streaming`]): the store is far larger
+/// than the CPU caches and a block is read back rarely (a confirmed CBR hit, a delta base),
+/// so an ordinary store would first read every line it writes from memory and then push out
+/// of the cache the frame and the page being encoded. Measured with `skyferry-bench pipeline`
+/// (perf/RESULTS.md, "What changed, measured").
 pub struct BlockStore {
-    blocks: Vec<Block>,
+    blocks: Box<[Slot]>,
     next_seq: u64,
 }
 
@@ -55,8 +69,11 @@ impl BlockStore {
             (1..=1 << 32).contains(&capacity),
             "cache capacity {capacity}"
         );
+        // Zeroed by the allocator (calloc): the kernel maps the pages as the cache fills.
+        let blocks = <[Slot] as zerocopy::FromZeros>::new_box_zeroed_with_elems(capacity)
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>()));
         BlockStore {
-            blocks: vec![[0; BLOCK_SIZE]; capacity],
+            blocks,
             next_seq: 0,
         }
     }
@@ -111,7 +128,7 @@ impl BlockStore {
             return &ZERO_BLOCK;
         }
         debug_assert!(self.is_live(seq));
-        &self.blocks[self.index(seq)]
+        &self.blocks[self.index(seq)].0
     }
 
     /// Forgets every block, keeping the memory (already faulted in) for reuse.
@@ -121,10 +138,28 @@ impl BlockStore {
 
     /// Stores `block` at the next slot; returns its sequence number and the one it evicted.
     pub fn push(&mut self, block: &Block) -> (u64, Option<u64>) {
+        let r = self.push_unfenced(block);
+        store_fence();
+        r
+    }
+
+    /// [`push`](Self::push) without the closing fence: the caller must call [`store_fence`]
+    /// before the store is read or leaves this thread (`&mut self` until then keeps
+    /// everyone else out).
+    fn push_unfenced(&mut self, block: &Block) -> (u64, Option<u64>) {
         let seq = self.next_seq;
         let evicted = seq.checked_sub(self.cap());
         let slot = self.index(seq);
-        self.blocks[slot] = *block;
+        let dst = &mut self.blocks[slot].0;
+        debug_assert!(streamable(dst) || !cfg!(target_arch = "x86_64"));
+        if streamable(dst) {
+            // SAFETY: `dst` is streamable (a whole 64-byte-aligned `Slot` of 1 KiB) and as long
+            // as `block`; every caller fences before the store is read again (`push` at once,
+            // `CacheState::commit` after the page's blocks, holding `&mut self` until then).
+            unsafe { copy_streaming_unfenced(dst, block) };
+        } else {
+            *dst = *block;
+        }
         self.next_seq += 1;
         (seq, evicted)
     }
@@ -176,6 +211,13 @@ impl CacheState {
         self.digest
     }
 
+    /// Starts loading what [`base`](Self::base) will read for `pfn` into the CPU cache.
+    pub fn prefetch_base(&self, pfn: Pfn) {
+        if let Some(pages) = &self.pages {
+            pages.prefetch(pfn);
+        }
+    }
+
     /// The blocks page `pfn` had when last sent, if all of them are still cached.
     pub fn base(&self, pfn: Pfn) -> Option<[u64; BLOCKS_PER_PAGE]> {
         let seqs = self.pages.as_ref()?.get(pfn)?;
@@ -184,24 +226,26 @@ impl CacheState {
             .then_some(seqs)
     }
 
-    /// Records that `page` was just sent (or received) as page `pfn`, block `i` meeting
+    /// Records that a page with `blocks` was just sent (or received) as page `pfn`, block `i` meeting
     /// `fates[i]`. `on_insert(i, seq)` is told of each insertion, in block order.
     /// `xxh3(i)` returns block `i`'s XXH3-64 if the caller already has it (the digest needs
     /// it), else `None`.
     pub fn commit(
         &mut self,
         pfn: Pfn,
-        page: &Page,
+        blocks: &[Block; BLOCKS_PER_PAGE],
         fates: &[Fate; BLOCKS_PER_PAGE],
         xxh3: impl Fn(usize) -> Option<u64>,
         mut on_insert: impl FnMut(usize, u64),
     ) {
         let mut seqs = [ZERO_SEQ; BLOCKS_PER_PAGE];
-        for (i, (fate, block)) in fates.iter().zip(page.blocks()).enumerate() {
+        let mut streamed = false;
+        for (i, (fate, block)) in fates.iter().zip(blocks).enumerate() {
             seqs[i] = match *fate {
                 Fate::Keep(seq) => seq,
                 Fate::Insert => {
-                    let (seq, evicted) = self.store.push(block);
+                    let (seq, evicted) = self.store.push_unfenced(block);
+                    streamed = true;
                     self.evictions += u64::from(evicted.is_some());
                     if let Some(d) = &mut self.digest {
                         // Order-dependent mix: equal only if both ends inserted the same
@@ -215,6 +259,10 @@ impl CacheState {
                     seq
                 }
             };
+        }
+        if streamed {
+            // One fence for the page's blocks, before anything can read them.
+            store_fence();
         }
         if let Some(pages) = &mut self.pages {
             // A zero page stays a base (sparse writes to it make small deltas); as its
@@ -255,6 +303,7 @@ impl CacheState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::Page;
 
     fn block(b: u8) -> Block {
         [b; BLOCK_SIZE]
@@ -295,7 +344,7 @@ mod tests {
             Fate::Insert,
             Fate::Insert,
         ];
-        c.commit(7, &page, &fates, |_| None, |_, _| {});
+        c.commit(7, page.blocks(), &fates, |_| None, |_, _| {});
         assert_eq!(c.base(7), Some([0, ZERO_SEQ, 1, 2]));
         assert_eq!(c.base(8), None);
         c.store.push(&block(9));

@@ -7,7 +7,7 @@ use super::stats::CodecStats;
 use super::wire::{BlockCode, RecordKind, RecordReader, WireError};
 use super::{CodecConfig, ConfigError};
 use crate::frame::{DEFAULT_FRAME_SIZE, HEADER_LEN, TAG_LEN};
-use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, Pfn};
+use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, Block, PAGE_SIZE, Page, Pfn, blocks_of};
 
 /// Where decoded pages go: the destination guest's memory.
 pub trait PageSink {
@@ -18,6 +18,14 @@ pub trait PageSink {
     /// Page `pfn` is all zeros. Override when zeroing can be skipped (fresh anonymous memory).
     fn zero_page(&mut self, pfn: Pfn) {
         self.page_mut(pfn).0.fill(0);
+    }
+
+    /// Page `pfn` is `data`, whole (a page sent in full). The default copies it into
+    /// [`page_mut`](Self::page_mut) with non-temporal stores: guest memory is written once
+    /// here and not read again soon, and the decoder reads the page from `data`, still in
+    /// the CPU's cache, for everything else.
+    fn write_page(&mut self, pfn: Pfn, data: &[u8; PAGE_SIZE]) {
+        crate::page::copy_streaming(&mut self.page_mut(pfn).0, data);
     }
 }
 
@@ -324,10 +332,15 @@ impl Decoder {
         })
     }
 
-    fn commit(&mut self, pfn: Pfn, page: &Page, fates: &[Fate; BLOCKS_PER_PAGE]) {
+    fn commit(
+        &mut self,
+        pfn: Pfn,
+        blocks: &[Block; BLOCKS_PER_PAGE],
+        fates: &[Fate; BLOCKS_PER_PAGE],
+    ) {
         if let Some(cache) = &mut self.cache {
             let before = cache.evictions();
-            cache.commit(pfn, page, fates, |_| None, |_, _| {});
+            cache.commit(pfn, blocks, fates, |_| None, |_, _| {});
             self.stats.cache_evictions += cache.evictions() - before;
         }
     }
@@ -337,7 +350,7 @@ impl Decoder {
         self.stats.saved_zero += PAGE_SIZE as u64;
         self.commit(
             pfn,
-            &Page::zeroed(),
+            Page::zeroed().blocks(),
             &[Fate::Keep(ZERO_SEQ); BLOCKS_PER_PAGE],
         );
     }
@@ -348,10 +361,11 @@ impl Decoder {
         reader: &mut RecordReader<'_>,
         sink: &mut (impl PageSink + ?Sized),
     ) -> Result<(), DecodeError> {
+        // Guest memory is written, the cache filled and the blocks hashed from the frame, not
+        // from the page just written.
         let data = reader.array::<PAGE_SIZE>()?;
-        let page = sink.page_mut(pfn);
-        page.0.copy_from_slice(data);
-        self.commit(pfn, page, &[Fate::Insert; BLOCKS_PER_PAGE]);
+        sink.write_page(pfn, data);
+        self.commit(pfn, blocks_of(data), &[Fate::Insert; BLOCKS_PER_PAGE]);
         Ok(())
     }
 
@@ -399,7 +413,7 @@ impl Decoder {
                 }
             }
         }
-        self.commit(pfn, page, &fates);
+        self.commit(pfn, page.blocks(), &fates);
         Ok(())
     }
 
@@ -440,7 +454,90 @@ impl Decoder {
         // A hostile delta may use the whole page (our encoder stops short of it): saturate.
         let record_payload = reader.offset() - len_at;
         self.stats.saved_delta += PAGE_SIZE.saturating_sub(record_payload) as u64;
-        self.commit(pfn, page, &fates);
+        self.commit(pfn, page.blocks(), &fates);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Encoder;
+    use crate::frame::FrameBuf;
+
+    /// Guest memory that says how each page was written.
+    struct Recording {
+        pages: Vec<Page>,
+        whole: Vec<Pfn>,
+    }
+
+    impl PageSink for Recording {
+        fn page_mut(&mut self, pfn: Pfn) -> &mut Page {
+            self.pages.page_mut(pfn)
+        }
+
+        fn write_page(&mut self, pfn: Pfn, data: &[u8; PAGE_SIZE]) {
+            self.whole.push(pfn);
+            crate::page::copy_streaming(&mut self.page_mut(pfn).0, data);
+        }
+    }
+
+    fn page(seed: u8) -> Page {
+        let mut p = Page::zeroed();
+        for (i, b) in (0u8..=255).cycle().zip(p.0.iter_mut()) {
+            *b = i.wrapping_mul(31).wrapping_add(seed) | 1;
+        }
+        p
+    }
+
+    /// A full page lands through `write_page` and is cached from the frame: a later delta
+    /// against it, and a block reference into it, rebuild the exact bytes, and both ends'
+    /// caches agree.
+    #[test]
+    fn full_pages_are_written_whole_and_cached_from_the_frame() {
+        let config = CodecConfig::default();
+        let mut enc = Encoder::new(config.clone()).unwrap();
+        let mut dec = Decoder::new(config, 4).unwrap();
+        let mut guest = Recording {
+            pages: vec![Page::zeroed(); 4],
+            whole: Vec::new(),
+        };
+        let first = page(1);
+        let mut edited = first.clone();
+        edited.0[100..108].copy_from_slice(b"changed!");
+        let mut shared = page(9);
+        shared.blocks_mut()[2] = first.blocks()[3];
+
+        let mut frame = FrameBuf::new(crate::frame::DEFAULT_FRAME_SIZE);
+        enc.encode_page(0, &first, &mut frame);
+        enc.encode_page(1, &page(5), &mut frame);
+        enc.finish_frame(&mut frame);
+        dec.decode(
+            frame.body(),
+            frame.records(),
+            frame.cache_digest(),
+            &mut guest,
+        )
+        .unwrap();
+        assert_eq!(guest.whole, vec![0, 1], "full pages go through write_page");
+
+        frame.clear();
+        enc.encode_page(0, &edited, &mut frame);
+        enc.encode_page(2, &shared, &mut frame);
+        enc.finish_frame(&mut frame);
+        dec.decode(
+            frame.body(),
+            frame.records(),
+            frame.cache_digest(),
+            &mut guest,
+        )
+        .unwrap();
+        let kinds = &dec.stats().pages;
+        assert_eq!(kinds[RecordKind::Delta as usize], 1, "{kinds:?}");
+        assert_eq!(kinds[RecordKind::Blocks as usize], 1, "{kinds:?}");
+        assert_eq!(guest.pages[0], edited);
+        assert_eq!(guest.pages[1], page(5));
+        assert_eq!(guest.pages[2], shared);
+        assert_eq!(enc.cache_state_digest(), dec.cache_state_digest());
     }
 }

@@ -81,6 +81,12 @@ impl FingerprintIndex {
             .map(|w| b.seqs[w] - 1)
     }
 
+    /// Starts loading `fp`'s bucket into the CPU cache, for a [`lookup`](Self::lookup) soon
+    /// after.
+    pub fn prefetch(&self, fp: u64) {
+        crate::page::prefetch(&self.buckets[self.bucket(fp)]);
+    }
+
     /// Records that the block with fingerprint `fp` went into the cache as insertion `seq`.
     /// It replaces an entry with the same fingerprint, else an empty way, else the oldest.
     pub fn inserted(&mut self, fp: u64, seq: u64) {

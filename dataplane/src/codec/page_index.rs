@@ -52,6 +52,11 @@ impl PageIndex {
             .map(|e| e.seqs)
     }
 
+    /// Starts loading `pfn`'s bucket into the CPU cache, for a [`get`](Self::get) soon after.
+    pub fn prefetch(&self, pfn: Pfn) {
+        crate::page::prefetch(&self.buckets[self.bucket(pfn)]);
+    }
+
     /// Records `pfn`'s blocks. The entry replaces `pfn`'s old one, else an empty way, else
     /// one `live` says is stale, else the one with the oldest newest block.
     pub fn insert(&mut self, pfn: Pfn, seqs: [u64; BLOCKS_PER_PAGE], live: impl Fn(u64) -> bool) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::{DIGEST_CHUNK, DirtyBitmap};
-use crate::page::{PAGE_SIZE, Page, Pfn};
+use crate::page::{PAGE_SIZE, Page, Pfn, is_zero};
 
 /// Pages per digest chunk.
 pub const PAGES_PER_CHUNK: u64 = (DIGEST_CHUNK / PAGE_SIZE) as u64;
@@ -125,7 +125,13 @@ impl ChunkHasher {
     /// Page `pfn` now holds `page`. `invalidate`: mark its chunk changed first (the
     /// destination, where every write changes memory; the source learns of changes from
     /// its dirty log instead).
-    pub fn feed(&mut self, digests: &ChunkDigests, pfn: Pfn, page: &Page, invalidate: bool) {
+    pub fn feed(
+        &mut self,
+        digests: &ChunkDigests,
+        pfn: Pfn,
+        page: &[u8; PAGE_SIZE],
+        invalidate: bool,
+    ) {
         let chunk = chunk_of(pfn);
         if invalidate {
             digests.invalidate(chunk);
@@ -142,11 +148,11 @@ impl ChunkHasher {
                 return;
             }
         }
-        if page.is_zero() {
+        if is_zero(page) {
             self.zeros += 1;
         } else {
             self.feed_zeros();
-            self.state.update(&page.0);
+            self.state.update(page);
         }
         let next = pfn + 1;
         if next.is_multiple_of(PAGES_PER_CHUNK) || next == digests.pages {
@@ -196,7 +202,7 @@ mod tests {
             mem[at..at + PAGE_SIZE].copy_from_slice(&p.0);
             // Chunk 1 arrives with a gap: it cannot be streamed.
             if pfn != PAGES_PER_CHUNK + 5 {
-                h.feed(&digests, pfn, &p, true);
+                h.feed(&digests, pfn, &p.0, true);
             }
         }
         assert_eq!(digests.chunks(), 4);
@@ -209,7 +215,7 @@ mod tests {
         );
 
         // A later write invalidates its chunk at the destination...
-        h.feed(&digests, 7, &page(7, 2), true);
+        h.feed(&digests, 7, &page(7, 2).0, true);
         assert!(digests.known(0).is_none());
         // ...and a dirty log does at the source.
         let mut dirty = DirtyBitmap::new(pages);
@@ -234,7 +240,7 @@ mod tests {
             };
             let at = usize::try_from(pfn).unwrap() * PAGE_SIZE;
             mem[at..at + PAGE_SIZE].copy_from_slice(&p.0);
-            h.feed(&digests, pfn, &p, true);
+            h.feed(&digests, pfn, &p.0, true);
         }
         assert_eq!(digests.valid_chunks(), 4);
         for c in 0..4 {
@@ -257,7 +263,7 @@ mod tests {
                 let p = page(pfn, round);
                 let at = usize::try_from(pfn).unwrap() * PAGE_SIZE;
                 mem[at..at + PAGE_SIZE].copy_from_slice(&p.0);
-                h.feed(&digests, pfn, &p, true);
+                h.feed(&digests, pfn, &p.0, true);
             }
             assert_eq!(digests.known(0), Some(xxhash_rust::xxh3::xxh3_64(&mem)));
         }

@@ -249,7 +249,7 @@ impl HashingSink<'_> {
     fn flush(&mut self) {
         if let Some(pfn) = self.pending.take() {
             let page = self.inner.page_mut(pfn);
-            self.hasher.feed(self.digests, pfn, page, true);
+            self.hasher.feed(self.digests, pfn, &page.0, true);
         }
     }
 }
@@ -266,7 +266,14 @@ impl PageSink for HashingSink<'_> {
     fn zero_page(&mut self, pfn: Pfn) {
         self.flush();
         self.inner.zero_page(pfn);
-        self.hasher.feed(self.digests, pfn, &ZERO_PAGE, true);
+        self.hasher.feed(self.digests, pfn, &ZERO_PAGE.0, true);
+    }
+
+    fn write_page(&mut self, pfn: Pfn, data: &[u8; crate::page::PAGE_SIZE]) {
+        self.flush();
+        self.inner.write_page(pfn, data);
+        // Hashed from the frame: the guest's copy may have bypassed the CPU's cache.
+        self.hasher.feed(self.digests, pfn, data, true);
     }
 }
 

@@ -358,12 +358,16 @@ impl StreamStage {
                     scanned.fetch_add(pfns.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     lists.give(pfns);
                     let _span = tracing::trace_span!("encode", pages = batch.len()).entered();
-                    for (pfn, page) in batch.iter() {
+                    let next = batch.iter().skip(1).map(|(pfn, _)| Some(pfn)).chain([None]);
+                    for ((pfn, page), next) in batch.iter().zip(next) {
+                        if let Some(next) = next {
+                            self.encoder.prefetch(next);
+                        }
                         if !frame.frame.has_room() && !self.ship(&mut frame) {
                             return Ok(());
                         }
                         // The copy is in this core's cache now: hash it for the digest too.
-                        self.hasher.feed(&self.digests, pfn, page, false);
+                        self.hasher.feed(&self.digests, pfn, &page.0, false);
                         self.encoder.encode_page(pfn, page, &mut frame.frame);
                     }
                     self.publish_stats();
