@@ -376,8 +376,9 @@ fn fail(status: &Arc<Mutex<MigrationStatus>>, started: Instant, e: MigrateError)
     e
 }
 
-/// What this host is willing to receive.
-fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
+/// What this host is willing to receive (after `check_version`). Public for the fuzz target
+/// (`dataplane/fuzz`), which runs every Hello it reads through it.
+pub fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
     if h.guest_pages == 0 || h.guest_pages > opts.max_guest_pages {
         return Err(format!(
             "guest of {} pages exceeds this host's limit of {} pages",

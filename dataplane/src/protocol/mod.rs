@@ -36,7 +36,7 @@ pub mod handshake;
 pub use control::{ControlRx, ControlTx, control_channel};
 pub use handshake::{
     ConnectionKind, Hello, Opening, StreamHello, Welcome, accept_stream, open_stream, opening,
-    read_hello, send_hello, send_welcome,
+    read_hello, read_welcome, send_hello, send_welcome,
 };
 
 use serde::{Deserialize, Serialize};
