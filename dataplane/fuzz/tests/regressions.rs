@@ -78,6 +78,20 @@ fn saved_control_inputs_do_not_panic() {
     replay("control", control::control);
 }
 
+/// An out-of-memory input does not panic here (no `-malloc_limit_mb` on stable): the Hello
+/// asked for a 12.5 GiB cache per data stream, which the destination allocated and filled as
+/// soon as the streams announced themselves. It must be refused before anything is allocated.
+#[test]
+fn hello_with_a_huge_cache_is_refused() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions/handshake/hello-cache-12gib-oom");
+    let input = std::fs::read(path).unwrap();
+    match handshake::run(&input) {
+        handshake::Outcome::HelloRefused(why) => assert!(why.contains("cache"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn handshake_seeds_read_as_written() {
     for (name, input, accepted) in handshake::seeds() {
