@@ -1,6 +1,7 @@
 //! The harness behind the fuzz targets, kept in a library so the seed generator
 //! (`examples/seeds.rs`) and the regression test (`tests/regressions.rs`) run exactly the code
-//! the fuzzer runs.
+//! the fuzzer runs. The `open_decode` target's harness is this module's top level; the
+//! `handshake` and `control` targets' are in [`handshake`] and [`control`].
 //!
 //! # `open_decode` input format
 //!
@@ -23,6 +24,9 @@
 //! and decodes a few deterministic frames (zero pages, repeated pages, edited pages, enough
 //! literal blocks to wrap the 16-block cache), so cache references and deltas in the fuzzed
 //! body meet filled, wrapped slots and live page bases.
+
+pub mod control;
+pub mod handshake;
 
 use std::cell::RefCell;
 use std::sync::OnceLock;

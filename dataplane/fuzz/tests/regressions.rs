@@ -1,12 +1,13 @@
 //! Replays saved inputs through the harness the fuzzer runs (`cargo test` in this directory).
 //!
-//! A crash found by `cargo fuzz run open_decode` is saved under
-//! `artifacts/open_decode/crash-<sha1>`; copy it to `regressions/open_decode/` and this test
-//! fails until the bug is fixed.
+//! A crash found by `cargo fuzz run <target>` is saved under `artifacts/<target>/crash-<sha1>`;
+//! copy it to `regressions/<target>/` and this test fails until the bug is fixed.
 
 use std::path::Path;
 
-use skyferry_dataplane_fuzz::{CONTROL_DIGEST, CONTROL_SEALED, Outcome, open_decode, run, seeds};
+use skyferry_dataplane_fuzz::{
+    CONTROL_DIGEST, CONTROL_SEALED, Outcome, control, handshake, open_decode, run, seeds,
+};
 
 #[test]
 fn seeds_open_and_decode() {
@@ -40,9 +41,11 @@ fn short_and_empty_inputs() {
     }
 }
 
-#[test]
-fn saved_inputs_do_not_panic() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions/open_decode");
+/// Runs every file in `regressions/<target>/` through `harness`; fails naming those that panic.
+fn replay(target: &str, harness: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("regressions")
+        .join(target);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
     };
@@ -53,9 +56,84 @@ fn saved_inputs_do_not_panic() {
             continue;
         }
         let input = std::fs::read(&path).unwrap();
-        if std::panic::catch_unwind(|| open_decode(&input)).is_err() {
+        if std::panic::catch_unwind(|| harness(&input)).is_err() {
             failed.push(path.display().to_string());
         }
     }
     assert!(failed.is_empty(), "inputs that panic: {failed:#?}");
+}
+
+#[test]
+fn saved_inputs_do_not_panic() {
+    replay("open_decode", open_decode);
+}
+
+#[test]
+fn saved_handshake_inputs_do_not_panic() {
+    replay("handshake", handshake::handshake);
+}
+
+#[test]
+fn saved_control_inputs_do_not_panic() {
+    replay("control", control::control);
+}
+
+/// An out-of-memory input does not panic here (no `-malloc_limit_mb` on stable): the Hello
+/// asked for a 12.5 GiB cache per data stream, which the destination allocated and filled as
+/// soon as the streams announced themselves. It must be refused before anything is allocated.
+#[test]
+fn hello_with_a_huge_cache_is_refused() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions/handshake/hello-cache-12gib-oom");
+    let input = std::fs::read(path).unwrap();
+    match handshake::run(&input) {
+        handshake::Outcome::HelloRefused(why) => assert!(why.contains("cache"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn handshake_seeds_read_as_written() {
+    for (name, input, accepted) in handshake::seeds() {
+        use handshake::Outcome::*;
+        match (handshake::run(&input), accepted) {
+            (HelloAccepted | Stream(_) | Welcomed, true)
+            | (HelloRefused(_) | NotWelcomed(_), false) => {}
+            (other, _) => panic!("seed {name} (accepted: {accepted}): {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn handshake_short_and_empty_inputs() {
+    for len in 0..40 {
+        for byte in [0u8, 1, 0xff] {
+            handshake::handshake(&vec![byte; len]);
+        }
+        handshake::handshake(&[b"\0SKYFCTL1".as_slice(), &vec![0; len]].concat());
+        handshake::handshake(&[b"\0SKYFDAT1".as_slice(), &vec![0; len]].concat());
+    }
+}
+
+#[test]
+fn control_seeds_read_to_their_end() {
+    use dataplane::protocol::ProtocolError;
+    for (name, input) in control::seeds() {
+        match control::run(&input) {
+            control::Outcome::Control(n, ProtocolError::Closed { .. }) if n > 0 => {}
+            control::Outcome::Coordinator(n, e)
+                if n > 0 && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            other => panic!("seed {name}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn control_short_and_empty_inputs() {
+    for len in 0..40 {
+        for mode in 0..8u8 {
+            control::control(&[&[mode][..], &vec![0; len]].concat());
+            control::control(&[&[mode][..], &vec![0xff; len]].concat());
+        }
+    }
 }

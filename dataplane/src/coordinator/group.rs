@@ -181,7 +181,9 @@ impl Group {
         let wire_delta = p.wire_bytes.saturating_sub(m.last.wire_bytes);
         if matches!(m.state, MemberState::Held) {
             m.held_iterations += 1;
-            m.held_bytes += wire_delta;
+            // The figures are the member's word: a counter that drops and climbs again (a
+            // restarted member, or a hostile one) must not overflow the coordinator's sum.
+            m.held_bytes = m.held_bytes.saturating_add(wire_delta);
         }
         m.last = p;
         if p.ready && m.ready_at_ms.is_none() {
@@ -225,7 +227,12 @@ impl Group {
         if let Some(m) = self.members.get_mut(name) {
             m.paced_waits += 1;
             let per_iteration = m.held_bytes.checked_div(u64::from(m.held_iterations));
-            m.paced_saved_bytes += per_iteration.unwrap_or(m.last.wire_bytes.min(m.pages * 4096));
+            // Saturating: `pages` and the byte counts are the member's word (both the product
+            // and the sum overflowed on inputs replayed through the `control` fuzz target).
+            let guest_bytes = m.pages.saturating_mul(4096);
+            m.paced_saved_bytes = m
+                .paced_saved_bytes
+                .saturating_add(per_iteration.unwrap_or(m.last.wire_bytes.min(guest_bytes)));
         }
     }
 
@@ -306,6 +313,22 @@ mod tests {
         // A failure after everyone was let go breaks nothing.
         g.fail("web", "late");
         assert!(g.broken.is_none());
+    }
+
+    #[test]
+    fn a_members_figures_cannot_overflow_the_sums() {
+        let mut g = Group::new("app", GroupFailure::Abort, 0);
+        g.join("m", u64::MAX, 2);
+        g.paced("m"); // pages * 4096 overflowed
+        assert_eq!(g.report("m", p(1, true, 0), 1), Verdict::Hold);
+        for wire in [u64::MAX, 0, u64::MAX] {
+            g.report("m", p(2, true, wire), 2); // the held bytes' sum overflowed
+        }
+        assert_eq!(g.members["m"].held_bytes, u64::MAX);
+        for _ in 0..4 {
+            g.paced("m");
+        }
+        assert_eq!(g.members["m"].paced_saved_bytes, u64::MAX);
     }
 
     #[test]

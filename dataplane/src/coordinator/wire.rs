@@ -96,14 +96,15 @@ pub enum Reply {
 }
 
 /// Sends one value as a JSON line.
-pub fn send<T: Serialize>(s: &mut TcpStream, v: &T) -> std::io::Result<()> {
+pub fn send<T: Serialize>(s: &mut impl Write, v: &T) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     line.push(b'\n');
     s.write_all(&line)
 }
 
-/// Reads one JSON line (bounded).
-pub fn recv<T: DeserializeOwned>(r: &mut BufReader<TcpStream>) -> std::io::Result<T> {
+/// Reads one JSON line (bounded). Any buffered reader (callers pass a
+/// `BufReader<TcpStream>`; the fuzz target a byte slice).
+pub fn recv<T: DeserializeOwned>(r: &mut impl BufRead) -> std::io::Result<T> {
     let mut line = String::new();
     let n = r.by_ref().take(MAX_LINE).read_line(&mut line)?;
     if n == 0 {

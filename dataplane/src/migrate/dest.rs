@@ -20,8 +20,8 @@ use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::pipeline::sink::SinkPipeline;
 use crate::protocol::handshake::check_version;
 use crate::protocol::{
-    ControlRx, ControlTx, Hello, MAX_STATE, ProtocolError, ToDest, ToSource, accept_stream,
-    control_channel, read_hello, send_welcome,
+    ControlRx, ControlTx, Hello, MAX_CACHE_BYTES, MAX_STATE, ProtocolError, ToDest, ToSource,
+    accept_stream, control_channel, read_hello, send_welcome,
 };
 use crate::transport::SocketOptions;
 
@@ -401,8 +401,9 @@ fn fail(status: &Arc<Mutex<MigrationStatus>>, started: Instant, e: MigrateError)
     e
 }
 
-/// What this host is willing to receive.
-fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
+/// What this host is willing to receive (after `check_version`). Public for the fuzz target
+/// (`dataplane/fuzz`), which runs every Hello it reads through it.
+pub fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
     if h.guest_pages == 0 || h.guest_pages > opts.max_guest_pages {
         return Err(format!(
             "guest of {} pages exceeds this host's limit of {} pages",
@@ -416,6 +417,17 @@ fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
         ));
     }
     h.codec.validate().map_err(|e| e.to_string())?;
+    // Every data stream's decoder allocates this cache (and a page index of 40 bytes per
+    // block, written at once) as soon as the streams announce themselves in the clear, before
+    // anything is authenticated: without a bound, a peer without the key could ask for the
+    // 4 TiB `validate` allows per stream and abort this daemon with a failed allocation, or
+    // bring in the OOM killer (found by the `handshake` fuzz target).
+    if h.codec.uses_cache() && h.codec.cache_bytes > MAX_CACHE_BYTES {
+        return Err(format!(
+            "codec cache of {} bytes per stream exceeds this host's limit of {MAX_CACHE_BYTES}",
+            h.codec.cache_bytes
+        ));
+    }
     let frame = usize::try_from(h.frame_size).unwrap_or(usize::MAX);
     if !(crate::frame::MIN_FRAME_SIZE..=crate::frame::MAX_FRAME_SIZE).contains(&frame) {
         return Err(format!("frame size {frame} outside the supported range"));
@@ -717,5 +729,59 @@ fn follow(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CodecConfig;
+    use crate::protocol::VERSION;
+
+    fn opts() -> DestOptions {
+        DestOptions {
+            psk: PreSharedKey::from_bytes([1; 32]),
+            socket: SocketOptions::default(),
+            pin_threads: false,
+            timeout: Duration::from_secs(1),
+            max_guest_pages: 1 << 20,
+            max_streams: 4,
+            drbd: None,
+            announce: None,
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            version: VERSION,
+            migration_id: 1,
+            source_nonce: [2; 32],
+            guest_pages: 1 << 10,
+            streams: 2,
+            codec: CodecConfig::default(),
+            frame_size: 1 << 16,
+            backend: "synthetic".into(),
+            guest: "g".into(),
+            destination: None,
+        }
+    }
+
+    #[test]
+    fn a_hello_asking_for_a_huge_cache_is_refused() {
+        let mut h = hello();
+        assert_eq!(check_hello(&h, &opts()), Ok(()));
+        h.codec.cache_bytes = MAX_CACHE_BYTES;
+        assert_eq!(check_hello(&h, &opts()), Ok(()));
+        // What the codec itself allows, and every data stream's decoder would allocate.
+        h.codec.cache_bytes = 4 << 40;
+        assert!(h.codec.validate().is_ok());
+        let why = check_hello(&h, &opts()).unwrap_err();
+        assert!(why.contains("exceeds this host's limit"), "{why}");
+        // Without CBR and deltas there is no cache: its size does not matter.
+        h.codec = CodecConfig {
+            cache_bytes: 4 << 40,
+            ..CodecConfig::baseline()
+        };
+        assert_eq!(check_hello(&h, &opts()), Ok(()));
     }
 }

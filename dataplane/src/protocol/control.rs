@@ -1,4 +1,7 @@
 //! The sealed control channel: typed messages in sealed frames over the control connection.
+//!
+//! Both halves work over any writer or reader (a `TcpStream` by default), so the fuzz target
+//! in `dataplane/fuzz` can feed the receiving half bytes from a slice.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -7,21 +10,21 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{CONTROL_FRAME_SIZE, CONTROL_STREAM, ProtocolError};
-use crate::crypto::{Direction, MigrationKeys, Opener, Sealer};
+use crate::crypto::{Direction, MigrationKeys, Opener, Sealer, StreamKey};
 use crate::frame::{FrameBuf, HEADER_LEN};
 
 /// Sending half.
 #[derive(Debug)]
-pub struct ControlTx {
-    stream: TcpStream,
+pub struct ControlTx<W = TcpStream> {
+    stream: W,
     sealer: Sealer,
     frame: FrameBuf,
 }
 
 /// Receiving half. Partial frames survive a read timeout, so callers may poll.
 #[derive(Debug)]
-pub struct ControlRx {
-    stream: TcpStream,
+pub struct ControlRx<R = TcpStream> {
+    stream: R,
     opener: Opener,
     buf: Vec<u8>,
     /// Bytes of the current frame read so far.
@@ -45,25 +48,26 @@ pub fn control_channel(
             .map_err(|e| ProtocolError::io("cloning the control socket", e))
     };
     Ok((
-        ControlTx {
-            stream: clone(stream)?,
-            sealer: Sealer::new(&keys.stream_key(CONTROL_STREAM, we_send)),
-            frame: FrameBuf::new(CONTROL_FRAME_SIZE),
-        },
-        ControlRx {
-            stream: clone(stream)?,
-            opener: Opener::new(
-                &keys.stream_key(CONTROL_STREAM, they_send),
-                CONTROL_FRAME_SIZE,
-            ),
-            buf: vec![0; CONTROL_FRAME_SIZE],
-            have: 0,
-            total: 0,
-        },
+        ControlTx::new(clone(stream)?, &keys.stream_key(CONTROL_STREAM, we_send)),
+        ControlRx::new(clone(stream)?, &keys.stream_key(CONTROL_STREAM, they_send)),
     ))
 }
 
-impl ControlTx {
+impl<W: Write> ControlTx<W> {
+    /// Seals messages with `key` (the control stream's, this end's direction) onto `stream`.
+    pub fn new(stream: W, key: &StreamKey) -> Self {
+        ControlTx {
+            stream,
+            sealer: Sealer::new(key),
+            frame: FrameBuf::new(CONTROL_FRAME_SIZE),
+        }
+    }
+
+    /// What the messages are written to.
+    pub fn get_ref(&self) -> &W {
+        &self.stream
+    }
+
     /// Seals and sends one message.
     pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ProtocolError> {
         let bytes = postcard::to_allocvec(msg).map_err(|e| ProtocolError::Malformed {
@@ -80,14 +84,27 @@ impl ControlTx {
             .write_all(wire)
             .map_err(|e| ProtocolError::io("sending a control message", e))
     }
+}
 
+impl ControlTx<TcpStream> {
     /// Closes the connection both ways (unblocks the receiving half).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
 
-impl ControlRx {
+impl<R: Read> ControlRx<R> {
+    /// Opens messages from `stream` with `key` (the control stream's, the peer's direction).
+    pub fn new(stream: R, key: &StreamKey) -> Self {
+        ControlRx {
+            stream,
+            opener: Opener::new(key, CONTROL_FRAME_SIZE),
+            buf: vec![0; CONTROL_FRAME_SIZE],
+            have: 0,
+            total: 0,
+        }
+    }
+
     /// Waits for, opens and parses the next message. With a timeout set, a timed-out call
     /// returns an I/O error of kind `WouldBlock`/`TimedOut` and keeps what it had read.
     pub fn recv<T: DeserializeOwned>(&mut self) -> Result<T, ProtocolError> {
@@ -121,7 +138,9 @@ impl ControlRx {
             }
         }
     }
+}
 
+impl ControlRx<TcpStream> {
     /// Limits how long [`recv`](Self::recv) waits (`None`: forever).
     pub fn set_timeout(&self, t: Option<std::time::Duration>) -> Result<(), ProtocolError> {
         self.stream

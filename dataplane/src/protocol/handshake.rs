@@ -4,9 +4,11 @@
 //! check, the key id of the destination's control key, so a source whose pre-shared key
 //! differs learns it at once with a clear error, and the destination learns the same when
 //! the first sealed frame fails to open.
+//!
+//! The functions take any reader or writer (callers pass a `TcpStream`), so the fuzz target
+//! in `dataplane/fuzz` can feed them bytes from a slice.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 
 use serde::{Deserialize, Serialize};
 
@@ -117,7 +119,7 @@ pub enum Welcome {
 }
 
 fn write_message<T: Serialize>(
-    s: &mut TcpStream,
+    s: &mut (impl Write + ?Sized),
     magic: &[u8; 8],
     msg: &T,
 ) -> Result<(), ProtocolError> {
@@ -138,7 +140,7 @@ fn write_message<T: Serialize>(
 }
 
 fn read_message<T: for<'de> Deserialize<'de>>(
-    s: &mut TcpStream,
+    s: &mut (impl Read + ?Sized),
     magic: &[u8; 8],
     what: &'static str,
 ) -> Result<T, ProtocolError> {
@@ -168,11 +170,20 @@ fn read_message<T: for<'de> Deserialize<'de>>(
 
 /// Source: sends Hello and waits for the Welcome; returns the migration's keys.
 pub fn send_hello(
-    s: &mut TcpStream,
+    s: &mut (impl Read + Write + ?Sized),
     psk: &crate::crypto::PreSharedKey,
     hello: &Hello,
 ) -> Result<MigrationKeys, ProtocolError> {
     write_message(s, &CONTROL_MAGIC, hello)?;
+    read_welcome(s, psk, hello)
+}
+
+/// Source: reads the Welcome that answers `hello`; returns the migration's keys.
+pub fn read_welcome(
+    s: &mut (impl Read + ?Sized),
+    psk: &crate::crypto::PreSharedKey,
+    hello: &Hello,
+) -> Result<MigrationKeys, ProtocolError> {
     match read_message::<Welcome>(s, &CONTROL_MAGIC, "welcome")? {
         Welcome::Refuse { reason } => Err(ProtocolError::Refused(reason)),
         Welcome::Accept {
@@ -198,13 +209,13 @@ pub fn send_hello(
 }
 
 /// Destination: reads a Hello (any version is read; the caller refuses unsupported ones).
-pub fn read_hello(s: &mut TcpStream) -> Result<Hello, ProtocolError> {
+pub fn read_hello(s: &mut (impl Read + ?Sized)) -> Result<Hello, ProtocolError> {
     read_message(s, &CONTROL_MAGIC, "hello")
 }
 
 /// Destination: answers a Hello. With `Ok(())` accepted, returns the migration's keys.
 pub fn send_welcome(
-    s: &mut TcpStream,
+    s: &mut (impl Write + ?Sized),
     psk: &crate::crypto::PreSharedKey,
     hello: &Hello,
     verdict: Result<(), String>,
@@ -247,7 +258,7 @@ pub struct StreamHello {
 }
 
 /// Source: announces a data connection.
-pub fn open_stream(s: &mut TcpStream, hello: StreamHello) -> Result<(), ProtocolError> {
+pub fn open_stream(s: &mut (impl Write + ?Sized), hello: StreamHello) -> Result<(), ProtocolError> {
     let mut b = [0u8; 20];
     b[..8].copy_from_slice(&DATA_MAGIC);
     b[8..16].copy_from_slice(&hello.migration_id.to_le_bytes());
@@ -257,7 +268,7 @@ pub fn open_stream(s: &mut TcpStream, hello: StreamHello) -> Result<(), Protocol
 }
 
 /// Destination: reads a data connection's announcement.
-pub fn accept_stream(s: &mut TcpStream) -> Result<StreamHello, ProtocolError> {
+pub fn accept_stream(s: &mut (impl Read + ?Sized)) -> Result<StreamHello, ProtocolError> {
     let mut b = [0u8; 20];
     s.read_exact(&mut b)
         .map_err(|e| ProtocolError::io("reading a data stream's hello", e))?;

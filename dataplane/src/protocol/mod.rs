@@ -36,7 +36,7 @@ pub mod handshake;
 pub use control::{ControlRx, ControlTx, control_channel};
 pub use handshake::{
     ConnectionKind, Hello, Opening, StreamHello, Welcome, accept_stream, open_stream, opening,
-    read_hello, send_hello, send_welcome,
+    read_hello, read_welcome, send_hello, send_welcome,
 };
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,9 @@ pub const MAX_STATE: usize = 256 << 20;
 pub const STATE_PART: usize = CONTROL_FRAME_SIZE / 2;
 /// Largest cleartext handshake message.
 pub const MAX_HANDSHAKE: usize = 64 << 10;
+/// Largest block cache per data stream a destination accepts (ten times the default): each
+/// data stream's decoder allocates the Hello's cache before any frame is authenticated.
+pub const MAX_CACHE_BYTES: u64 = 1 << 30;
 
 /// The guest's network identity, for the announcement after the switchover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
