@@ -103,3 +103,67 @@ fn idle_and_trickling_connections_do_not_hold_up_migrations() {
     let mut dst = dst;
     assert!(dst.alive());
 }
+
+#[test]
+fn a_peer_without_the_key_makes_the_destination_allocate_nothing() {
+    use dataplane::codec::CodecConfig;
+    use dataplane::crypto::PreSharedKey;
+    use dataplane::protocol::{Hello, StreamHello, VERSION, open_stream, send_hello};
+
+    let dst = Daemon::start("hostile-nokey-dst", 1, true, "");
+    let src = Daemon::start("hostile-nokey-src", 1, false, "");
+    let addr = dst.listen.unwrap();
+    let before = dst.peak_rss();
+    // The largest cache a Hello may ask for, on the most streams: 16 GiB if the
+    // destination allocated before the peer proved it holds the key.
+    let hello = Hello {
+        version: VERSION,
+        migration_id: 0x5eed,
+        source_nonce: [7; 32],
+        guest_pages: 1024,
+        streams: 16,
+        codec: CodecConfig {
+            cache_bytes: 1 << 30,
+            ..CodecConfig::default()
+        },
+        frame_size: 65536,
+        backend: "synthetic".into(),
+        guest: "intruder".into(),
+        destination: None,
+    };
+    let mut control = TcpStream::connect(addr).unwrap();
+    // Our key is wrong: the Welcome's key check fails here, and we go on regardless.
+    let wrong = PreSharedKey::from_bytes([0x42; 32]);
+    assert!(send_hello(&mut control, &wrong, &hello).is_err());
+    let _streams: Vec<TcpStream> = (1..=16)
+        .map(|n| {
+            let mut d = TcpStream::connect(addr).unwrap();
+            open_stream(
+                &mut d,
+                StreamHello {
+                    migration_id: 0x5eed,
+                    stream: n,
+                },
+            )
+            .unwrap();
+            d
+        })
+        .collect();
+    // A "sealed" control frame that is not one.
+    control.write_all(&[0x55; 4096]).unwrap();
+    let d = dst.wait_for("5eed", 30, is_final);
+    assert_eq!(d["phase"], "failed", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("first sealed message"),
+        "{d}"
+    );
+    let grew = dst.peak_rss().saturating_sub(before);
+    eprintln!("the destination's peak RSS grew by {} MiB", grew >> 20);
+    assert!(grew < 64 << 20, "grew by {} MiB", grew >> 20);
+    // And it still receives.
+    let s = migrate_small(&src, &dst);
+    assert_eq!(s["phase"], "completed", "{s}");
+}

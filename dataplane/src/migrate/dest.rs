@@ -236,6 +236,13 @@ pub fn receive_on(
         stream_keys.push(keys.stream_key(want, Direction::SourceToDest));
     }
     let (mut tx, mut rx) = control_channel(&control, &keys, Direction::DestToSource)?;
+    // The decoders' caches are allocated only for a source that proved it holds the key:
+    // its first sealed message must open (the Hello and the data streams are cleartext, and
+    // anyone could open them to make this host allocate streams x cache).
+    let first = match first_sealed(&mut rx, opts.timeout) {
+        Ok(m) => m,
+        Err(e) => return Err(fail(status, started, e)),
+    };
     let frame_size = usize::try_from(hello.frame_size).unwrap_or(usize::MAX);
     let mut pipeline = SinkPipeline::start(
         &guest,
@@ -247,6 +254,7 @@ pub fn receive_on(
     )?;
     let mut alongside = Alongside::default();
     let result = follow(
+        first,
         &mut tx,
         &mut rx,
         &mut pipeline,
@@ -544,9 +552,23 @@ fn disk_after_commit(mut steer: Steer, status: &Arc<Mutex<MigrationStatus>>, id:
     }
 }
 
+/// The source's first sealed message (its `Prepare`), within `timeout`.
+fn first_sealed(rx: &mut ControlRx, timeout: Duration) -> Result<ToDest, MigrateError> {
+    rx.set_timeout(Some(timeout))?;
+    let m = rx.recv::<ToDest>().map_err(|e| match e {
+        e if e.is_timeout() => {
+            MigrateError::Timeout(timeout.as_secs(), "sending its first sealed message")
+        }
+        e => MigrateError::Peer(format!("the source's first sealed message: {e}")),
+    })?;
+    rx.set_timeout(None)?;
+    Ok(m)
+}
+
 /// Follows the source's control messages to the end.
 #[allow(clippy::too_many_arguments)]
 fn follow(
+    first: ToDest,
     tx: &mut ControlTx,
     rx: &mut ControlRx,
     pipeline: &mut SinkPipeline,
@@ -567,7 +589,7 @@ fn follow(
     // A large state blob's parts, before Final.
     let mut state_parts = Vec::new();
     // Messages read while waiting for frames, handled in order before reading more.
-    let mut later = std::collections::VecDeque::new();
+    let mut later = std::collections::VecDeque::from([first]);
     loop {
         // Once Ready is sent only the source may abort: it may have committed already.
         if abort.load(Ordering::Relaxed) && !alongside.ready {
