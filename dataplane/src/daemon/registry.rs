@@ -30,6 +30,16 @@ struct Entry {
     _target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
 }
 
+/// Migration `id` among `entries`, or the error response that says it is not here.
+fn find(entries: &[Entry], id: u64) -> Result<&Entry, Response> {
+    entries
+        .iter()
+        .find(|e| e.status.lock().expect("status lock").id == id)
+        .ok_or_else(|| Response::Error {
+            message: format!("no migration {id:x} on this host"),
+        })
+}
+
 /// The daemon's state.
 pub struct Registry {
     settings: Settings,
@@ -122,13 +132,9 @@ impl Registry {
     /// Starts or discards a guest held in doubt.
     fn resolve(&self, id: u64, start: bool) -> Response {
         let entries = self.entries.lock().expect("registry lock");
-        let Some(e) = entries
-            .iter()
-            .find(|e| e.status.lock().expect("status lock").id == id)
-        else {
-            return Response::Error {
-                message: format!("no migration {id:x} on this host"),
-            };
+        let e = match find(&entries, id) {
+            Ok(e) => e,
+            Err(r) => return r,
         };
         let phase = e.status.lock().expect("status lock").phase;
         if phase != Phase::InDoubt {
@@ -173,13 +179,9 @@ impl Registry {
 
     fn abort(&self, id: u64) -> Response {
         let entries = self.entries.lock().expect("registry lock");
-        let Some(e) = entries
-            .iter()
-            .find(|e| e.status.lock().expect("status lock").id == id)
-        else {
-            return Response::Error {
-                message: format!("no migration {id:x} on this host"),
-            };
+        let e = match find(&entries, id) {
+            Ok(e) => e,
+            Err(r) => return r,
         };
         let phase = e.status.lock().expect("status lock").phase;
         if phase.is_final() {
