@@ -147,6 +147,24 @@ impl Daemon {
             .expect("run skyferry")
     }
 
+    /// `skyferry start --to TO --quiet ARGS...` against this (source) daemon; panics if the
+    /// start is refused. Returns the migration id.
+    pub fn start_migration(&self, to: impl std::fmt::Display, args: &[&str]) -> String {
+        let to = to.to_string();
+        let mut all = vec!["start", "--to", &to, "--quiet"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("the id is UTF-8")
+            .trim()
+            .to_string()
+    }
+
     /// `skyferry status ID --json`, parsed.
     pub fn status(&self, id: &str) -> serde_json::Value {
         let out = self.cli(&["status", id, "--json"]);

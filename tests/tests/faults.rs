@@ -151,16 +151,7 @@ const GUEST: &[&str] = &[
 ];
 
 fn start(src: &Daemon, to: SocketAddr, args: &[&str]) -> String {
-    let to = to.to_string();
-    let mut all = vec!["start", "--to", &to, "--quiet"];
-    all.extend_from_slice(args);
-    let out = src.cli(&all);
-    assert!(
-        out.status.success(),
-        "start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    src.start_migration(to, args)
 }
 
 fn wait_log(d: &Daemon, what: &str, secs: u64) {

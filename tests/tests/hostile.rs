@@ -8,23 +8,10 @@ use std::time::{Duration, Instant};
 use skyferry_tests::{Daemon, is_final};
 
 fn migrate_small(src: &Daemon, dst: &Daemon) -> serde_json::Value {
-    let to = dst.listen.unwrap().to_string();
-    let out = src.cli(&[
-        "start",
-        "--to",
-        &to,
-        "--quiet",
-        "--workload",
-        "idle",
-        "--mem",
-        "8MiB",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let id = src.start_migration(
+        dst.listen.unwrap(),
+        &["--workload", "idle", "--mem", "8MiB"],
     );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
     src.wait_for(&id, 60, is_final)
 }
 

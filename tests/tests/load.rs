@@ -22,29 +22,22 @@ fn eight_concurrent_migrations_all_verify_with_bounded_memory() {
                 i.to_string(),
                 format!("load-{i}"),
             );
-            let out = src.cli(&[
-                "start",
-                "--to",
+            src.start_migration(
                 &to,
-                "--quiet",
-                "--workload",
-                workloads[i % workloads.len()],
-                "--mem",
-                &mem,
-                "--seed",
-                &seed,
-                "--name",
-                &name,
-                // Slow enough that all eight are under way together.
-                "--max-bandwidth",
-                "24MB/s",
-            ]);
-            assert!(
-                out.status.success(),
-                "start: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
+                &[
+                    "--workload",
+                    workloads[i % workloads.len()],
+                    "--mem",
+                    &mem,
+                    "--seed",
+                    &seed,
+                    "--name",
+                    &name,
+                    // Slow enough that all eight are under way together.
+                    "--max-bandwidth",
+                    "24MB/s",
+                ],
+            )
         })
         .collect();
 

@@ -4,16 +4,7 @@
 use skyferry_tests::{Daemon, is_final};
 
 fn start(src: &Daemon, dst: &Daemon, args: &[&str]) -> String {
-    let to = dst.listen.expect("destination listens").to_string();
-    let mut all = vec!["start", "--to", &to, "--quiet"];
-    all.extend_from_slice(args);
-    let out = src.cli(&all);
-    assert!(
-        out.status.success(),
-        "start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    src.start_migration(dst.listen.expect("destination listens"), args)
 }
 
 #[test]

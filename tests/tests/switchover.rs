@@ -110,25 +110,9 @@ impl Disks {
 
 /// Starts a migration of a small synthetic guest with `args` and returns its id.
 fn start(src: &Daemon, dst: &Daemon, args: &[&str]) -> String {
-    let to = dst.listen.expect("destination listens").to_string();
-    let mut all = vec![
-        "start",
-        "--to",
-        &to,
-        "--quiet",
-        "--workload",
-        "idle",
-        "--mem",
-        "16MiB",
-    ];
+    let mut all = vec!["--workload", "idle", "--mem", "16MiB"];
     all.extend_from_slice(args);
-    let out = src.cli(&all);
-    assert!(
-        out.status.success(),
-        "start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    src.start_migration(dst.listen.expect("destination listens"), &all)
 }
 
 /// What a host's drbdsetup was told to change, shortly: `A`, `C`, `C,yes`, `A,no` for

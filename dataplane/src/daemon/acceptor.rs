@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::migrate::MigrateError;
-use crate::migrate::dest::DataStreams;
+use crate::migrate::dest::{DataStreams, source_still_opening};
 use crate::protocol::{ConnectionKind, Opening, StreamHello, accept_stream, opening};
 
 /// How long a new connection has to say what it is (and a data stream to say whose).
@@ -102,18 +102,7 @@ impl DataStreams for RoutedStreams {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the route holds a sender"),
             }
-            if source_hung_up(control)? {
-                return Err(MigrateError::Peer(
-                    "source hung up before opening its data streams (did its key check fail?)"
-                        .into(),
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(MigrateError::Timeout(
-                    timeout.as_secs(),
-                    "opening data streams",
-                ));
-            }
+            source_still_opening(control, timeout, deadline)?;
         }
     }
 }
@@ -123,20 +112,6 @@ impl Drop for RoutedStreams {
         if let Some(id) = self.id {
             self.router.routes.lock().expect("router lock").remove(&id);
         }
-    }
-}
-
-/// True if the peer closed `control` (without consuming anything from it).
-fn source_hung_up(control: &TcpStream) -> Result<bool, MigrateError> {
-    let io = |e| MigrateError::Connect("control".into(), e);
-    control.set_nonblocking(true).map_err(io)?;
-    let r = control.peek(&mut [0u8; 1]);
-    control.set_nonblocking(false).map_err(io)?;
-    match r {
-        Ok(0) => Ok(true),
-        Ok(_) => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-        Err(e) => Err(io(e)),
     }
 }
 

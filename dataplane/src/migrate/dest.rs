@@ -344,9 +344,6 @@ fn accept_data(
     listener
         .set_nonblocking(true)
         .map_err(|e| io("listener", e))?;
-    control
-        .set_nonblocking(true)
-        .map_err(|e| io("control", e))?;
     let result = loop {
         match listener.accept() {
             Ok((mut d, peer)) => {
@@ -366,31 +363,40 @@ fn accept_data(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => break Err(io("accepting a data stream", e)),
         }
-        match control.peek(&mut [0u8; 1]) {
-            Ok(0) => {
-                break Err(MigrateError::Peer(
-                    "source hung up before opening its data streams (did its key check fail?)"
-                        .into(),
-                ));
-            }
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break Err(io("control", e)),
-            _ => {}
-        }
-        if Instant::now() >= deadline {
-            break Err(MigrateError::Timeout(
-                timeout.as_secs(),
-                "opening data streams",
-            ));
+        if let Err(e) = source_still_opening(control, timeout, deadline) {
+            break Err(e);
         }
         std::thread::sleep(Duration::from_millis(5));
     };
     listener
         .set_nonblocking(false)
         .map_err(|e| io("listener", e))?;
-    control
-        .set_nonblocking(false)
-        .map_err(|e| io("control", e))?;
     result
+}
+
+/// Between looks for a data stream: fails once the source has hung up its control
+/// connection (it refused our key check, or died; nothing is consumed from it) or the
+/// `deadline` for opening the streams has passed.
+pub(crate) fn source_still_opening(
+    control: &TcpStream,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<(), MigrateError> {
+    let io = |e| MigrateError::Connect("control".into(), e);
+    control.set_nonblocking(true).map_err(io)?;
+    let peeked = control.peek(&mut [0u8; 1]);
+    control.set_nonblocking(false).map_err(io)?;
+    match peeked {
+        Ok(0) => Err(MigrateError::Peer(
+            "source hung up before opening its data streams (did its key check fail?)".into(),
+        )),
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => Err(io(e)),
+        _ if Instant::now() >= deadline => Err(MigrateError::Timeout(
+            timeout.as_secs(),
+            "opening data streams",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn millis(d: Duration) -> u64 {
