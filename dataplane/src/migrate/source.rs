@@ -597,6 +597,45 @@ impl Run<'_> {
         }
     }
 
+    /// Ends the data plane once its last frames are sent. A link that stops carrying them
+    /// would block the sends for ever, with the guest paused: if no byte moves for the
+    /// timeout, the data connections are closed, which ends the blocked sends, and the
+    /// migration fails (the guest resumes here).
+    fn drain(&self, session: &Session, pipeline: &mut SourcePipeline) -> Result<(), MigrateError> {
+        let wire = pipeline.wire_bytes.clone();
+        let done = AtomicBool::new(false);
+        let stalled = AtomicBool::new(false);
+        let timeout = self.opts.timeout;
+        let finished = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let (mut last, mut moved) = (wire.load(Ordering::Relaxed), Instant::now());
+                while !done.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let now = wire.load(Ordering::Relaxed);
+                    if now != last {
+                        (last, moved) = (now, Instant::now());
+                    } else if moved.elapsed() > timeout {
+                        stalled.store(true, Ordering::Release);
+                        for s in &session.data {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                        return;
+                    }
+                }
+            });
+            let r = pipeline.finish();
+            done.store(true, Ordering::Release);
+            r
+        });
+        if stalled.load(Ordering::Acquire) {
+            return Err(MigrateError::Timeout(
+                timeout.as_secs(),
+                "taking the final frames: nothing was sent",
+            ));
+        }
+        finished.map_err(MigrateError::from)
+    }
+
     /// Sends `pages` as iteration `it` and waits until every stream has sealed it.
     fn send_iteration(
         &self,
@@ -771,7 +810,7 @@ impl Run<'_> {
         })?;
         // Everything is queued: close the data plane so the destination's pipeline ends
         // (and releases guest memory) before it verifies.
-        pipeline.finish()?;
+        self.drain(session, pipeline)?;
         tracing::info!(
             migration = self.id,
             ms = since(self.paused),
