@@ -366,6 +366,7 @@ fn migrate_here(
     let dest = spawn_destination(listener, psk.clone(), pages, args.streams, &dest_abort)?;
 
     let opts = SourceOptions {
+        resume: Default::default(),
         peer: addr,
         psk,
         streams: args.streams,
@@ -422,6 +423,7 @@ fn spawn_destination(
 ) -> Result<DestThread, String> {
     let abort = abort.clone();
     let opts = DestOptions {
+        resume_window: std::time::Duration::from_secs(120),
         psk,
         socket: SocketOptions::default(),
         pin_threads: true,

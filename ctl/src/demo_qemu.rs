@@ -224,6 +224,7 @@ pub(crate) fn migrate_qemu(
             command: Vec::new(),
         };
         let opts = DestOptions {
+            resume_window: std::time::Duration::from_secs(120),
             psk: psk.clone(),
             socket: SocketOptions::default(),
             pin_threads: true,
@@ -254,6 +255,7 @@ pub(crate) fn migrate_qemu(
     };
 
     let opts = SourceOptions {
+        resume: Default::default(),
         peer: addr,
         psk,
         streams: args.streams,

@@ -196,7 +196,7 @@ struct Seen {
 fn rank(p: Phase) -> u8 {
     match p {
         Phase::Connecting | Phase::Preparing => 0,
-        Phase::Iterating => 1,
+        Phase::Iterating | Phase::Reconnecting => 1,
         Phase::StopAndCopy => 2,
         Phase::Verifying => 3,
         Phase::Completed
@@ -333,13 +333,20 @@ pub fn end_line(st: &MigrationStatus) -> String {
     let err = st.error.as_deref().unwrap_or("no reason given");
     match st.phase {
         Phase::Completed => format!(
-            "completed in {}: guest paused {}, memory {}",
+            "completed in {}: guest paused {}, memory {}{}",
             ms_text(st.elapsed_ms),
             st.pause_ms.map_or("-".into(), ms_text),
             match st.verified {
                 Some(true) => "verified at both ends",
                 Some(false) => "NOT verified",
                 None => "not verified",
+            },
+            match st.resumes {
+                0 => String::new(),
+                n => format!(
+                    "; pre-copy resumed {n} time(s) after its link broke (last: {})",
+                    st.link_error.as_deref().unwrap_or("-")
+                ),
             }
         ),
         Phase::Aborted => format!("aborted: {err}; the guest keeps running at the source"),
@@ -361,6 +368,11 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
         Phase::Connecting => "connecting".to_string(),
         Phase::Preparing => "preparing (the disks get in sync; the guest runs)".to_string(),
         Phase::Iterating => format!("iteration {} (pre-copy, guest running)", st.iteration),
+        Phase::Reconnecting => format!(
+            "reconnecting after iteration {} (link lost: {}; guest running at the source)",
+            st.iteration,
+            st.link_error.as_deref().unwrap_or("-")
+        ),
         Phase::StopAndCopy => "stop and copy (guest paused)".to_string(),
         Phase::Verifying => "verifying at the destination".to_string(),
         p => phase_name(p).to_string(),
@@ -423,6 +435,7 @@ pub fn phase_name(p: Phase) -> &'static str {
         Phase::Connecting => "connecting",
         Phase::Preparing => "preparing",
         Phase::Iterating => "iterating",
+        Phase::Reconnecting => "reconnecting",
         Phase::StopAndCopy => "stop-and-copy",
         Phase::Verifying => "verifying",
         Phase::Completed => "completed",

@@ -108,6 +108,7 @@ fn a_state_larger_than_a_control_frame_arrives_whole() {
     let slot = target.clone();
     let dest = std::thread::spawn(move || {
         let opts = DestOptions {
+            resume_window: std::time::Duration::from_secs(120),
             psk: PreSharedKey::from_bytes([3; 32]),
             socket: SocketOptions::default(),
             pin_threads: false,
@@ -137,6 +138,7 @@ fn a_state_larger_than_a_control_frame_arrives_whole() {
         SyntheticGuest::new(1024, Workload::Idle, 5).unwrap(),
     ));
     let opts = SourceOptions {
+        resume: Default::default(),
         peer: format!("127.0.0.1:{port}").parse().unwrap(),
         psk: PreSharedKey::from_bytes([3; 32]),
         streams: 1,

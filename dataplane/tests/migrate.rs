@@ -20,6 +20,7 @@ const PAGES: u64 = 4096; // 16 MiB
 
 fn dest_opts(psk: u8) -> DestOptions {
     DestOptions {
+        resume_window: std::time::Duration::from_secs(120),
         psk: PreSharedKey::from_bytes([psk; 32]),
         socket: SocketOptions::default(),
         pin_threads: false,
@@ -33,6 +34,7 @@ fn dest_opts(psk: u8) -> DestOptions {
 
 fn source_opts(port: u16, psk: u8, policy: Policy, codec: CodecConfig) -> SourceOptions {
     SourceOptions {
+        resume: Default::default(),
         peer: format!("127.0.0.1:{port}").parse().unwrap(),
         psk: PreSharedKey::from_bytes([psk; 32]),
         streams: 2,

@@ -102,6 +102,7 @@ fn domain(h: &'static Host, domid: u32, source: bool) -> Domain<'static> {
 
 fn dest_opts() -> DestOptions {
     DestOptions {
+        resume_window: std::time::Duration::from_secs(120),
         psk: PreSharedKey::from_bytes([9; 32]),
         socket: SocketOptions::default(),
         pin_threads: false,
@@ -115,6 +116,7 @@ fn dest_opts() -> DestOptions {
 
 fn source_opts(port: u16, policy: Policy, codec: CodecConfig) -> SourceOptions {
     SourceOptions {
+        resume: Default::default(),
         peer: format!("127.0.0.1:{port}").parse().unwrap(),
         psk: PreSharedKey::from_bytes([9; 32]),
         streams: 2,

@@ -110,7 +110,7 @@ struct Report {
 fn keys() -> MigrationKeys {
     MigrationKeys::derive(
         &PreSharedKey::from_bytes([0x42; 32]),
-        1,
+        &[1; 32],
         &HandshakeNonce([1; 32]),
         &HandshakeNonce([2; 32]),
     )

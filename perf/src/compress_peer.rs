@@ -145,6 +145,7 @@ fn source(args: &PeerArgs) -> Result<(), String> {
     };
     codec.set_optimizations(&args.optimizations)?;
     let opts = SourceOptions {
+        resume: Default::default(),
         peer: SocketAddr::from(([127, 0, 0, 1], port)),
         psk: psk(),
         streams: args.streams,

@@ -48,6 +48,7 @@ pub fn receive_one(pages: u64, pin: bool) -> Result<(DestSummary, f64), String> 
     let target = SyntheticTarget::preallocated(pages).map_err(|e| e.to_string())?;
     let listener = listen()?;
     let opts = DestOptions {
+        resume_window: std::time::Duration::from_secs(120),
         psk: psk(),
         socket: SocketOptions::default(),
         pin_threads: pin,

@@ -187,6 +187,7 @@ fn source(args: &PeerArgs) -> Result<(), String> {
     codec.set_optimizations("all")?;
     codec.verify_caches = !args.no_verify_caches;
     let opts = SourceOptions {
+        resume: Default::default(),
         peer: SocketAddr::from(([127, 0, 0, 1], port)),
         psk: psk(),
         streams: args.streams,
@@ -239,7 +240,7 @@ fn ref_keys(stream: u32) -> dataplane::crypto::StreamKey {
     use dataplane::crypto::{HandshakeNonce, MigrationKeys};
     MigrationKeys::derive(
         &psk(),
-        7,
+        &[7; 32],
         &HandshakeNonce([1; 32]),
         &HandshakeNonce([2; 32]),
     )

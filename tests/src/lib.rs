@@ -1,5 +1,7 @@
 //! Helpers for end-to-end tests: find (building if need be) the workspace's real binaries.
 
+pub mod relay;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -55,6 +57,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port on loopback.
+fn free_address() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 impl Daemon {
     /// Starts a daemon; `listen` makes it a destination too. `extra` is appended to the
     /// config's `[source]` section (it may open further sections).
@@ -70,19 +77,32 @@ impl Daemon {
         extra: &str,
         env: &[(&str, &std::path::Path)],
     ) -> Daemon {
-        Self::launch(name, key, listen, extra, env, None)
+        Self::launch(name, key, listen.then(free_address), extra, env, None)
+    }
+
+    /// [`start`](Self::start) as a destination on `listen` (a daemon restarted where an
+    /// earlier one listened).
+    pub fn start_at(name: &str, key: u8, listen: std::net::SocketAddr, extra: &str) -> Daemon {
+        Self::launch(name, key, Some(listen), extra, &[], None)
     }
 
     /// [`start`](Self::start) inside network namespace `netns` (`ip netns exec`); its
     /// control socket, a file, stays reachable from here.
     pub fn start_in_netns(netns: &str, name: &str, key: u8, listen: bool, extra: &str) -> Daemon {
-        Self::launch(name, key, listen, extra, &[], Some(netns))
+        Self::launch(
+            name,
+            key,
+            listen.then(free_address),
+            extra,
+            &[],
+            Some(netns),
+        )
     }
 
     fn launch(
         name: &str,
         key: u8,
-        listen: bool,
+        listen: Option<std::net::SocketAddr>,
         extra: &str,
         env: &[(&str, &std::path::Path)],
         netns: Option<&str>,
@@ -95,9 +115,8 @@ impl Daemon {
         std::fs::write(&psk_path, psk(key)).expect("key file");
         std::fs::set_permissions(&psk_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let socket = dir.join("control.sock");
-        let listen = listen.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
         let config = format!(
-            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\n\n[source]\npin_threads = false\ntimeout = \"10s\"\nstreams = 2\n{extra}\n",
+            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\nresume_window = \"20s\"\n\n[source]\npin_threads = false\ntimeout = \"10s\"\nresume_within = \"10s\"\nstreams = 2\n{extra}\n",
             socket,
             psk_path,
             listen.map(|a| a.to_string()).unwrap_or_default(),

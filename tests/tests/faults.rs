@@ -5,107 +5,20 @@
 //! - before the commit, the guest runs at the source; the destination discards, or, when it
 //!   had already said it was ready, holds the guest paused *in doubt* until the operator
 //!   resolves it (it cannot know whether the source committed);
-//! - after the commit, the source never resumes the guest.
+//! - after the commit, the source never resumes the guest;
+//! - a link cut during pre-copy is not a failure: the source reconnects and goes on.
 //!
 //! After each case the daemons still work: a next migration completes.
 //!
 //! Exact moments are reached with the daemons' `SKYFERRY_HOLD` test hook: the source waits
 //! at a named point, long enough for the test to strike.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use skyferry_tests::relay::Relay;
 use skyferry_tests::{Daemon, is_final};
-
-/// A TCP relay from the source to the destination's migration port.
-struct Relay {
-    addr: SocketAddr,
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    frozen: AtomicBool,
-    /// Each new connection: forward the client's first bytes, then close both ends.
-    cut_after_first: AtomicBool,
-    conns: Mutex<Vec<TcpStream>>,
-}
-
-impl Relay {
-    fn new(upstream: SocketAddr) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            frozen: AtomicBool::new(false),
-            cut_after_first: AtomicBool::new(false),
-            conns: Mutex::new(Vec::new()),
-        });
-        let sh = shared.clone();
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                let Ok(c) = c else { continue };
-                let Ok(mut u) = TcpStream::connect(upstream) else {
-                    continue; // the destination is gone: the source sees the close
-                };
-                if sh.cut_after_first.load(Ordering::SeqCst) {
-                    let mut c = c;
-                    let mut buf = [0u8; 4096];
-                    if let Ok(n) = c.read(&mut buf) {
-                        let _ = u.write_all(&buf[..n]);
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                    let _ = c.shutdown(Shutdown::Both);
-                    let _ = u.shutdown(Shutdown::Both);
-                    continue;
-                }
-                {
-                    let mut conns = sh.conns.lock().unwrap();
-                    conns.push(c.try_clone().unwrap());
-                    conns.push(u.try_clone().unwrap());
-                }
-                for (from, to) in [(c.try_clone().unwrap(), u.try_clone().unwrap()), (u, c)] {
-                    let sh = sh.clone();
-                    std::thread::spawn(move || pump(from, to, &sh));
-                }
-            }
-        });
-        Relay { addr, shared }
-    }
-
-    /// Closes every relayed connection, both ways.
-    fn cut(&self) {
-        for s in self.shared.conns.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Stops forwarding anything, keeping the connections open.
-    fn freeze(&self) {
-        self.shared.frozen.store(true, Ordering::SeqCst);
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        // Frozen: what was read is never delivered, and nothing more is read.
-        while sh.frozen.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -191,7 +104,7 @@ fn case(at: At, fault: Fault) -> (serde_json::Value, Option<serde_json::Value>) 
         // The Hello reaches the destination and the connection is then cut; or nothing
         // passes; or nobody is there.
         match fault {
-            Fault::Cut => relay.shared.cut_after_first.store(true, Ordering::SeqCst),
+            Fault::Cut => relay.cut_after_first_bytes(),
             _ => strike(&mut dst),
         }
     }
@@ -261,10 +174,20 @@ fn case(at: At, fault: Fault) -> (serde_json::Value, Option<serde_json::Value>) 
 /// Before the destination said it was ready: the guest runs at the source, the
 /// destination discards. (A fault meant for the pre-copy may land just after the
 /// destination's Ready, if the migration was about to end: the destination then holds the
-/// guest in doubt, paused, which is as safe.)
+/// guest in doubt, paused, which is as safe.) In pre-copy a cut link resumes instead
+/// (`tests/resume.rs` measures it): the migration completes, verified.
 fn before_ready(at: At) {
+    let precopy = matches!(at, At::FirstIteration | At::LaterIteration);
     for fault in [Fault::Cut, Fault::Freeze, Fault::KillDest] {
         let (s, d) = case(at, fault);
+        if precopy && fault == Fault::Cut {
+            assert_eq!(s["phase"], "completed", "{at:?}/{fault:?}: resumed: {s}");
+            assert_eq!(s["verified"], true, "{at:?}/{fault:?}: {s}");
+            assert!(s["resumes"].as_u64() >= Some(1), "{at:?}/{fault:?}: {s}");
+            let d = d.expect("the destination lives");
+            assert_eq!(d["phase"], "completed", "{at:?}/{fault:?}: {d}");
+            continue;
+        }
         assert!(
             s["phase"] == "failed" || s["phase"] == "aborted",
             "{at:?}/{fault:?}: the guest must run at the source: {s}"

@@ -117,6 +117,7 @@ fn a_peer_without_the_key_makes_the_destination_allocate_nothing() {
         backend: "synthetic".into(),
         guest: "intruder".into(),
         destination: None,
+        resume: 0,
     };
     let mut control = TcpStream::connect(addr).unwrap();
     // Our key is wrong: the Welcome's key check fails here, and we go on regardless.

@@ -666,3 +666,64 @@ fn failures_before_the_commit_leave_the_guest_running_at_the_source() {
         dest.log()
     );
 }
+
+#[test]
+fn a_link_cut_in_pre_copy_resumes_and_the_qemu_guest_moves_once() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-resume");
+    let _quit = QuitOnDrop(vec![dir.path("r.qmp")]);
+    let src = source_daemon("qemu-resume-src");
+    let dest = dest_daemon("qemu-resume-dst", &dir);
+    let relay = skyferry_tests::relay::Relay::new(dest.listen.unwrap());
+    let a = Vm::start(&dir, "a", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+    let out = src.cli(&[
+        "start",
+        "--to",
+        &relay.addr.to_string(),
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+        "--name",
+        "r",
+        "--max-bandwidth",
+        "30MB/s",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let before = src.wait_for(&id, 120, |s| {
+        (s["phase"] == "iterating" && s["wire_bytes"].as_u64() > Some(8 << 20)) || is_final(s)
+    });
+    assert!(!is_final(&before), "ended before the cut: {before}");
+    relay.cut();
+    let s = src.wait_for(&id, 300, is_final);
+    assert_eq!(
+        s["phase"],
+        "completed",
+        "{s}\nsource log:\n{}\ndest log:\n{}",
+        src.log(),
+        dest.log()
+    );
+    assert_eq!(s["verified"], true, "{s}");
+    assert!(s["resumes"].as_u64() >= Some(1), "{s}");
+    // The guest runs at the destination, and only there.
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let after = wait_heartbeat(&dir.path("r.serial"), Some(at_pause), 60);
+    eprintln!(
+        "resumed QEMU migration: heartbeat {at_pause} at the pause, {after} at the destination; \
+         {} bytes on the wire, {} resume(s)",
+        s["wire_bytes"], s["resumes"]
+    );
+    assert!(
+        Qmp::connect(&a.qmp, Duration::from_secs(2)).is_err(),
+        "source QEMU gone"
+    );
+}

@@ -65,7 +65,7 @@ pub fn control_key(to_source: bool) -> &'static StreamKey {
     let keys = KEYS.get_or_init(|| {
         let keys = MigrationKeys::derive(
             &dataplane::crypto::PreSharedKey::from_bytes([0x5a; 32]),
-            0x5eed,
+            &[0x5e; 32],
             &HandshakeNonce([1; 32]),
             &HandshakeNonce([2; 32]),
         );
@@ -197,6 +197,7 @@ pub fn to_dest_messages() -> Vec<ToDest> {
             digest: 0x0123_4567_89ab_cdef,
         },
         ToDest::Commit,
+        ToDest::Resume { iteration: 4 },
         ToDest::Abort {
             reason: "operator asked".into(),
             operator: true,
@@ -213,6 +214,7 @@ pub fn to_source_messages() -> Vec<ToSource> {
             digest: 0x0123_4567_89ab_cdef,
         },
         ToSource::Started,
+        ToSource::Resumed { acked: 3 },
         ToSource::Failed {
             reason: "no frame arrived for 30 s".into(),
         },

@@ -76,6 +76,7 @@ pub fn hello() -> &'static Hello {
         backend: "synthetic".into(),
         guest: "fuzz".into(),
         destination: None,
+        resume: 0,
     })
 }
 
@@ -91,6 +92,7 @@ pub fn dest_options() -> &'static DestOptions {
         max_streams: 16,
         drbd: None,
         announce: None,
+        resume_window: std::time::Duration::from_secs(120),
     })
 }
 
@@ -159,7 +161,7 @@ fn destination(bytes: &[u8]) -> Outcome {
 fn data_stream_stage(hello: &Hello) {
     let keys = MigrationKeys::derive(
         &psk(),
-        hello.migration_id,
+        &hello.transcript(),
         &dataplane::crypto::HandshakeNonce(hello.source_nonce),
         &dataplane::crypto::HandshakeNonce([9; 32]),
     );

@@ -81,7 +81,7 @@ pub fn stream_key() -> &'static StreamKey {
     KEY.get_or_init(|| {
         MigrationKeys::derive(
             &PreSharedKey::from_bytes([0x5a; 32]),
-            1,
+            &[1; 32],
             &HandshakeNonce([1; 32]),
             &HandshakeNonce([2; 32]),
         )

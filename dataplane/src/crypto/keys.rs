@@ -154,16 +154,17 @@ pub fn coordinator_proof(
 }
 
 impl MigrationKeys {
-    /// Derives a migration's key material from the pre-shared key and both ends' nonces.
+    /// Derives a migration's key material from the pre-shared key, the Hello's `transcript`
+    /// (a hash of it as sent, which names the migration) and both ends' nonces.
     pub fn derive(
         psk: &PreSharedKey,
-        migration_id: u64,
+        transcript: &[u8; 32],
         source: &HandshakeNonce,
         dest: &HandshakeNonce,
     ) -> Self {
-        let mut salt = Vec::with_capacity(10 + 8 + 2 * NONCE_LEN);
-        salt.extend_from_slice(b"skyferry/1");
-        salt.extend_from_slice(&migration_id.to_le_bytes());
+        let mut salt = Vec::with_capacity(10 + 32 + 2 * NONCE_LEN);
+        salt.extend_from_slice(b"skyferry/2");
+        salt.extend_from_slice(transcript);
         salt.extend_from_slice(&source.0);
         salt.extend_from_slice(&dest.0);
         MigrationKeys {
@@ -218,10 +219,10 @@ impl std::fmt::Debug for StreamKey {
 mod tests {
     use super::*;
 
-    fn keys(psk: u8, id: u64, a: u8, b: u8) -> MigrationKeys {
+    fn keys(psk: u8, id: u8, a: u8, b: u8) -> MigrationKeys {
         MigrationKeys::derive(
             &PreSharedKey::from_bytes([psk; 32]),
-            id,
+            &[id; 32],
             &HandshakeNonce([a; 32]),
             &HandshakeNonce([b; 32]),
         )

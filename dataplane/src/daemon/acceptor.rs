@@ -3,13 +3,16 @@
 //! One thread watches every new connection (poll(2)) until its whole opening message has
 //! arrived, within [`CLASSIFY_TIMEOUT`]: a control connection's Hello starts a migration on
 //! a thread of its own; a data stream's StreamHello sends it to the migration it names,
-//! through the [`Router`]. Anything else, an oversized Hello, or a peer that sends too little
+//! through the [`Router`], and so does a source reconnecting to resume a migration whose
+//! link broke (a Hello with `resume` set). Anything else, an oversized Hello, or a peer that
+//! sends too little
 //! too slowly, is dropped with a warning and never holds up the others: an idle connection
 //! costs a descriptor, not a thread, and at most [`MAX_PENDING`] wait at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,19 +28,35 @@ pub const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections waiting to say what they are; beyond, the oldest is closed.
 pub const MAX_PENDING: usize = 1024;
 
-/// Data streams on their way to the migration that expects them.
+/// A connection on its way to the migration it belongs to.
+#[derive(Debug)]
+enum Routed {
+    /// Data stream n.
+    Data(u32, TcpStream),
+    /// The source reconnecting (its Hello unread).
+    Resume(TcpStream),
+}
+
+/// Data streams and reconnections on their way to the migration that expects them.
 #[derive(Debug, Default)]
 pub struct Router {
-    routes: Mutex<HashMap<u64, Sender<(u32, TcpStream)>>>,
+    routes: Mutex<HashMap<u64, Sender<Routed>>>,
 }
 
 impl Router {
     /// Hands a data stream to its migration; false (the stream is dropped) if none expects it.
     fn route(&self, hello: StreamHello, stream: TcpStream) -> bool {
+        self.send(hello.migration_id, Routed::Data(hello.stream, stream))
+    }
+
+    /// Hands a reconnection to migration `id`; false if it is not being received here.
+    fn route_resume(&self, id: u64, control: TcpStream) -> bool {
+        self.send(id, Routed::Resume(control))
+    }
+
+    fn send(&self, id: u64, conn: Routed) -> bool {
         let routes = self.routes.lock().expect("router lock");
-        routes
-            .get(&hello.migration_id)
-            .is_some_and(|tx| tx.send((hello.stream, stream)).is_ok())
+        routes.get(&id).is_some_and(|tx| tx.send(conn).is_ok())
     }
 }
 
@@ -46,7 +65,7 @@ impl Router {
 pub struct RoutedStreams {
     router: Arc<Router>,
     id: Option<u64>,
-    rx: Option<Receiver<(u32, TcpStream)>>,
+    rx: Option<Receiver<Routed>>,
     /// Streams that came before their turn.
     early: BTreeMap<u32, TcpStream>,
 }
@@ -92,18 +111,45 @@ impl DataStreams for RoutedStreams {
                 return Ok(s);
             }
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok((n, s)) if n == want => return Ok(s),
-                Ok((n, s)) if n > want && !self.early.contains_key(&n) => {
+                Ok(Routed::Data(n, s)) if n == want => return Ok(s),
+                Ok(Routed::Data(n, s)) if n > want && !self.early.contains_key(&n) => {
                     self.early.insert(n, s);
                 }
-                Ok((n, _)) => {
+                Ok(Routed::Data(n, _)) => {
                     tracing::warn!("migration {id:x}: dropping a second data stream {n}");
+                }
+                Ok(Routed::Resume(_)) => {
+                    tracing::warn!(
+                        "migration {id:x}: dropping a reconnection while its streams open"
+                    );
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the route holds a sender"),
             }
             source_still_opening(control, timeout, deadline)?;
         }
+    }
+
+    fn resumed(&mut self, id: u64, window: Duration, abort: &AtomicBool) -> Option<TcpStream> {
+        let rx = self.rx.as_ref().expect("expect() comes first");
+        // Streams of the broken session that had not been taken are of no use now.
+        self.early.clear();
+        let deadline = Instant::now() + window;
+        while !abort.load(Ordering::Relaxed) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(Routed::Resume(c)) => return Some(c),
+                Ok(Routed::Data(n, _)) => {
+                    tracing::warn!("migration {id:x}: dropping data stream {n} of a broken link");
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the route holds a sender"),
+            }
+        }
+        None
     }
 }
 
@@ -229,6 +275,14 @@ fn classify(
                     done[i] = true;
                     dispatch(kind, &pending[i], router, receive);
                 }
+                Look::Resume(id) => {
+                    done[i] = true;
+                    let routed = p.conn.try_clone().is_ok_and(|c| router.route_resume(id, c));
+                    if !routed {
+                        // Its receive thread refuses it, with the reason.
+                        dispatch(ConnectionKind::Control, &pending[i], router, receive);
+                    }
+                }
                 Look::Drop(why) => {
                     done[i] = true;
                     tracing::warn!(peer = %p.peer, "dropping a connection: {why}");
@@ -256,6 +310,8 @@ fn classify(
 enum Look {
     Wait,
     Kind(ConnectionKind),
+    /// A source reconnecting to migration `id`.
+    Resume(u64),
     Drop(String),
 }
 
@@ -275,9 +331,15 @@ fn look(conn: &TcpStream) -> Look {
         };
         match opening(&buf[..n]) {
             Opening::Complete(kind) => {
-                return match conn.set_nonblocking(false) {
-                    Ok(()) => Look::Kind(kind),
-                    Err(e) => Look::Drop(e.to_string()),
+                if let Err(e) = conn.set_nonblocking(false) {
+                    return Look::Drop(e.to_string());
+                }
+                // The whole Hello is in `buf`: a reconnection goes to its migration.
+                return match crate::protocol::read_hello(&mut &buf[..n]) {
+                    Ok(h) if kind == ConnectionKind::Control && h.resume > 0 => {
+                        Look::Resume(h.migration_id)
+                    }
+                    _ => Look::Kind(kind),
                 };
             }
             Opening::Refused(why) => return Look::Drop(why),

@@ -68,6 +68,9 @@ pub struct ListenSection {
     pub max_migrations: usize,
     /// How long a peer may stay silent.
     pub timeout: String,
+    /// How long a migration whose link broke in pre-copy is held for its source to
+    /// reconnect; then it is discarded.
+    pub resume_window: String,
 }
 
 impl Default for ListenSection {
@@ -78,6 +81,7 @@ impl Default for ListenSection {
             max_streams: 16,
             max_migrations: 16,
             timeout: "30s".into(),
+            resume_window: "120s".into(),
         }
     }
 }
@@ -135,6 +139,10 @@ pub struct SourceSection {
     pub pin_threads: bool,
     /// How long the destination may stay silent.
     pub timeout: String,
+    /// Reconnections tried when pre-copy loses its link (0: fail at once).
+    pub resume_attempts: u32,
+    /// Time allowed for them, from the break on.
+    pub resume_within: String,
 }
 
 impl Default for SourceSection {
@@ -152,6 +160,8 @@ impl Default for SourceSection {
             compression: "off".into(),
             pin_threads: true,
             timeout: "30s".into(),
+            resume_attempts: 8,
+            resume_within: "60s".into(),
         }
     }
 }
@@ -329,6 +339,8 @@ pub struct Settings {
     pub max_migrations: usize,
     /// Destination silence limit.
     pub listen_timeout: Duration,
+    /// How long a broken pre-copy is held for its source to come back.
+    pub resume_window: Duration,
     /// Socket tuning.
     pub socket: SocketOptions,
     /// Default streams.
@@ -347,6 +359,8 @@ pub struct Settings {
     pub pin_threads: bool,
     /// Source silence limit.
     pub source_timeout: Duration,
+    /// Reconnecting after a broken pre-copy.
+    pub resume: crate::migrate::source::ResumePolicy,
     /// QEMU guests.
     pub qemu: QemuSettings,
     /// Xen domains.
@@ -427,6 +441,7 @@ impl DaemonConfig {
             max_streams: c.listen.max_streams,
             max_migrations: c.listen.max_migrations,
             listen_timeout: dur("listen.timeout", &c.listen.timeout)?,
+            resume_window: dur("listen.resume_window", &c.listen.resume_window)?,
             socket: SocketOptions {
                 send_buffer: usize::try_from(size("network.send_buffer", &c.network.send_buffer)?)
                     .unwrap_or(usize::MAX),
@@ -455,6 +470,10 @@ impl DaemonConfig {
             codec,
             pin_threads: c.source.pin_threads,
             source_timeout: dur("source.timeout", &c.source.timeout)?,
+            resume: crate::migrate::source::ResumePolicy {
+                attempts: c.source.resume_attempts,
+                within: dur("source.resume_within", &c.source.resume_within)?,
+            },
             qemu: qemu_settings(c.qemu, &key)?,
             xen: xen_settings(c.xen, &key)?,
             coordinator: coordinator_settings(&c.coordinator, &key)?,

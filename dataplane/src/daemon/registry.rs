@@ -255,6 +255,7 @@ impl Registry {
             group: self.group_options(r)?,
             disk: self.disk_options(r)?,
             network: self.network_options(r)?,
+            resume: s.resume,
         };
         let guest = self.source_guest(r)?;
         let pages = guest.page_count();
@@ -467,6 +468,7 @@ impl Registry {
             max_streams: s.max_streams,
             drbd: s.drbd.clone(),
             announce: s.announce.clone(),
+            resume_window: s.resume_window,
         };
         let running = self.incoming.fetch_add(1, Ordering::AcqRel);
         let busy = running >= s.max_migrations;

@@ -4,7 +4,12 @@
 //! The destination driver gives each writer a disjoint set of pages; the first write of a
 //! page claims it for its writer for good, and a second writer touching it is a bug that
 //! must stop the migration, not corrupt memory.
+//!
+//! A resumed migration (its link broke in pre-copy) opens a new set of writers once every
+//! writer of the broken session is closed: a page owned by a closed writer passes to the
+//! first new writer that writes it, and still counts as written.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crate::page::Pfn;
@@ -15,7 +20,11 @@ pub struct WriterClaims {
     /// Per page, the writer that wrote it (0: none yet).
     owner: Box<[AtomicU32]>,
     live: AtomicUsize,
-    next: AtomicU32,
+    /// The next writer's id.
+    next: Mutex<u32>,
+    /// The first id of the current set of writers: every writer below it was closed when the
+    /// set opened.
+    floor: AtomicU32,
 }
 
 impl WriterClaims {
@@ -24,14 +33,21 @@ impl WriterClaims {
         WriterClaims {
             owner: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             live: AtomicUsize::new(0),
-            next: AtomicU32::new(1),
+            next: Mutex::new(1),
+            floor: AtomicU32::new(1),
         }
     }
 
-    /// A new writer's id, counted alive until [`close`](Self::close).
+    /// A new writer's id, counted alive until [`close`](Self::close). The first writer opened
+    /// while none is alive starts a new set.
     pub fn open(&self) -> u32 {
-        self.live.fetch_add(1, Ordering::AcqRel);
-        self.next.fetch_add(1, Ordering::Relaxed)
+        let mut next = self.next.lock().expect("claims lock");
+        let id = *next;
+        if self.live.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.floor.store(id, Ordering::Release);
+        }
+        *next = id.checked_add(1).expect("fewer than 2^32 page writers");
+        id
     }
 
     /// A writer is gone.
@@ -44,17 +60,23 @@ impl WriterClaims {
         self.live.load(Ordering::Acquire)
     }
 
-    /// Makes writer `id` the owner of `pfn` for good (or confirms it). Panics if another
-    /// writer owns it: the ownership sets given to `DestGuest::writer` overlap.
+    /// Makes writer `id` the owner of `pfn` (or confirms it), taking it over from a writer
+    /// of an earlier, closed set. Panics if a writer of the current set owns it: the
+    /// ownership sets given to `DestGuest::writer` overlap.
     pub fn claim(&self, pfn: Pfn, id: u32, backend: &str) {
         let slot = &self.owner[usize::try_from(pfn).expect("page number range-checked")];
-        match slot.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {}
-            Err(other) if other == id => {}
-            Err(other) => panic!(
-                "{backend}: page {pfn} written by writers {other} and {id}: the ownership sets \
-                 given to DestGuest::writer overlap"
-            ),
+        let mut seen = 0;
+        loop {
+            match slot.compare_exchange(seen, id, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(other) if other == id => return,
+                // Its set closed before ours opened: no reference of it is alive.
+                Err(other) if other < self.floor.load(Ordering::Acquire) => seen = other,
+                Err(other) => panic!(
+                    "{backend}: page {pfn} written by writers {other} and {id}: the ownership \
+                     sets given to DestGuest::writer overlap"
+                ),
+            }
         }
     }
 
@@ -85,5 +107,12 @@ mod tests {
         c.close();
         c.close();
         assert_eq!(c.live(), 0);
+        // A resumed session's writers take the pages over; they still count as written.
+        let (d, e) = (c.open(), c.open());
+        c.claim(1, e, "t");
+        c.claim(2, d, "t");
+        assert!(c.written(1) && c.written(2));
+        let overlap = std::panic::catch_unwind(|| c.claim(1, d, "t"));
+        assert!(overlap.is_err());
     }
 }

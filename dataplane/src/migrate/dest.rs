@@ -45,6 +45,9 @@ pub struct DestOptions {
     /// Where this host announces the guests it receives (`[announce]`); without it, guests
     /// with a network identity are refused.
     pub announce: Option<AnnounceConfig>,
+    /// How long a migration whose link broke in pre-copy is held for its source to
+    /// reconnect.
+    pub resume_window: Duration,
 }
 
 /// What moves with the guest at this end: its disk and its announcement.
@@ -58,6 +61,8 @@ struct Alongside {
     sync: Option<SyncTask>,
     /// The announcement, once the guest paused at the source.
     announcer: Option<Announcer>,
+    /// `Prepared` was sent and the guest has not paused: a broken link may resume.
+    resumable: bool,
     /// `Ready` was sent: from here only the source decides the guest's fate.
     ready: bool,
 }
@@ -127,6 +132,11 @@ pub trait DataStreams {
         id: u64,
         want: u32,
     ) -> Result<TcpStream, MigrateError>;
+
+    /// After pre-copy lost its link: the next control connection that may be the source
+    /// reconnecting to migration `id` (its Hello not yet read), within `window`. None when
+    /// the window has passed or `abort` is set.
+    fn resumed(&mut self, id: u64, window: Duration, abort: &AtomicBool) -> Option<TcpStream>;
 }
 
 /// Data streams accepted on the migration's own listener, one migration at a time (the
@@ -147,6 +157,29 @@ impl DataStreams for ListenerStreams<'_> {
         want: u32,
     ) -> Result<TcpStream, MigrateError> {
         accept_data(self.0, control, timeout, id, want)
+    }
+
+    fn resumed(&mut self, id: u64, window: Duration, abort: &AtomicBool) -> Option<TcpStream> {
+        let deadline = Instant::now() + window;
+        self.0.set_nonblocking(true).ok()?;
+        let found = loop {
+            if abort.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                break None;
+            }
+            match self.0.accept() {
+                Ok((c, _)) if c.set_nonblocking(false).is_ok() => break Some(c),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::warn!("migration {id:x}: waiting for the source to reconnect: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        self.0.set_nonblocking(false).ok()?;
+        found
     }
 }
 
@@ -189,6 +222,17 @@ pub fn receive_on(
         .set_read_timeout(Some(opts.timeout))
         .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
     let hello = read_hello(&mut control)?;
+    if hello.resume > 0 {
+        // A reconnection that found no migration waiting for it (the acceptor routes the
+        // others to theirs): say so, so the source stops trying.
+        let why = format!(
+            "migration {:x} is not held here for resuming (it was discarded, its resume window \
+             passed, or this daemon restarted)",
+            hello.migration_id
+        );
+        send_welcome(&mut control, &opts.psk, &hello, Err(why.clone()))?;
+        return Err(MigrateError::Peer(format!("refused a reconnection: {why}")));
+    }
     *status.lock().expect("status lock") = MigrationStatus::new(
         hello.migration_id,
         Role::Destination,
@@ -218,53 +262,63 @@ pub fn receive_on(
             MigrateError::Peer(format!("refused: {why}")),
         ));
     };
-
-    let mut data = Vec::new();
-    let mut stream_keys = Vec::new();
-    for want in 1..=hello.streams {
-        let d = match streams.next(&control, opts.timeout, hello.migration_id, want) {
-            Ok(d) => d,
-            Err(e) => return Err(fail(status, started, e)),
-        };
-        // The receive ring waits on its own terms; the driver times out on progress.
-        d.set_read_timeout(None)
-            .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
-        opts.socket
-            .apply(&d)
-            .map_err(|e| MigrateError::Connect("tuning a data socket".into(), e))?;
-        data.push(d);
-        stream_keys.push(keys.stream_key(want, Direction::SourceToDest));
-    }
-    let (mut tx, mut rx) = control_channel(&control, &keys, Direction::DestToSource)?;
-    // The decoders' caches are allocated only for a source that proved it holds the key:
-    // its first sealed message must open (the Hello and the data streams are cleartext, and
-    // anyone could open them to make this host allocate streams x cache).
-    let first = match first_sealed(&mut rx, opts.timeout) {
-        Ok(m) => m,
+    let (mut link, first) = match Link::open(control, streams, &hello, &keys, &guest, opts) {
+        Ok(l) => l,
         Err(e) => return Err(fail(status, started, e)),
     };
-    let frame_size = usize::try_from(hello.frame_size).unwrap_or(usize::MAX);
-    let mut pipeline = SinkPipeline::start(
-        &guest,
-        data,
-        &stream_keys,
-        &hello.codec,
-        frame_size,
-        opts.pin_threads,
-    )?;
     let mut alongside = Alongside::default();
-    let result = follow(
-        first,
-        &mut tx,
-        &mut rx,
-        &mut pipeline,
-        guest.as_ref(),
-        status,
-        abort,
-        opts,
-        &mut alongside,
-        started,
-    );
+    let mut acked = 0;
+    let mut first = Some(first);
+    let result = loop {
+        let result = follow(
+            first.take(),
+            &mut link,
+            guest.as_ref(),
+            status,
+            abort,
+            opts,
+            &mut alongside,
+            &mut acked,
+            started,
+        );
+        match result {
+            Err(e) if e.is_link_lost() && alongside.resumable => {
+                // Pre-copy lost its link: hold what arrived for the source to come back.
+                let tail = link.pipeline.stop();
+                if let Err(p) = tail {
+                    let p = MigrateError::from(p);
+                    if !p.is_link_lost() {
+                        break Err(p);
+                    }
+                }
+                match wait_resume(streams, &hello, &guest, opts, status, abort, &e) {
+                    Ok((mut resumed, iteration)) => {
+                        resumed.pipeline.carry_over(&link.pipeline);
+                        link = resumed;
+                        tracing::info!(
+                            migration = hello.migration_id,
+                            iteration,
+                            acked,
+                            "pre-copy resumed"
+                        );
+                        if let Err(e) = link.tx.send(&ToSource::Resumed { acked }) {
+                            break Err(e.into());
+                        }
+                        let mut st = status.lock().expect("status lock");
+                        st.phase = Phase::Iterating;
+                        st.resumes += 1;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            other => break other,
+        }
+    };
+    let Link {
+        mut tx,
+        mut rx,
+        mut pipeline,
+    } = link;
     let codec = pipeline.codec_totals();
     match result {
         Ok(()) => {
@@ -319,12 +373,162 @@ pub fn receive_on(
             tx.shutdown();
             let tail = pipeline.stop();
             drop(guest);
+            // A broken link is usually the pipeline's own failure (a bad frame, say); prefer it.
             let e = match (e, tail) {
-                (MigrateError::Timeout(..), Err(p)) => p.into(),
+                (e, Err(p)) if e.is_link_lost() => p.into(),
                 (e, _) => e,
             };
             Err(fail(status, started, e))
         }
+    }
+}
+
+/// One session's connections: the control channel and the data pipeline. A migration has
+/// one, or several if its pre-copy resumed after the link broke.
+struct Link {
+    tx: ControlTx,
+    rx: ControlRx,
+    pipeline: SinkPipeline,
+}
+
+impl Link {
+    /// After the Welcome: takes the data streams, opens the control channel, waits for the
+    /// source's first sealed message, and only then (the source proved it holds the key)
+    /// starts the pipeline. Returns the link and that first message.
+    fn open(
+        control: TcpStream,
+        streams: &mut dyn DataStreams,
+        hello: &Hello,
+        keys: &crate::crypto::MigrationKeys,
+        guest: &Arc<dyn DestGuest>,
+        opts: &DestOptions,
+    ) -> Result<(Link, ToDest), MigrateError> {
+        let mut data = Vec::new();
+        let mut stream_keys = Vec::new();
+        for want in 1..=hello.streams {
+            let d = streams.next(&control, opts.timeout, hello.migration_id, want)?;
+            // The receive ring waits on its own terms; the driver times out on progress.
+            d.set_read_timeout(None)
+                .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
+            opts.socket
+                .apply(&d)
+                .map_err(|e| MigrateError::Connect("tuning a data socket".into(), e))?;
+            data.push(d);
+            stream_keys.push(keys.stream_key(want, Direction::SourceToDest));
+        }
+        let (tx, mut rx) = control_channel(&control, keys, Direction::DestToSource)?;
+        // The decoders' caches are allocated only for a source that proved it holds the
+        // key: its first sealed message must open (the Hello and the data streams are
+        // cleartext, and anyone could open them to make this host allocate streams x cache).
+        let first = first_sealed(&mut rx, opts.timeout)?;
+        let frame_size = usize::try_from(hello.frame_size).unwrap_or(usize::MAX);
+        let pipeline = SinkPipeline::start(
+            guest,
+            data,
+            &stream_keys,
+            &hello.codec,
+            frame_size,
+            opts.pin_threads,
+        )?;
+        Ok((Link { tx, rx, pipeline }, first))
+    }
+}
+
+/// Pre-copy lost its link (`cause`): waits, up to the resume window, for the source to
+/// reconnect and prove it holds the key. Connections that are not this migration's source
+/// resuming are refused and the wait goes on. Returns the new link and the iteration the
+/// source goes on with.
+fn wait_resume(
+    streams: &mut dyn DataStreams,
+    hello: &Hello,
+    guest: &Arc<dyn DestGuest>,
+    opts: &DestOptions,
+    status: &Arc<Mutex<MigrationStatus>>,
+    abort: &AtomicBool,
+    cause: &MigrateError,
+) -> Result<(Link, u32), MigrateError> {
+    let id = hello.migration_id;
+    let window = opts.resume_window;
+    tracing::warn!(
+        migration = id,
+        "pre-copy lost its link: {cause}; holding what arrived for {} s for the source to reconnect",
+        window.as_secs()
+    );
+    {
+        let mut st = status.lock().expect("status lock");
+        st.phase = Phase::Reconnecting;
+        st.link_error = Some(cause.to_string());
+    }
+    let deadline = Instant::now() + window;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(control) = streams.resumed(id, left, abort) else {
+            if abort.load(Ordering::Relaxed) {
+                return Err(MigrateError::Aborted);
+            }
+            return Err(MigrateError::LinkLost(format!(
+                "{}; the source did not reconnect within {} s",
+                cause.detail(),
+                window.as_secs()
+            )));
+        };
+        match resume_link(control, streams, hello, guest, opts) {
+            Ok(r) => return Ok(r),
+            Err(e) => tracing::warn!(migration = id, "a reconnection failed: {e}"),
+        }
+    }
+}
+
+/// Takes one reconnection: it must be the same migration's source (same id, guest, streams,
+/// codec and frame size), hold the key, and open with `Resume`.
+fn resume_link(
+    mut control: TcpStream,
+    streams: &mut dyn DataStreams,
+    original: &Hello,
+    guest: &Arc<dyn DestGuest>,
+    opts: &DestOptions,
+) -> Result<(Link, u32), MigrateError> {
+    opts.socket
+        .apply(&control)
+        .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
+    control
+        .set_read_timeout(Some(opts.timeout))
+        .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
+    let h = read_hello(&mut control)?;
+    let verdict = check_version(&h).and_then(|()| same_migration(original, &h));
+    let Some(keys) = send_welcome(&mut control, &opts.psk, &h, verdict.clone())? else {
+        let why = verdict.err().unwrap_or_default();
+        return Err(MigrateError::Peer(format!("refused: {why}")));
+    };
+    let (mut link, first) = Link::open(control, streams, &h, &keys, guest, opts)?;
+    match first {
+        ToDest::Resume { iteration } => Ok((link, iteration)),
+        m => {
+            link.tx.shutdown();
+            let _ = link.pipeline.stop();
+            Err(MigrateError::Peer(format!(
+                "a reconnection opened with {m:?}, not Resume"
+            )))
+        }
+    }
+}
+
+/// A reconnection's Hello must describe the migration it resumes.
+fn same_migration(original: &Hello, h: &Hello) -> Result<(), String> {
+    let same = h.resume > 0
+        && h.migration_id == original.migration_id
+        && h.guest_pages == original.guest_pages
+        && h.streams == original.streams
+        && h.codec == original.codec
+        && h.frame_size == original.frame_size
+        && h.backend == original.backend;
+    if same {
+        Ok(())
+    } else {
+        Err(format!(
+            "a reconnection to migration {:x} must describe the same migration",
+            original.migration_id
+        ))
     }
 }
 
@@ -467,7 +671,9 @@ fn wait_frames(
     loop {
         match progress.wait_for(frames, SLICE) {
             Ok(()) => return Ok(()),
-            Err(why) if progress.failure().is_some() => return Err(MigrateError::Peer(why)),
+            // A data stream failed: its link broke, or it carried a bad frame (the caller
+            // tells which from the pipeline's own error).
+            Err(why) if progress.failure().is_some() => return Err(MigrateError::LinkLost(why)),
             Err(_) => {}
         }
         if abort.load(Ordering::Relaxed) {
@@ -490,7 +696,7 @@ fn wait_frames(
         if now != last {
             (last, moved) = (now, Instant::now());
         } else if moved.elapsed() > timeout {
-            return Err(MigrateError::Peer(format!(
+            return Err(MigrateError::LinkLost(format!(
                 "no frame arrived for {} s (decoded {now:?}, expected {frames:?})",
                 timeout.as_secs()
             )));
@@ -571,20 +777,21 @@ fn first_sealed(rx: &mut ControlRx, timeout: Duration) -> Result<ToDest, Migrate
     Ok(m)
 }
 
-/// Follows the source's control messages to the end.
+/// Follows the source's control messages to the end (or until this session's link breaks).
+/// `acked` is the last iteration acknowledged, across sessions.
 #[allow(clippy::too_many_arguments)]
 fn follow(
-    first: ToDest,
-    tx: &mut ControlTx,
-    rx: &mut ControlRx,
-    pipeline: &mut SinkPipeline,
+    first: Option<ToDest>,
+    link: &mut Link,
     guest: &dyn DestGuest,
     status: &Arc<Mutex<MigrationStatus>>,
     abort: &AtomicBool,
     opts: &DestOptions,
     alongside: &mut Alongside,
+    acked: &mut u32,
     started: Instant,
 ) -> Result<(), MigrateError> {
+    let Link { tx, rx, pipeline } = link;
     let timeout = opts.timeout;
     let id = status.lock().expect("status lock").id;
     rx.set_timeout(Some(Duration::from_millis(200)))?;
@@ -595,7 +802,7 @@ fn follow(
     // A large state blob's parts, before Final.
     let mut state_parts = Vec::new();
     // Messages read while waiting for frames, handled in order before reading more.
-    let mut later = std::collections::VecDeque::from([first]);
+    let mut later: std::collections::VecDeque<ToDest> = first.into_iter().collect();
     loop {
         // Once Ready is sent only the source may abort: it may have committed already.
         if abort.load(Ordering::Relaxed) && !alongside.ready {
@@ -606,6 +813,7 @@ fn follow(
             alongside.steer = Some(steer);
             r?;
             tx.send(&ToSource::Prepared)?;
+            alongside.resumable = true;
             status.lock().expect("status lock").phase = Phase::Iterating;
             silent = Instant::now();
         }
@@ -641,6 +849,7 @@ fn follow(
                 prepare(disk, network, opts, status, alongside)?;
                 if alongside.sync.is_none() {
                     tx.send(&ToSource::Prepared)?;
+                    alongside.resumable = true;
                     status.lock().expect("status lock").phase = Phase::Iterating;
                 }
             }
@@ -652,6 +861,7 @@ fn follow(
                 );
             }
             ToDest::Paused => {
+                alongside.resumable = false;
                 status.lock().expect("status lock").phase = Phase::StopAndCopy;
                 if let (Some(g), Some(cfg)) = (alongside.identity, &opts.announce) {
                     let a = Announcer::start(cfg.clone(), g, status, id, "destination")
@@ -662,6 +872,7 @@ fn follow(
             ToDest::IterationEnd { iteration, frames } => {
                 wait_frames(pipeline, rx, &mut later, abort, &frames, timeout)?;
                 tx.send(&ToSource::IterationAck { iteration })?;
+                *acked = (*acked).max(iteration);
                 let mut st = status.lock().expect("status lock");
                 st.iteration = iteration;
                 st.wire_bytes = wire;
@@ -756,6 +967,11 @@ fn follow(
                     MigrateError::Peer(format!("source failed: {reason}"))
                 });
             }
+            ToDest::Resume { .. } => {
+                return Err(MigrateError::Peer(
+                    "Resume is only a reconnection's first message".into(),
+                ));
+            }
         }
     }
 }
@@ -776,6 +992,7 @@ mod tests {
             max_streams: 4,
             drbd: None,
             announce: None,
+            resume_window: Duration::from_secs(1),
         }
     }
 
@@ -791,6 +1008,7 @@ mod tests {
             backend: "synthetic".into(),
             guest: "g".into(),
             destination: None,
+            resume: 0,
         }
     }
 

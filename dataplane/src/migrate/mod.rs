@@ -12,6 +12,31 @@ pub mod status;
 pub use policy::{Decision, IterationReport, Policy, StopDecider, StopReason};
 pub use status::{MigrationStatus, Phase, Role, Saved};
 
+impl MigrateError {
+    /// The link broke (a closed or reset connection, a stall, a data stream that ended),
+    /// as opposed to a refusal, a bad frame or a local failure: pre-copy may resume.
+    pub fn is_link_lost(&self) -> bool {
+        use crate::pipeline::PipelineError;
+        use crate::protocol::ProtocolError;
+        match self {
+            MigrateError::LinkLost(_) | MigrateError::Timeout(..) => true,
+            MigrateError::Protocol(p) => {
+                matches!(p, ProtocolError::Io { .. } | ProtocolError::Closed { .. })
+            }
+            MigrateError::Pipeline(PipelineError::Transport(t)) => t.is_disconnect(),
+            _ => false,
+        }
+    }
+
+    /// The message without the variant's own prefix, for wrapping in another.
+    pub fn detail(&self) -> String {
+        match self {
+            MigrateError::LinkLost(d) => d.clone(),
+            e => e.to_string(),
+        }
+    }
+}
+
 /// Why a migration failed, for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -44,6 +69,9 @@ pub enum MigrateError {
     /// the peer stopped answering
     #[error("peer did not answer within {0} s ({1})")]
     Timeout(u64, &'static str),
+    /// the connection to the peer broke (closed, reset, or data stopped arriving)
+    #[error("lost the link to the peer: {0}")]
+    LinkLost(String),
     /// the connection failed
     #[error("{0}: {1}")]
     Connect(String, std::io::Error),

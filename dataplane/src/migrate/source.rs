@@ -6,6 +6,7 @@
 //! (the commit point) and send `Commit`; after that it never resumes it. Any failure before
 //! the commit resumes the guest here and tells the destination to discard.
 
+use std::cell::Cell;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,7 +65,32 @@ pub struct SourceOptions {
     pub disk: Option<SourceDisk>,
     /// The guest's network identity, announced at the destination at the pause.
     pub network: Option<SourceNetwork>,
+    /// Reconnecting when pre-copy loses its link.
+    pub resume: ResumePolicy,
 }
+
+/// How the source reconnects when pre-copy loses its link (DESIGN.md: resume, not restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumePolicy {
+    /// Reconnections tried per break; 0: a broken link fails the migration.
+    pub attempts: u32,
+    /// Time allowed for them, backoff included, from the break on.
+    pub within: Duration,
+}
+
+impl Default for ResumePolicy {
+    fn default() -> Self {
+        ResumePolicy {
+            attempts: 8,
+            within: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait between two reconnections.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A guest disk replicated by DRBD, and how this host runs DRBD's tools.
 #[derive(Debug, Clone)]
@@ -137,6 +163,7 @@ pub fn migrate(
         member: None,
         disk: None,
         told_paused: false,
+        acked: Cell::new(0),
     };
     let result = run.join_group().and_then(|()| run.go());
     run.leave_group(&result);
@@ -179,6 +206,8 @@ struct Run<'a> {
     disk: Option<Steer>,
     /// The destination was told the guest paused (and may have announced it).
     told_paused: bool,
+    /// The last iteration the destination acknowledged.
+    acked: Cell<u32>,
 }
 
 /// Everything to undo if the migration fails before the commit.
@@ -205,7 +234,8 @@ impl Run<'_> {
     }
 
     fn go(&mut self) -> Result<SourceSummary, MigrateError> {
-        let (mut session, mut pipeline) = self.connect()?;
+        let (mut session, mut pipeline) = self.connect(0)?;
+        self.guest.start_dirty_log()?;
         let result = self
             .prepare(&mut session)
             .and_then(|()| self.precopy_and_switch(&mut session, &mut pipeline));
@@ -257,7 +287,9 @@ impl Run<'_> {
         }
     }
 
-    fn connect(&mut self) -> Result<(Session, SourcePipeline), MigrateError> {
+    /// Opens a session: the handshake (`resume`: 0 for a new migration, else the number of
+    /// this reconnection), the data streams, the control channel and a pipeline.
+    fn connect(&self, resume: u32) -> Result<(Session, SourcePipeline), MigrateError> {
         let o = self.opts;
         let dial = |what: &str| {
             let s = TcpStream::connect_timeout(&o.peer, o.timeout).map_err(|e| {
@@ -286,6 +318,7 @@ impl Run<'_> {
             backend: self.guest.backend().to_string(),
             guest: o.guest_label.clone(),
             destination: self.guest.destination(),
+            resume,
         };
         let keys = send_hello(&mut control, &o.psk, &hello)?;
         control
@@ -322,7 +355,6 @@ impl Run<'_> {
             })
             .map_err(|e| MigrateError::Connect("control thread".into(), e))?;
 
-        self.guest.start_dirty_log()?;
         let settings = SourceSettings {
             codec: o.codec.clone(),
             frame_size: o.frame_size,
@@ -399,10 +431,10 @@ impl Run<'_> {
                     break Err(MigrateError::Peer(format!("expected Prepared, got {m:?}")));
                 }
                 Ok(Err(e)) => {
-                    break Err(MigrateError::Peer(format!("control connection lost: {e}")));
+                    break Err(MigrateError::LinkLost(format!("control connection: {e}")));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    break Err(MigrateError::Peer("control connection lost".into()));
+                    break Err(MigrateError::LinkLost("control connection closed".into()));
                 }
             }
             if task.as_ref().is_some_and(SyncTask::is_finished) {
@@ -552,6 +584,11 @@ impl Run<'_> {
         Ok(decision)
     }
 
+    /// Records the destination's acknowledgement of `iteration`.
+    fn ack(&self, iteration: u32) {
+        self.acked.set(self.acked.get().max(iteration));
+    }
+
     /// Checks for abort and for messages from the destination without waiting.
     fn poll(&self, session: &Session) -> Result<(), MigrateError> {
         if self.abort.load(Ordering::Relaxed) {
@@ -559,10 +596,10 @@ impl Run<'_> {
         }
         while let Ok(m) = session.from_dest.try_recv() {
             match m {
-                Ok(ToSource::IterationAck { .. }) => {}
+                Ok(ToSource::IterationAck { iteration }) => self.ack(iteration),
                 Ok(ToSource::Failed { reason }) => return Err(MigrateError::Peer(reason)),
                 Ok(other) => return Err(MigrateError::Peer(format!("unexpected {other:?}"))),
-                Err(e) => return Err(MigrateError::Peer(format!("control connection lost: {e}"))),
+                Err(e) => return Err(MigrateError::LinkLost(format!("control connection: {e}"))),
             }
         }
         Ok(())
@@ -580,18 +617,18 @@ impl Run<'_> {
                 .from_dest
                 .recv_timeout(left.min(Duration::from_millis(100)))
             {
-                Ok(Ok(ToSource::IterationAck { .. })) => {}
+                Ok(Ok(ToSource::IterationAck { iteration })) => self.ack(iteration),
                 Ok(Ok(ToSource::Failed { reason })) => return Err(MigrateError::Peer(reason)),
                 Ok(Ok(m)) => return Ok(m),
                 Ok(Err(e)) => {
-                    return Err(MigrateError::Peer(format!("control connection lost: {e}")));
+                    return Err(MigrateError::LinkLost(format!("control connection: {e}")));
                 }
                 Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
                     return Err(MigrateError::Timeout(self.opts.timeout.as_secs(), what));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrateError::Peer("control connection lost".into()));
+                    return Err(MigrateError::LinkLost("control connection closed".into()));
                 }
             }
         }
@@ -648,7 +685,7 @@ impl Run<'_> {
         let scanned_before = pipeline.pages_scanned.load(Ordering::Relaxed);
         pipeline
             .send_pages(it, pages)
-            .map_err(|_| MigrateError::Peer("pipeline stopped".into()))?;
+            .map_err(|_| MigrateError::LinkLost("the data plane stopped".into()))?;
         // A destination that stops taking data (or a link that stops carrying it) blocks
         // the sends: no byte moving for the timeout fails the iteration.
         let (mut last_wire, mut moved) =
@@ -677,9 +714,228 @@ impl Run<'_> {
             match pipeline.wait_flushed_timeout(it, Duration::from_millis(100)) {
                 Ok(Some(frames)) => return Ok(frames),
                 Ok(None) => {}
-                Err(_) => return Err(MigrateError::Peer("pipeline stopped".into())),
+                Err(_) => return Err(MigrateError::LinkLost("the data plane stopped".into())),
             }
         }
+    }
+
+    /// One pre-copy iteration: sends `next`, then replaces it with the pages dirtied
+    /// meanwhile. Returns the reason to stop, if the policy (or the group) says stop.
+    #[allow(clippy::too_many_arguments)]
+    fn iteration(
+        &mut self,
+        session: &mut Session,
+        pipeline: &mut SourcePipeline,
+        it: u32,
+        next: &mut DirtyBitmap,
+        unacked: &mut Vec<(u32, DirtyBitmap)>,
+        decider: &mut StopDecider,
+        reports: &mut Vec<IterationRecord>,
+    ) -> Result<Option<super::StopReason>, MigrateError> {
+        let pages = self.guest.page_count();
+        let sent = next.count();
+        let wire_before = pipeline.wire_bytes.load(Ordering::Relaxed);
+        let t = Instant::now();
+        self.update(|s| {
+            s.iteration = it;
+            s.remaining = sent;
+        });
+        let acked = self.acked.get();
+        unacked.retain(|(i, _)| *i > acked);
+        unacked.push((it, next.clone()));
+        let frames = self.send_iteration(session, pipeline, it, next.clone())?;
+        session.tx.send(&ToDest::IterationEnd {
+            iteration: it,
+            frames,
+        })?;
+        // From here a broken link resends `unacked` (which holds this iteration's pages)
+        // and `next` (the pages dirtied since).
+        *next = DirtyBitmap::new(pages);
+        self.guest.collect_dirty(next)?;
+        pipeline.digests.invalidate_dirty(next);
+        let dirtied = next.count();
+        let report = IterationReport {
+            iteration: it,
+            sent,
+            dirtied,
+            wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed) - wire_before,
+            duration: t.elapsed(),
+        };
+        let own = decider.after_iteration(&report);
+        let decision = self.group_decision(
+            own,
+            Progress {
+                iteration: it,
+                sent,
+                dirtied,
+                remaining: dirtied,
+                final_copy_ms: decider.estimate(dirtied).map(millis),
+                iteration_ms: millis(report.duration),
+                wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed),
+                ready: matches!(own, Decision::Stop(_)),
+            },
+            report.duration,
+        )?;
+        reports.push(IterationRecord {
+            iteration: it,
+            sent,
+            dirtied,
+            wire_bytes: report.wire_bytes,
+            ms: millis(report.duration),
+        });
+        let codec = pipeline.codec_totals();
+        self.update(|s| {
+            s.pages_sent += sent;
+            s.last_sent = sent;
+            s.last_dirtied = dirtied;
+            s.remaining = dirtied;
+            s.wire_bytes = pipeline.wire_bytes.load(Ordering::Relaxed);
+            s.rate_bps = decider.rate();
+            s.expected_downtime_ms = decider.estimate(dirtied).map(millis);
+            s.eta_ms = s.expected_downtime_ms;
+            s.set_codec(&codec);
+        });
+        tracing::info!(
+            migration = self.id,
+            it,
+            sent,
+            dirtied,
+            ?decision,
+            "iteration done"
+        );
+        if let Decision::Stop(reason) = decision {
+            return Ok(Some(reason));
+        }
+        self.poll(session)?;
+        Ok(None)
+    }
+
+    /// Pre-copy lost its link in iteration `it` (`cause`): reconnects, with backoff, within
+    /// the resume policy's bounds, and leaves in `next` every page the destination may not
+    /// hold as it is now: those of the iterations it did not acknowledge, and those dirtied
+    /// since. Both ends start new pipelines, so both codec caches start empty together.
+    fn resume(
+        &mut self,
+        session: &mut Session,
+        pipeline: &mut SourcePipeline,
+        cause: &MigrateError,
+        it: u32,
+        next: &mut DirtyBitmap,
+        unacked: &mut Vec<(u32, DirtyBitmap)>,
+    ) -> Result<(), MigrateError> {
+        let policy = self.opts.resume;
+        let why = cause.to_string();
+        tracing::warn!(
+            migration = self.id,
+            it,
+            "pre-copy lost its link: {why}; reconnecting (at most {} attempts in {} s)",
+            policy.attempts,
+            policy.within.as_secs()
+        );
+        session.teardown();
+        if let Err(e) = pipeline.finish() {
+            let e = MigrateError::from(e);
+            if !e.is_link_lost() {
+                return Err(e);
+            }
+        }
+        self.update(|s| {
+            s.phase = Phase::Reconnecting;
+            s.link_error = Some(why.clone());
+        });
+        let broke = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut tried = 0;
+        let mut last = why.clone();
+        while tried < policy.attempts {
+            let left = policy.within.saturating_sub(broke.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            self.sleep(backoff.min(left))?;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tried += 1;
+            match self.reconnect(tried, it + 1) {
+                Ok((s, mut p, acked)) => {
+                    p.carry_over(pipeline);
+                    *session = s;
+                    *pipeline = p;
+                    self.acked.set(acked);
+                    for (_, pages) in unacked.drain(..).filter(|(i, _)| *i > acked) {
+                        next.merge(&pages);
+                    }
+                    self.guest.collect_dirty(next)?;
+                    let resend = next.count();
+                    self.update(|s| {
+                        s.phase = Phase::Iterating;
+                        s.resumes += 1;
+                        s.remaining = resend;
+                    });
+                    tracing::info!(
+                        migration = self.id,
+                        attempt = tried,
+                        acked,
+                        resend,
+                        "pre-copy resumed"
+                    );
+                    return Ok(());
+                }
+                // The destination is unreachable, or the link broke again: try again.
+                Err(e) if e.is_link_lost() || matches!(e, MigrateError::Connect(..)) => {
+                    tracing::warn!(migration = self.id, attempt = tried, "reconnecting: {e}");
+                    last = e.to_string();
+                }
+                // It refused (it no longer holds the migration), a wrong key, an abort.
+                Err(e) => return Err(e),
+            }
+        }
+        Err(MigrateError::LinkLost(format!(
+            "{}; gave up reconnecting after {tried} attempt(s) in {} s (last: {last})",
+            cause.detail(),
+            broke.elapsed().as_secs()
+        )))
+    }
+
+    /// One reconnection: a new session whose destination agrees to go on with iteration
+    /// `iteration`; returns it with the last iteration the destination acknowledged.
+    fn reconnect(
+        &self,
+        attempt: u32,
+        iteration: u32,
+    ) -> Result<(Session, SourcePipeline, u32), MigrateError> {
+        let (mut session, mut pipeline) = self.connect(attempt)?;
+        let answer = session
+            .tx
+            .send(&ToDest::Resume { iteration })
+            .map_err(MigrateError::from)
+            .and_then(|()| self.expect(&session, "resuming"));
+        match answer {
+            Ok(ToSource::Resumed { acked }) if acked < iteration => Ok((session, pipeline, acked)),
+            other => {
+                session.teardown();
+                let _ = pipeline.finish();
+                Err(match other {
+                    Ok(m) => MigrateError::Peer(format!("expected Resumed, got {m:?}")),
+                    Err(e) => e,
+                })
+            }
+        }
+    }
+
+    /// Waits `d`, or less if the operator aborts.
+    fn sleep(&self, d: Duration) -> Result<(), MigrateError> {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(MigrateError::Aborted);
+            }
+            std::thread::sleep(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50)),
+            );
+        }
+        Ok(())
     }
 
     fn precopy_and_switch(
@@ -692,80 +948,31 @@ impl Run<'_> {
         let mut decider = StopDecider::new(o.policy, o.downtime_limit, pages);
         let mut next = DirtyBitmap::full(pages);
         let mut reports = Vec::new();
+        // Pages sent in iterations the destination has not acknowledged yet: resent if the
+        // link breaks.
+        let mut unacked = Vec::new();
         let mut it = 0u32;
         self.update(|s| s.phase = Phase::Iterating);
 
         let reason = loop {
             it += 1;
-            let sent = next.count();
-            let wire_before = pipeline.wire_bytes.load(Ordering::Relaxed);
-            let t = Instant::now();
-            self.update(|s| {
-                s.iteration = it;
-                s.remaining = sent;
-            });
-            let frames = self.send_iteration(session, pipeline, it, next)?;
-            session.tx.send(&ToDest::IterationEnd {
-                iteration: it,
-                frames,
-            })?;
-            next = DirtyBitmap::new(pages);
-            self.guest.collect_dirty(&mut next)?;
-            pipeline.digests.invalidate_dirty(&next);
-            let dirtied = next.count();
-            let report = IterationReport {
-                iteration: it,
-                sent,
-                dirtied,
-                wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed) - wire_before,
-                duration: t.elapsed(),
-            };
-            let own = decider.after_iteration(&report);
-            let decision = self.group_decision(
-                own,
-                Progress {
-                    iteration: it,
-                    sent,
-                    dirtied,
-                    remaining: dirtied,
-                    final_copy_ms: decider.estimate(dirtied).map(millis),
-                    iteration_ms: millis(report.duration),
-                    wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed),
-                    ready: matches!(own, Decision::Stop(_)),
-                },
-                report.duration,
-            )?;
-            reports.push(IterationRecord {
-                iteration: it,
-                sent,
-                dirtied,
-                wire_bytes: report.wire_bytes,
-                ms: millis(report.duration),
-            });
-            let codec = pipeline.codec_totals();
-            self.update(|s| {
-                s.pages_sent += sent;
-                s.last_sent = sent;
-                s.last_dirtied = dirtied;
-                s.remaining = dirtied;
-                s.wire_bytes = pipeline.wire_bytes.load(Ordering::Relaxed);
-                s.rate_bps = decider.rate();
-                s.expected_downtime_ms = decider.estimate(dirtied).map(millis);
-                s.eta_ms = s.expected_downtime_ms;
-                s.set_codec(&codec);
-            });
-            tracing::info!(
-                migration = self.id,
+            let step = self.iteration(
+                session,
+                pipeline,
                 it,
-                sent,
-                dirtied,
-                ?decision,
-                "iteration done"
+                &mut next,
+                &mut unacked,
+                &mut decider,
+                &mut reports,
             );
-            if let Decision::Stop(reason) = decision {
-                break reason;
+            match step {
+                Ok(Some(reason)) => break reason,
+                Ok(None) => {}
+                Err(e) if e.is_link_lost() && o.resume.attempts > 0 => {
+                    self.resume(session, pipeline, &e, it, &mut next, &mut unacked)?;
+                }
+                Err(e) => return Err(e),
             }
-            self.poll(session)?;
         };
 
         // Stop and copy.

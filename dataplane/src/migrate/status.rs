@@ -26,6 +26,10 @@ pub enum Phase {
     Preparing,
     /// Pre-copy: the guest runs while memory is copied.
     Iterating,
+    /// Pre-copy lost its link: the source reconnects (with backoff, within its bounds) and
+    /// goes on from the last iteration the destination acknowledged; the destination holds
+    /// what it received until then. The guest runs at the source.
+    Reconnecting,
     /// The guest is paused; the last pages and the state go over.
     StopAndCopy,
     /// The destination checks it holds everything.
@@ -132,6 +136,12 @@ pub struct MigrationStatus {
     /// The network switchover: where the guest was announced, and how it went.
     #[serde(default)]
     pub network: Option<String>,
+    /// Times pre-copy resumed after its link broke.
+    #[serde(default)]
+    pub resumes: u32,
+    /// Why the link last broke (kept after it resumed).
+    #[serde(default)]
+    pub link_error: Option<String>,
     /// Memory digests matched at both ends.
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
@@ -167,6 +177,8 @@ impl MigrationStatus {
             disk: None,
             disk_error: None,
             network: None,
+            resumes: 0,
+            link_error: None,
             verified: None,
             error: None,
         }

@@ -121,6 +121,8 @@ pub struct SinkPipeline {
     pub stats: Arc<Mutex<Vec<CodecStats>>>,
     /// Digest chunks hashed as their pages landed in order (valid once the threads end).
     pub digests: Arc<ChunkDigests>,
+    /// Codec counters of the pipelines this one resumed from.
+    carried: CodecStats,
 }
 
 impl SinkPipeline {
@@ -208,12 +210,22 @@ impl SinkPipeline {
             wire_bytes,
             stats,
             digests,
+            carried: CodecStats::default(),
         })
     }
 
-    /// Codec counters summed over the streams.
+    /// A resumed migration's new pipeline counts on from `old`'s figures (wire bytes, codec
+    /// counters); `old` has stopped.
+    pub fn carry_over(&mut self, old: &SinkPipeline) {
+        let wire = old.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        self.wire_bytes
+            .fetch_add(wire, std::sync::atomic::Ordering::Relaxed);
+        self.carried = old.codec_totals();
+    }
+
+    /// Codec counters summed over the streams (and the pipelines this one resumed from).
     pub fn codec_totals(&self) -> CodecStats {
-        let mut t = CodecStats::default();
+        let mut t = self.carried.clone();
         for s in self.stats.lock().expect("stats lock").iter() {
             t.add(s);
         }

@@ -7,6 +7,7 @@
 
 use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -89,6 +90,8 @@ pub struct SourcePipeline {
     partial: (u32, Vec<Option<u64>>),
     /// Dropping it stops the `auto` compression controller.
     stop_auto: Option<Sender<()>>,
+    /// Codec counters of the pipelines this one resumed from.
+    carried: CodecStats,
 }
 
 impl SourcePipeline {
@@ -206,6 +209,7 @@ impl SourcePipeline {
             streams: n,
             partial: (0, Vec::new()),
             stop_auto,
+            carried: CodecStats::default(),
         })
     }
 
@@ -241,9 +245,21 @@ impl SourcePipeline {
         ))
     }
 
-    /// Codec counters summed over the streams.
+    /// A resumed migration's new pipeline counts on from `old`'s figures (wire bytes, pages
+    /// scanned, codec counters); `old` has finished.
+    pub fn carry_over(&mut self, old: &SourcePipeline) {
+        let (wire, scanned) = (
+            old.wire_bytes.load(Relaxed),
+            old.pages_scanned.load(Relaxed),
+        );
+        self.wire_bytes.fetch_add(wire, Relaxed);
+        self.pages_scanned.fetch_add(scanned, Relaxed);
+        self.carried = old.codec_totals();
+    }
+
+    /// Codec counters summed over the streams (and the pipelines this one resumed from).
     pub fn codec_totals(&self) -> CodecStats {
-        let mut t = CodecStats::default();
+        let mut t = self.carried.clone();
         for s in self.stats.lock().expect("stats lock").iter() {
             t.add(s);
         }

@@ -99,6 +99,20 @@ pub struct Hello {
     pub guest: String,
     /// Where the guest lands, if the operator chose (see `SourceGuest::destination`).
     pub destination: Option<String>,
+    /// 0 for a new migration; n > 0 for the source's n-th reconnection of a migration whose
+    /// link broke in pre-copy (the destination holds what it received and goes on).
+    pub resume: u32,
+}
+
+impl Hello {
+    /// SHA-256 of the Hello as sent: both ends mix it into the migration's keys, so a Hello
+    /// altered on the way (its size, codec or resume fields) leaves the two ends with
+    /// different keys, and the first sealed message fails to open.
+    pub fn transcript(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let bytes = postcard::to_allocvec(self).expect("a Hello always serializes");
+        sha2::Sha256::digest(bytes).into()
+    }
 }
 
 /// Destination -> source: accepted (with its nonce) or refused (with why).
@@ -192,7 +206,7 @@ pub fn read_welcome(
         } => {
             let keys = MigrationKeys::derive(
                 psk,
-                hello.migration_id,
+                &hello.transcript(),
                 &HandshakeNonce(hello.source_nonce),
                 &HandshakeNonce(dest_nonce),
             );
@@ -230,7 +244,7 @@ pub fn send_welcome(
     })?;
     let keys = MigrationKeys::derive(
         psk,
-        hello.migration_id,
+        &hello.transcript(),
         &HandshakeNonce(hello.source_nonce),
         &dest_nonce,
     );
@@ -341,6 +355,7 @@ mod tests {
                 backend: "synthetic".into(),
                 guest: "g".into(),
                 destination: None,
+                resume: 0,
             };
             let bytes = postcard::to_allocvec(&hello).unwrap();
             let back: Hello = postcard::from_bytes(&bytes).unwrap();

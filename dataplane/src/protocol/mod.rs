@@ -48,8 +48,9 @@ use crate::crypto::OpenError;
 /// 3: a state blob larger than a control frame goes ahead of `Final` in `StatePart`s.
 /// 4: the Hello names where the guest lands (`destination`: a Xen domain id).
 /// 5: `Prepare`/`Prepared` before iteration 1 (the disk and the network switchover), and
-/// `Paused` at the pause.
-pub const VERSION: u16 = 5;
+/// `Paused` at the pause. 6: the Hello is bound into the keys, and a broken pre-copy resumes
+/// (`Hello::resume`, `Resume`/`Resumed`).
+pub const VERSION: u16 = 6;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).
@@ -125,6 +126,13 @@ pub enum ToDest {
     },
     /// The source has handed the guest over: start it.
     Commit,
+    /// First message of a resumed session (a Hello with `resume` > 0): the link broke
+    /// during pre-copy and the source goes on with iteration `iteration`. The destination
+    /// answers `Resumed`.
+    Resume {
+        /// The iteration the source sends next.
+        iteration: u32,
+    },
     /// Stop; discard everything.
     Abort {
         /// Why, for the destination's status.
@@ -151,6 +159,12 @@ pub enum ToSource {
     },
     /// The guest runs at the destination.
     Started,
+    /// Answer to `Resume`: the last iteration whose every frame was decoded here (0: none).
+    /// The source resends every page of the iterations after it, and those dirtied since.
+    Resumed {
+        /// Last acknowledged iteration.
+        acked: u32,
+    },
     /// The destination cannot go on; it discards what it received.
     Failed {
         /// Why.

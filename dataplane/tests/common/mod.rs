@@ -33,7 +33,7 @@ impl Rng {
 pub fn keys(psk: u8) -> MigrationKeys {
     MigrationKeys::derive(
         &PreSharedKey::from_bytes([psk; 32]),
-        42,
+        &[42; 32],
         &HandshakeNonce([1; 32]),
         &HandshakeNonce([2; 32]),
     )

@@ -201,6 +201,7 @@ fn spawn_destination(
 ) -> std::io::Result<DestThread> {
     let abort = abort.clone();
     let opts = DestOptions {
+        resume_window: std::time::Duration::from_secs(120),
         psk,
         socket: SocketOptions::default(),
         pin_threads: false,
@@ -247,6 +248,7 @@ pub fn run(spec: &RunSpec, id: u64) -> Result<RunResult, String> {
     let dest = spawn_destination(listener, psk.clone(), pages, spec.streams, &dest_abort)
         .map_err(|e| format!("destination thread: {e}"))?;
     let opts = SourceOptions {
+        resume: Default::default(),
         peer: link.local_addr(),
         psk,
         streams: spec.streams,

@@ -1,0 +1,98 @@
+//! Resume instead of restart: pre-copy whose link breaks reconnects and goes on from the
+//! last iteration the destination acknowledged, between two real skyferryd with a relay
+//! between them that cuts every connection.
+
+use skyferry_tests::relay::Relay;
+use skyferry_tests::{Daemon, is_final};
+
+/// A guest whose pre-copy lasts many iterations at this rate, each long enough to strike in.
+const GUEST: &[&str] = &[
+    "--workload",
+    "tpcw",
+    "--mem",
+    "64MiB",
+    "--speed",
+    "6",
+    "--policy",
+    "xen-default",
+    "--max-bandwidth",
+    "40MB/s",
+];
+
+fn wire(s: &serde_json::Value) -> u64 {
+    s["wire_bytes"].as_u64().expect("wire_bytes")
+}
+
+#[test]
+fn a_cut_in_iteration_3_resumes_and_sends_less_than_a_restart() {
+    let dst = Daemon::start("resume-d", 1, true, "");
+    let src = Daemon::start("resume-s", 1, false, "");
+    let relay = Relay::new(dst.listen.unwrap());
+
+    let id = src.start_migration(relay.addr, GUEST);
+    let before = src.wait_for(&id, 120, |s| {
+        (s["phase"] == "iterating" && s["iteration"].as_u64() >= Some(3)) || is_final(s)
+    });
+    assert!(!is_final(&before), "ended before iteration 3: {before}");
+    relay.cut();
+    let at_cut = wire(&src.status(&id));
+    let s = src.wait_for(&id, 120, is_final);
+    let d = dst.wait_for(&id, 60, is_final);
+    assert_eq!(s["phase"], "completed", "source: {s}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(d["phase"], "completed", "destination: {d}");
+    assert_eq!(d["verified"], true, "{d}");
+    assert!(s["resumes"].as_u64() >= Some(1), "{s}");
+    assert!(d["resumes"].as_u64() >= Some(1), "{d}");
+    assert!(
+        s["link_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "the status says why the link broke: {s}"
+    );
+    let resumed_total = wire(&s);
+    let after_cut = resumed_total - at_cut;
+
+    // The alternative: start over. The same guest, migrated whole, with nothing cut.
+    let fresh = src.start_migration(dst.listen.unwrap(), GUEST);
+    let f = src.wait_for(&fresh, 120, is_final);
+    assert_eq!(f["phase"], "completed", "{f}");
+    let restart_total = at_cut + wire(&f);
+    eprintln!(
+        "cut in iteration {}: {at_cut} bytes before the cut; resumed: {after_cut} bytes after \
+         it, {resumed_total} in all; restarted: {} bytes for a new migration, {restart_total} \
+         in all; resume saved {} bytes ({:.0}%)",
+        before["iteration"],
+        wire(&f),
+        restart_total - resumed_total,
+        100.0 * (restart_total - resumed_total) as f64 / restart_total as f64
+    );
+    assert!(
+        after_cut < wire(&f),
+        "going on cost {after_cut} bytes, starting over {}",
+        wire(&f)
+    );
+}
+
+#[test]
+fn a_destination_that_lost_the_migration_refuses_the_reconnection() {
+    // The destination daemon restarts mid-pre-copy: the new one does not hold the
+    // migration, says so, and the source stops trying at once (its guest runs on).
+    let mut dst = Daemon::start("resume-gone-d", 1, true, "");
+    let src = Daemon::start("resume-gone-s", 1, false, "");
+    let relay = Relay::new(dst.listen.unwrap());
+    let id = src.start_migration(relay.addr, GUEST);
+    src.wait_for(&id, 120, |s| {
+        s["iteration"].as_u64() >= Some(2) || is_final(s)
+    });
+    dst.kill();
+    let again = Daemon::start_at("resume-gone-d2", 1, dst.listen.unwrap(), "");
+    let t = std::time::Instant::now();
+    let s = src.wait_for(&id, 60, is_final);
+    assert_eq!(s["phase"], "failed", "{s}");
+    let why = s["error"].as_str().unwrap_or_default();
+    assert!(why.contains("not held here for resuming"), "{why}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "the refusal ended the retries"
+    );
+    drop(again);
+}
