@@ -155,3 +155,83 @@ fn a_peer_without_the_key_makes_the_destination_allocate_nothing() {
     let s = migrate_small(&src, &dst);
     assert_eq!(s["phase"], "completed", "{s}");
 }
+
+#[test]
+fn a_reconnection_is_taken_only_from_the_source_with_the_key() {
+    use dataplane::codec::CodecConfig;
+    use dataplane::crypto::PreSharedKey;
+    use dataplane::protocol::{Hello, ProtocolError, VERSION, send_hello};
+
+    let dst = Daemon::start("hostile-resume-dst", 1, true, "");
+    let mut src = Daemon::start("hostile-resume-src", 1, false, "");
+    let addr = dst.listen.unwrap();
+    let id = src.start_migration(
+        addr,
+        &[
+            "--workload",
+            "tpcw",
+            "--mem",
+            "64MiB",
+            "--max-bandwidth",
+            "40MB/s",
+            "--policy",
+            "xen-default",
+        ],
+    );
+    src.wait_for(&id, 60, |s| {
+        s["iteration"].as_u64() >= Some(2) || is_final(s)
+    });
+    // The source dies in pre-copy: the destination holds what arrived, for its return.
+    src.kill();
+    let d = dst.wait_for(&id, 30, |s| s["phase"] == "reconnecting" || is_final(s));
+    assert_eq!(d["phase"], "reconnecting", "{d}");
+    let id_num = u64::from_str_radix(&id, 16).unwrap();
+    let intruder = |migration_id: u64, guest_pages: u64| {
+        let hello = Hello {
+            version: VERSION,
+            migration_id,
+            source_nonce: [3; 32],
+            guest_pages,
+            streams: 2,
+            codec: CodecConfig::default(),
+            frame_size: 65536,
+            backend: "synthetic".into(),
+            guest: "intruder".into(),
+            destination: None,
+            resume: 1,
+        };
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        send_hello(&mut c, &PreSharedKey::from_bytes([0x42; 32]), &hello)
+    };
+    // A reconnection to a migration nobody holds: refused, with the reason.
+    match intruder(0xdead, 16384) {
+        Err(ProtocolError::Refused(why)) => {
+            assert!(why.contains("not held here for resuming"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // To the held one, describing another migration, or without the key: refused, and
+    // the wait goes on.
+    let refused = intruder(id_num, 1);
+    assert!(
+        matches!(&refused, Err(ProtocolError::Refused(w)) if w.contains("same migration")),
+        "{refused:?}"
+    );
+    let no_key = intruder(id_num, 16384);
+    assert!(no_key.is_err(), "{no_key:?}");
+    let d = dst.status(&id);
+    assert_eq!(d["phase"], "reconnecting", "{d}");
+    // Nobody with the key came back: discarded once the window (20 s here) has passed.
+    let d = dst.wait_for(&id, 60, is_final);
+    assert_eq!(d["phase"], "failed", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not reconnect within"),
+        "{d}"
+    );
+    let src = Daemon::start("hostile-resume-src2", 1, false, "");
+    assert_eq!(migrate_small(&src, &dst)["phase"], "completed");
+}

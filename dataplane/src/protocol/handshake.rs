@@ -362,4 +362,52 @@ mod tests {
             assert_eq!(back, hello);
         }
     }
+
+    #[test]
+    fn a_hello_altered_on_the_way_fails_the_key_check() {
+        let psk = crate::crypto::PreSharedKey::from_bytes([5; 32]);
+        let sent = Hello {
+            version: VERSION,
+            migration_id: 9,
+            source_nonce: [4; 32],
+            guest_pages: 1 << 18,
+            streams: 2,
+            codec: CodecConfig::default(),
+            frame_size: 65536,
+            backend: "synthetic".into(),
+            guest: "g".into(),
+            destination: None,
+            resume: 0,
+        };
+        let welcome_for = |received: &Hello| {
+            let mut wire = Vec::new();
+            send_welcome(&mut wire, &psk, received, Ok(())).unwrap();
+            wire
+        };
+        // Untouched: the source accepts the Welcome.
+        assert!(read_welcome(&mut welcome_for(&sent).as_slice(), &psk, &sent).is_ok());
+        // Each field a man in the middle might change: the two ends' keys differ.
+        let altered = [
+            Hello {
+                guest_pages: 1 << 19,
+                ..sent.clone()
+            },
+            Hello {
+                resume: 1,
+                ..sent.clone()
+            },
+            Hello {
+                codec: CodecConfig::baseline(),
+                ..sent.clone()
+            },
+            Hello {
+                destination: Some("7".into()),
+                ..sent.clone()
+            },
+        ];
+        for a in &altered {
+            let r = read_welcome(&mut welcome_for(a).as_slice(), &psk, &sent);
+            assert!(matches!(r, Err(ProtocolError::WrongKey)), "{a:?}: {r:?}");
+        }
+    }
 }

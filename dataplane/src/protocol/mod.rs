@@ -194,7 +194,8 @@ pub enum ProtocolError {
     NotSkyferry(String),
     /// the peers' pre-shared keys differ
     #[error(
-        "the peer's pre-shared key differs from ours: check that both hosts have the same key file"
+        "the peer's key check failed: its pre-shared key differs from ours (check that both \
+         hosts have the same key file), or the Hello was altered on the way"
     )]
     WrongKey,
     /// the destination refused the migration
