@@ -29,6 +29,17 @@
 //! Before Commit either side may send Abort/Failed: the guest keeps (or resumes) running at
 //! the source and the destination discards what it received, rolls its disk back, and
 //! stops announcing; the source announces the guest again where it resumes.
+//!
+//! When the link breaks between Prepared and Paused, the source reconnects:
+//!
+//! ```text
+//!   |-- Hello{resume: n, same migration} ------>|   routed to the migration held here
+//!   |<- Welcome --------------------------------|   new nonces, new keys
+//!   |== new data connections ==================>|   new pipelines, empty caches at both ends
+//!   |-- Resume{iteration} --------------------->|
+//!   |<- Resumed{acked} -------------------------|   last iteration fully decoded here
+//!   |-- (pages of iterations after acked and those dirtied since, as the next iteration)
+//! ```
 
 pub mod control;
 pub mod handshake;
