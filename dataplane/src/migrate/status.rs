@@ -132,6 +132,10 @@ pub struct MigrationStatus {
     /// The network switchover: where the guest was announced, and how it went.
     #[serde(default)]
     pub network: Option<String>,
+    /// What a guest that checks itself (the `kvm` backend's) says: at the source as it
+    /// paused, at the destination as it runs there.
+    #[serde(default)]
+    pub guest_check: Option<crate::guest::GuestCheck>,
     /// Memory digests matched at both ends.
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
@@ -167,6 +171,7 @@ impl MigrationStatus {
             disk: None,
             disk_error: None,
             network: None,
+            guest_check: None,
             verified: None,
             error: None,
         }
