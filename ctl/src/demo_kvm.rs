@@ -186,7 +186,7 @@ fn migrate_kvm(
         let _ = t.wait_arrival_sweep(SWEEP_TIMEOUT);
         let deadline = Instant::now() + RESUME_TIMEOUT;
         let mut check = t.self_check().unwrap_or_default();
-        while !check.progress_at_switch.is_some_and(|p| check.progress > p)
+        while check.progress_at_switch.is_none_or(|p| check.progress <= p)
             && Instant::now() < deadline
             && check.failure.is_none()
         {

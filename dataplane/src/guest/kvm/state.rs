@@ -402,8 +402,10 @@ mod tests {
 
     /// A plausible state, without a vCPU.
     fn sample() -> VcpuState {
-        let mut sregs = kvm_sregs::default();
-        sregs.cr0 = 0x11;
+        let mut sregs = kvm_sregs {
+            cr0: 0x11,
+            ..Default::default()
+        };
         sregs.cs.present = 1;
         sregs.cs.selector = 8;
         let mut fpu = kvm_fpu {

@@ -117,7 +117,7 @@ impl GuestRam {
     fn word32(&self, gpa: u32) -> &AtomicU32 {
         let at = usize::try_from(gpa).expect("32-bit address");
         assert!(
-            gpa % 4 == 0 && at + 4 <= self.len(),
+            gpa.is_multiple_of(4) && at + 4 <= self.len(),
             "guest word {gpa:#x} misaligned or beyond RAM"
         );
         // SAFETY: in bounds and 4-byte aligned (checked above) inside the live mapping; see
