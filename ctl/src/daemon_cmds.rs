@@ -28,9 +28,11 @@ pub struct StartArgs {
     /// Destination daemon's migration address, host:port.
     #[arg(long)]
     to: String,
-    /// The guest: `synthetic` (one this daemon creates, see --workload), `qemu:QMP_SOCKET`
-    /// (a running QEMU guest whose RAM is the shared file --ram-file), or `xen:DOMID` (an HVM
-    /// domain, with skyferryd in dom0; see --dest-domid).
+    /// The guest: `synthetic` (one this daemon creates, see --workload), `kvm` (a KVM
+    /// micro-VM this daemon boots with the self-checking test guest, sized by --mem, its
+    /// writes following --workload at --speed), `qemu:QMP_SOCKET` (a running QEMU guest whose
+    /// RAM is the shared file --ram-file), or `xen:DOMID` (an HVM domain, with skyferryd in
+    /// dom0; see --dest-domid).
     #[arg(long, default_value = "synthetic", value_name = "SPEC", value_parser = guest_spec)]
     guest: GuestSpec,
     /// RAM file of a QEMU guest: the mem-path of its memory-backend-file (share=on).
@@ -190,6 +192,7 @@ fn statuses(socket: &Path, id: Option<u64>) -> Result<Vec<MigrationStatus>, Stri
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum GuestSpec {
     Synthetic,
+    Kvm,
     Qemu(std::path::PathBuf),
     Xen(u32),
 }
@@ -197,13 +200,15 @@ enum GuestSpec {
 fn guest_spec(s: &str) -> Result<GuestSpec, String> {
     match s.split_once(':') {
         None if s == "synthetic" => Ok(GuestSpec::Synthetic),
+        None if s == "kvm" => Ok(GuestSpec::Kvm),
         Some(("qemu", qmp)) if !qmp.is_empty() => Ok(GuestSpec::Qemu(qmp.into())),
         Some(("xen", domid)) => domid
             .parse()
             .map(GuestSpec::Xen)
             .map_err(|_| format!("{s:?}: xen:DOMID takes a domain id, a number")),
         _ => Err(format!(
-            "{s:?}: use synthetic, qemu:QMP_SOCKET (the guest's QMP Unix socket) or xen:DOMID"
+            "{s:?}: use synthetic, kvm, qemu:QMP_SOCKET (the guest's QMP Unix socket) or \
+             xen:DOMID"
         )),
     }
 }
@@ -244,6 +249,7 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         to: a.to.clone(),
         qemu,
         xen,
+        kvm: a.guest == GuestSpec::Kvm,
         group: a.group.clone(),
         group_size: a.group_size,
         group_failure: a.group_failure.clone(),

@@ -50,8 +50,9 @@ const MIN_MEM: u64 = 1 << 20;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The guest: synthetic (memory filled and rewritten like the paper's workloads, in this
-    /// process) or qemu (the QEMU test guest, booted here and live-migrated between two
-    /// QEMUs; see `skyferry test-guest`).
+    /// process), qemu (the QEMU test guest, booted here and live-migrated between two
+    /// QEMUs; see `skyferry test-guest`) or kvm (a KVM micro-VM running the self-checking
+    /// test guest, whose writes follow --workload at --speed).
     #[arg(long, value_enum, default_value_t = GuestKind::Synthetic, value_name = "KIND")]
     pub(crate) guest: GuestKind,
     /// QEMU accelerator (--guest qemu): tcg works everywhere, kvm needs /dev/kvm.
@@ -60,9 +61,9 @@ pub struct Args {
     /// Workload of the synthetic guest: kernel (compile), tpcw (database), specjbb (Java
     /// heap) or idle.
     #[arg(long, default_value = "tpcw", value_name = "NAME")]
-    workload: Workload,
+    pub(crate) workload: Workload,
     /// Guest memory (binary units: 1G = 1GiB = 1024 MiB) [default: 1GiB synthetic, 256MiB
-    /// qemu].
+    /// qemu, 4MiB kvm].
     #[arg(
         long,
         value_name = "SIZE",
@@ -110,10 +111,10 @@ pub struct Args {
         value_parser = parse_speed,
         allow_hyphen_values = true,
     )]
-    speed: f64,
+    pub(crate) speed: f64,
     /// Seed of the synthetic guest's content and writes (the same seed makes the same guest).
     #[arg(long, default_value_t = 1, value_name = "N")]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Print one JSON object with the results on standard output (progress, if any, goes to
     /// standard error when it is a terminal).
     #[arg(long)]
@@ -127,6 +128,8 @@ pub(crate) enum GuestKind {
     Synthetic,
     /// The QEMU test guest, between two QEMUs on this host.
     Qemu,
+    /// A KVM micro-VM running the project's self-checking test guest, in this process.
+    Kvm,
 }
 
 impl Args {
@@ -135,6 +138,7 @@ impl Args {
         self.mem.unwrap_or(match self.guest {
             GuestKind::Synthetic => SYNTHETIC_MEM,
             GuestKind::Qemu => crate::demo_qemu::DEFAULT_MEM,
+            GuestKind::Kvm => crate::demo_kvm::DEFAULT_MEM,
         })
     }
 }
@@ -232,8 +236,10 @@ pub(crate) struct Outcome {
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
-    if args.guest == GuestKind::Qemu {
-        return crate::demo_qemu::run(args);
+    match args.guest {
+        GuestKind::Qemu => return crate::demo_qemu::run(args),
+        GuestKind::Kvm => return crate::demo_kvm::run(args),
+        GuestKind::Synthetic => {}
     }
     let mem = args.mem();
     let page = PAGE_SIZE as u64;

@@ -2,6 +2,7 @@
 
 mod daemon_cmds;
 mod demo;
+mod demo_kvm;
 mod demo_qemu;
 mod keygen;
 mod progress;

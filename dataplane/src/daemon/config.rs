@@ -196,6 +196,33 @@ impl Default for QemuSection {
     }
 }
 
+/// `[kvm]`: micro-VMs this daemon hosts. At the destination its presence lets this host
+/// receive them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvmSection {
+    /// As soon as an arriving guest runs, ask it to sweep its memory (before it writes
+    /// again) and report the bad pages in `skyferry status`.
+    pub sweep_on_arrival: bool,
+}
+
+impl Default for KvmSection {
+    fn default() -> Self {
+        KvmSection {
+            sweep_on_arrival: true,
+        }
+    }
+}
+
+/// KVM settings, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvmSettings {
+    /// This host receives KVM micro-VMs (the config has a `[kvm]` section).
+    pub receive: bool,
+    /// How arriving guests are treated.
+    pub target: crate::guest::kvm::KvmTargetOptions,
+}
+
 /// QEMU settings, checked.
 #[derive(Debug, Clone)]
 pub struct QemuSettings {
@@ -312,6 +339,8 @@ pub struct DaemonConfig {
     pub qemu: Option<QemuSection>,
     /// `[xen]`
     pub xen: Option<XenSection>,
+    /// `[kvm]`
+    pub kvm: Option<KvmSection>,
     /// `[coordinator]`
     pub coordinator: CoordinatorSection,
     /// `[drbd]`
@@ -365,6 +394,8 @@ pub struct Settings {
     pub qemu: QemuSettings,
     /// Xen domains.
     pub xen: XenSettings,
+    /// KVM micro-VMs.
+    pub kvm: KvmSettings,
     /// Synchronized Arrival.
     pub coordinator: CoordinatorSettings,
     /// DRBD disks, if this host steers them.
@@ -476,6 +507,12 @@ impl DaemonConfig {
             },
             qemu: qemu_settings(c.qemu, &key)?,
             xen: xen_settings(c.xen, &key)?,
+            kvm: KvmSettings {
+                receive: c.kvm.is_some(),
+                target: crate::guest::kvm::KvmTargetOptions {
+                    sweep_on_arrival: c.kvm.unwrap_or_default().sweep_on_arrival,
+                },
+            },
             coordinator: coordinator_settings(&c.coordinator, &key)?,
             drbd: c.drbd.map(|d| drbd_settings(d, &key)).transpose()?,
             announce: c

@@ -48,6 +48,10 @@ pub struct StartRequest {
     /// A Xen domain; the synthetic fields below are then unused.
     #[serde(default)]
     pub xen: Option<XenGuestSpec>,
+    /// A KVM micro-VM this daemon boots with the test guest, its writes following
+    /// `workload` at `speed`, of `mem` bytes.
+    #[serde(default)]
+    pub kvm: bool,
     /// Synchronized Arrival: the group this migration arrives with.
     #[serde(default)]
     pub group: Option<String>,

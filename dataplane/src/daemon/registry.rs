@@ -9,6 +9,7 @@ use super::config::Settings;
 use super::control::{Request, Response, StartRequest};
 use crate::coordinator::{Coordinator, GroupOptions};
 use crate::crypto::PreSharedKey;
+use crate::guest::kvm::{KvmGuest, KvmGuestConfig, KvmTarget};
 use crate::guest::qemu::{QemuGuest, QemuSourceConfig, QemuTarget};
 use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget};
 use crate::guest::workload::Workload;
@@ -114,7 +115,20 @@ impl Registry {
                 let entries = self.entries.lock().expect("registry lock");
                 let migrations = entries
                     .iter()
-                    .map(|e| e.status.lock().expect("status lock").clone())
+                    .map(|e| {
+                        let mut s = e.status.lock().expect("status lock").clone();
+                        // A guest that checks itself says how it is doing here.
+                        if let Some(check) = e
+                            ._target
+                            .lock()
+                            .expect("slot lock")
+                            .as_ref()
+                            .and_then(|t| t.self_check())
+                        {
+                            s.guest_check = Some(check);
+                        }
+                        s
+                    })
                     .filter(|s| id.is_none_or(|id| s.id == id))
                     .collect::<Vec<_>>();
                 if let Some(id) = id
@@ -230,6 +244,7 @@ impl Registry {
                 .ram_file
                 .file_stem()
                 .map_or_else(|| "qemu-guest".into(), |s| s.to_string_lossy().into_owned()),
+            (None, None) if r.kvm => format!("kvm-{}-{:x}", r.workload, id & 0xffff),
             (None, None) => format!("{}-{:x}", r.workload, id & 0xffff),
         });
         let opts = SourceOptions {
@@ -282,7 +297,17 @@ impl Registry {
                     }
                     Err(e) => tracing::warn!(migration = id, "migration failed: {e}"),
                 }
-                let phase = status.lock().expect("status lock").phase;
+                let check = kept
+                    .lock()
+                    .expect("registry lock")
+                    .as_ref()
+                    .and_then(|g| g.self_check());
+                let mut st = status.lock().expect("status lock");
+                if check.is_some() {
+                    st.guest_check = check;
+                }
+                let phase = st.phase;
+                drop(st);
                 if matches!(phase, Phase::Completed | Phase::CommittedUnconfirmed) {
                     // It runs at the destination now and never again here: free its memory.
                     kept.lock().expect("registry lock").take();
@@ -292,7 +317,8 @@ impl Registry {
         Ok(id)
     }
 
-    /// The guest a start request names: a running QEMU guest, or a new synthetic one.
+    /// The guest a start request names: a running QEMU guest or Xen domain, or a new KVM
+    /// micro-VM or synthetic guest.
     fn source_guest(&self, r: &StartRequest) -> Result<Arc<dyn SourceGuest>, String> {
         if let Some(x) = &r.xen {
             let guest = XenGuest::open(XenSourceConfig {
@@ -317,6 +343,16 @@ impl Registry {
             .workload
             .parse()
             .map_err(|e: crate::guest::workload::UnknownWorkload| e.to_string())?;
+        if r.kvm {
+            let guest = KvmGuest::boot(&KvmGuestConfig {
+                pages: r.mem / PAGE_SIZE as u64,
+                workload,
+                seed: r.seed,
+                speed: r.speed,
+            })
+            .map_err(|e| e.to_string())?;
+            return Ok(Arc::new(guest));
+        }
         let pages = r.mem / PAGE_SIZE as u64;
         if pages == 0 {
             return Err(format!(
@@ -441,6 +477,13 @@ impl Registry {
             }
             "xen" => Err(
                 "this host does not receive Xen domains: its config has no [xen] section".into(),
+            ),
+            "kvm" if self.settings.kvm.receive => Ok(Arc::new(
+                KvmTarget::new(h.guest_pages, self.settings.kvm.target)
+                    .map_err(|e| e.to_string())?,
+            )),
+            "kvm" => Err(
+                "this host does not receive KVM micro-VMs: its config has no [kvm] section".into(),
             ),
             other => Err(format!("this host cannot run {other:?} guests")),
         }

@@ -10,6 +10,7 @@ pub mod chunk_digest;
 pub mod claims;
 pub mod dirty;
 pub mod image;
+pub mod kvm;
 pub mod qemu;
 pub mod shm;
 
@@ -124,6 +125,26 @@ pub enum GuestError {
     BadState(String),
 }
 
+/// What a guest that checks itself says about a migration (the `kvm` backend's test
+/// guest): its progress counter around the switch, whether it ran on, its own sweep of its
+/// memory, and the pause it saw on its own clock.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GuestCheck {
+    /// The progress counter when the guest paused (source) or as it arrived (destination).
+    pub progress_at_switch: Option<u64>,
+    /// The counter now.
+    pub progress: u64,
+    /// Destination: the guest has run here since the migration.
+    pub resumed: bool,
+    /// Bad pages the guest's own sweep found, once it reported.
+    pub bad_pages: Option<u64>,
+    /// The gap the guest saw between its last instruction at the source and its first
+    /// here, from its own clock, ms.
+    pub downtime_ms: Option<f64>,
+    /// Why the guest stopped for good, if it did.
+    pub failure: Option<String>,
+}
+
 /// A running guest at the source.
 ///
 /// Shared by the driver and the scan thread, so every method takes `&self`; backends
@@ -187,6 +208,11 @@ pub trait SourceGuest: Send + Sync {
     fn destination(&self) -> Option<String> {
         None
     }
+
+    /// What the guest says of itself, if it checks itself.
+    fn self_check(&self) -> Option<GuestCheck> {
+        None
+    }
 }
 
 /// Writes one stream's pages into the destination guest's memory.
@@ -222,6 +248,11 @@ pub trait DestGuest: Send + Sync {
 
     /// Starts the guest: the migration committed.
     fn start(&self) -> Result<(), GuestError>;
+
+    /// What the guest says of itself, if it checks itself.
+    fn self_check(&self) -> Option<GuestCheck> {
+        None
+    }
 }
 
 #[cfg(test)]

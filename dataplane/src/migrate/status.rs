@@ -142,6 +142,10 @@ pub struct MigrationStatus {
     /// Why the link last broke (kept after it resumed).
     #[serde(default)]
     pub link_error: Option<String>,
+    /// What a guest that checks itself (the `kvm` backend's) says: at the source as it
+    /// paused, at the destination as it runs there.
+    #[serde(default)]
+    pub guest_check: Option<crate::guest::GuestCheck>,
     /// Memory digests matched at both ends.
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
@@ -179,6 +183,7 @@ impl MigrationStatus {
             network: None,
             resumes: 0,
             link_error: None,
+            guest_check: None,
             verified: None,
             error: None,
         }
