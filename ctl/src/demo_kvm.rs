@@ -145,7 +145,6 @@ fn migrate_kvm(
         .map_err(|e| format!("cannot start the destination thread: {e}"))?;
 
     let opts = SourceOptions {
-
         resume: Default::default(),
         peer: addr,
         psk,
