@@ -371,24 +371,7 @@ fn migrate_here(
     let dest_abort = Arc::new(AtomicBool::new(false));
     let dest = spawn_destination(listener, psk.clone(), pages, args.streams, &dest_abort)?;
 
-    let opts = SourceOptions {
-        resume: Default::default(),
-        peer: addr,
-        psk,
-        streams: args.streams,
-        codec,
-        policy: args.policy,
-        downtime_limit: args.downtime_limit,
-        max_bandwidth: args.max_bandwidth.0,
-        socket: SocketOptions::default(),
-        frame_size: dataplane::frame::DEFAULT_FRAME_SIZE,
-        pin_threads: true,
-        timeout: TIMEOUT,
-        guest_label: label.clone(),
-        group: None,
-        disk: None,
-        network: None,
-    };
+    let opts = source_options(args, addr, psk, codec, &label);
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,
         Role::Source,
@@ -446,6 +429,35 @@ fn spawn_destination(
 }
 
 /// Runs the source end of the migration on its own thread.
+/// What every demo's source runs with: the demo's flags, one loopback peer, no disk, network
+/// or group.
+pub(crate) fn source_options(
+    args: &Args,
+    peer: std::net::SocketAddr,
+    psk: PreSharedKey,
+    codec: CodecConfig,
+    label: &str,
+) -> SourceOptions {
+    SourceOptions {
+        resume: Default::default(),
+        peer,
+        psk,
+        streams: args.streams,
+        codec,
+        policy: args.policy,
+        downtime_limit: args.downtime_limit,
+        max_bandwidth: args.max_bandwidth.0,
+        socket: SocketOptions::default(),
+        frame_size: dataplane::frame::DEFAULT_FRAME_SIZE,
+        pin_threads: true,
+        timeout: TIMEOUT,
+        guest_label: label.into(),
+        group: None,
+        disk: None,
+        network: None,
+    }
+}
+
 pub(crate) fn spawn_source(
     guest: Arc<dyn SourceGuest>,
     opts: SourceOptions,

@@ -14,7 +14,6 @@ use dataplane::crypto::PreSharedKey;
 use dataplane::guest::kvm::{KvmGuest, KvmGuestConfig, KvmTarget, KvmTargetOptions};
 use dataplane::guest::{DestGuest, GuestCheck, SourceGuest};
 use dataplane::migrate::dest::{DestOptions, receive};
-use dataplane::migrate::source::SourceOptions;
 use dataplane::migrate::{MigrationStatus, Role};
 use dataplane::page::PAGE_SIZE;
 use dataplane::transport::SocketOptions;
@@ -22,7 +21,8 @@ use dataplane::units::{format_duration, format_size};
 use serde_json::json;
 
 use crate::demo::{
-    Args, Outcome, POLL, TIMEOUT, join_destination, json_report, snapshot, spawn_source, verdict,
+    Args, Outcome, POLL, TIMEOUT, join_destination, json_report, snapshot, source_options,
+    spawn_source, verdict,
 };
 use crate::progress::{Progress, summary_table};
 
@@ -144,24 +144,7 @@ fn migrate_kvm(
         })
         .map_err(|e| format!("cannot start the destination thread: {e}"))?;
 
-    let opts = SourceOptions {
-        resume: Default::default(),
-        peer: addr,
-        psk,
-        streams: args.streams,
-        codec,
-        policy: args.policy,
-        downtime_limit: args.downtime_limit,
-        max_bandwidth: args.max_bandwidth.0,
-        socket: SocketOptions::default(),
-        frame_size: dataplane::frame::DEFAULT_FRAME_SIZE,
-        pin_threads: true,
-        timeout: TIMEOUT,
-        guest_label: label.clone(),
-        group: None,
-        disk: None,
-        network: None,
-    };
+    let opts = source_options(args, addr, psk, codec, &label);
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,
         Role::Source,

@@ -33,7 +33,6 @@ use dataplane::guest::qemu::qmp::Qmp;
 use dataplane::guest::qemu::{QemuDestConfig, QemuGuest, QemuSourceConfig, QemuTarget};
 use dataplane::guest::{DestGuest, SourceGuest};
 use dataplane::migrate::dest::{DestOptions, GuestFactory, receive};
-use dataplane::migrate::source::SourceOptions;
 use dataplane::migrate::{MigrationStatus, Phase, Role};
 use dataplane::page::PAGE_SIZE;
 use dataplane::protocol::Hello;
@@ -42,8 +41,8 @@ use dataplane::units::{format_duration, format_size};
 use serde_json::json;
 
 use crate::demo::{
-    Args, Outcome, POLL, TIMEOUT, join_destination, json_report, millis, snapshot, spawn_source,
-    verdict,
+    Args, Outcome, POLL, TIMEOUT, join_destination, json_report, millis, snapshot, source_options,
+    spawn_source, verdict,
 };
 use crate::progress::{Progress, summary_table};
 use crate::testguest::{self, Accel, QEMU, QemuOptions, TestGuest, Workload};
@@ -254,24 +253,7 @@ pub(crate) fn migrate_qemu(
             .map_err(|e| format!("cannot start the destination thread: {e}"))?
     };
 
-    let opts = SourceOptions {
-        resume: Default::default(),
-        peer: addr,
-        psk,
-        streams: args.streams,
-        codec,
-        policy: args.policy,
-        downtime_limit: args.downtime_limit,
-        max_bandwidth: args.max_bandwidth.0,
-        socket: SocketOptions::default(),
-        frame_size: dataplane::frame::DEFAULT_FRAME_SIZE,
-        pin_threads: true,
-        timeout: TIMEOUT,
-        guest_label: LABEL.into(),
-        group: None,
-        disk: None,
-        network: None,
-    };
+    let opts = source_options(args, addr, psk, codec, LABEL);
     let status = Arc::new(Mutex::new(MigrationStatus::new(
         id,
         Role::Source,

@@ -215,13 +215,7 @@ pub fn receive_on(
     abort: &AtomicBool,
 ) -> Result<DestSummary, MigrateError> {
     let started = Instant::now();
-    opts.socket
-        .apply(&control)
-        .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
-    control
-        .set_read_timeout(Some(opts.timeout))
-        .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
-    let hello = read_hello(&mut control)?;
+    let hello = tune_and_read_hello(&mut control, opts)?;
     if hello.resume > 0 {
         // A reconnection that found no migration waiting for it (the acceptor routes the
         // others to theirs): say so, so the source stops trying.
@@ -488,13 +482,7 @@ fn resume_link(
     guest: &Arc<dyn DestGuest>,
     opts: &DestOptions,
 ) -> Result<(Link, u32), MigrateError> {
-    opts.socket
-        .apply(&control)
-        .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
-    control
-        .set_read_timeout(Some(opts.timeout))
-        .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
-    let h = read_hello(&mut control)?;
+    let h = tune_and_read_hello(&mut control, opts)?;
     let verdict = check_version(&h).and_then(|()| same_migration(original, &h));
     let Some(keys) = send_welcome(&mut control, &opts.psk, &h, verdict.clone())? else {
         let why = verdict.err().unwrap_or_default();
@@ -511,6 +499,17 @@ fn resume_link(
             )))
         }
     }
+}
+
+/// Tunes a new control connection and reads its Hello, within the timeout.
+fn tune_and_read_hello(control: &mut TcpStream, opts: &DestOptions) -> Result<Hello, MigrateError> {
+    opts.socket
+        .apply(control)
+        .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
+    control
+        .set_read_timeout(Some(opts.timeout))
+        .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
+    Ok(read_hello(control)?)
 }
 
 /// A reconnection's Hello must describe the migration it resumes.

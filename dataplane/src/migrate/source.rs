@@ -743,14 +743,14 @@ impl Run<'_> {
         let acked = self.acked.get();
         unacked.retain(|(i, _)| *i > acked);
         unacked.push((it, next.clone()));
-        let frames = self.send_iteration(session, pipeline, it, next.clone())?;
+        // A broken link from here on resends `unacked` (which holds this iteration's pages)
+        // and `next` (the pages dirtied since).
+        let pages_now = std::mem::replace(next, DirtyBitmap::new(pages));
+        let frames = self.send_iteration(session, pipeline, it, pages_now)?;
         session.tx.send(&ToDest::IterationEnd {
             iteration: it,
             frames,
         })?;
-        // From here a broken link resends `unacked` (which holds this iteration's pages)
-        // and `next` (the pages dirtied since).
-        *next = DirtyBitmap::new(pages);
         self.guest.collect_dirty(next)?;
         pipeline.digests.invalidate_dirty(next);
         let dirtied = next.count();
