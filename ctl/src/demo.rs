@@ -115,6 +115,11 @@ pub struct Args {
     /// Seed of the synthetic guest's content and writes (the same seed makes the same guest).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub(crate) seed: u64,
+    /// Who checks the KVM guest's memory once it runs at the destination (--guest kvm):
+    /// guest (its own sweep; about 1.5 MiB/s where KVM emulates guest instructions), host
+    /// (by the guest's rules, at native speed, while the guest waits) or off.
+    #[arg(long, default_value = "guest", value_name = "WHO")]
+    pub(crate) arrival_check: dataplane::guest::kvm::ArrivalCheck,
     /// Print one JSON object with the results on standard output (progress, if any, goes to
     /// standard error when it is a terminal).
     #[arg(long)]

@@ -198,20 +198,13 @@ impl Default for QemuSection {
 
 /// `[kvm]`: micro-VMs this daemon hosts. At the destination its presence lets this host
 /// receive them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KvmSection {
-    /// As soon as an arriving guest runs, ask it to sweep its memory (before it writes
-    /// again) and report the bad pages in `skyferry status`.
-    pub sweep_on_arrival: bool,
-}
-
-impl Default for KvmSection {
-    fn default() -> Self {
-        KvmSection {
-            sweep_on_arrival: true,
-        }
-    }
+    /// Who checks an arriving guest's memory as soon as it runs, before it writes again:
+    /// `guest` (its own sweep), `host` (the host, by the guest's rules, at native speed) or
+    /// `off`. `skyferry status` shows the bad pages.
+    pub arrival_check: crate::guest::kvm::ArrivalCheck,
 }
 
 /// KVM settings, checked.
@@ -510,7 +503,7 @@ impl DaemonConfig {
             kvm: KvmSettings {
                 receive: c.kvm.is_some(),
                 target: crate::guest::kvm::KvmTargetOptions {
-                    sweep_on_arrival: c.kvm.unwrap_or_default().sweep_on_arrival,
+                    arrival_check: c.kvm.unwrap_or_default().arrival_check,
                 },
             },
             coordinator: coordinator_settings(&c.coordinator, &key)?,
@@ -675,6 +668,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("domid"), "{e}");
+    }
+
+    #[test]
+    fn the_kvm_section_receives_and_says_who_checks_arrivals() {
+        use crate::guest::kvm::ArrivalCheck;
+        let p = Path::new("t.toml");
+        let none = DaemonConfig::parse("", p).unwrap();
+        assert!(!none.kvm.receive);
+        let s = DaemonConfig::parse("[kvm]\n", p).unwrap();
+        assert!(s.kvm.receive);
+        assert_eq!(s.kvm.target.arrival_check, ArrivalCheck::Guest);
+        let s = DaemonConfig::parse("[kvm]\narrival_check = \"host\"\n", p).unwrap();
+        assert_eq!(s.kvm.target.arrival_check, ArrivalCheck::Host);
+        let e = DaemonConfig::parse("[kvm]\narrival_check = \"sometimes\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kvm.arrival_check") && e.contains("guest"),
+            "{e}"
+        );
+        // The key this replaced is named, not silently ignored.
+        let e = DaemonConfig::parse("[kvm]\nsweep_on_arrival = true\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sweep_on_arrival"), "{e}");
     }
 
     #[test]

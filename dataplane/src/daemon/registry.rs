@@ -27,8 +27,8 @@ struct Entry {
     /// The guest, kept alive: at the source it runs here again if the migration fails (and
     /// is let go once it runs at the destination); at the destination it runs here once the
     /// migration completes.
-    _source: Arc<Mutex<Option<Arc<dyn SourceGuest>>>>,
-    _target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
+    source: Arc<Mutex<Option<Arc<dyn SourceGuest>>>>,
+    target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
 }
 
 /// Migration `id` among `entries`, or the error response that says it is not here.
@@ -117,13 +117,14 @@ impl Registry {
                     .iter()
                     .map(|e| {
                         let mut s = e.status.lock().expect("status lock").clone();
-                        // A guest that checks itself says how it is doing here.
-                        if let Some(check) = e
-                            ._target
-                            .lock()
-                            .expect("slot lock")
-                            .as_ref()
+                        // A guest that checks itself says how it is doing here, live: at
+                        // the destination once it arrived, at the source while it runs here
+                        // (also after a failed migration gave it back).
+                        let target = e.target.lock().expect("slot lock").clone();
+                        let source = e.source.lock().expect("slot lock").clone();
+                        if let Some(check) = target
                             .and_then(|t| t.self_check())
+                            .or_else(|| source.and_then(|g| g.self_check()))
                         {
                             s.guest_check = Some(check);
                         }
@@ -158,19 +159,19 @@ impl Registry {
                 ),
             };
         }
-        let Some(guest) = e._target.lock().expect("slot lock").take() else {
+        let Some(guest) = e.target.lock().expect("slot lock").take() else {
             return Response::Error {
                 message: format!("migration {id:x} holds no guest"),
             };
         };
         let (phase, note) = if start {
             if let Err(err) = guest.start() {
-                *e._target.lock().expect("slot lock") = Some(guest);
+                *e.target.lock().expect("slot lock") = Some(guest);
                 return Response::Error {
                     message: format!("starting the guest of {id:x}: {err}"),
                 };
             }
-            *e._target.lock().expect("slot lock") = Some(guest);
+            *e.target.lock().expect("slot lock") = Some(guest);
             (
                 Phase::Completed,
                 "was in doubt; started here by the operator",
@@ -285,8 +286,8 @@ impl Registry {
         self.entries.lock().expect("registry lock").push(Entry {
             status: status.clone(),
             abort: abort.clone(),
-            _source: kept.clone(),
-            _target: Arc::default(),
+            source: kept.clone(),
+            target: Arc::default(),
         });
         std::thread::Builder::new()
             .name(format!("sf-migrate-{:x}", id & 0xffff))
@@ -526,8 +527,8 @@ impl Registry {
         self.entries.lock().expect("registry lock").push(Entry {
             status: status.clone(),
             abort: abort.clone(),
-            _source: Arc::default(),
-            _target: target.clone(),
+            source: Arc::default(),
+            target: target.clone(),
         });
         let slot = target.clone();
         let this = self.clone();

@@ -136,8 +136,11 @@ pub struct GuestCheck {
     pub progress: u64,
     /// Destination: the guest has run here since the migration.
     pub resumed: bool,
-    /// Bad pages the guest's own sweep found, once it reported.
+    /// Bad pages the arrival check found, once it reported.
     pub bad_pages: Option<u64>,
+    /// Who checked: `guest` (its own sweep) or `host` (the host, by the guest's rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_by: Option<String>,
     /// The gap the guest saw between its last instruction at the source and its first
     /// here, from its own clock, ms.
     pub downtime_ms: Option<f64>,

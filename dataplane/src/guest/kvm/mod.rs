@@ -23,7 +23,7 @@ pub mod target;
 pub mod vm;
 
 pub use source::{KvmGuest, KvmGuestConfig};
-pub use target::{CORRUPT_VAR, KvmTarget, KvmTargetOptions};
+pub use target::{ArrivalCheck, CORRUPT_VAR, KvmTarget, KvmTargetOptions};
 pub use vm::available;
 
 use super::GuestError;

@@ -304,14 +304,39 @@ pub fn check_params(ram: &GuestRam) -> Result<u32, GuestError> {
     Ok(ram.read_u32(P_RATE))
 }
 
-/// A sweep's outcome, as the program reported it.
+/// Who swept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sweeper {
+    /// The program, in the guest.
+    #[default]
+    Guest,
+    /// The host, by the same rules, while the program waited between two operations.
+    Host,
+}
+
+impl Sweeper {
+    /// Its name in status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sweeper::Guest => "guest",
+            Sweeper::Host => "host",
+        }
+    }
+}
+
+/// A sweep's outcome.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Bad pages.
     pub bad: u32,
-    /// Their numbers (the first 64).
+    /// Their numbers (the first [`REPORTED_PAGES`]).
     pub pages: Vec<u32>,
+    /// Who swept.
+    pub by: Sweeper,
 }
+
+/// Bad pages a report names (it counts them all).
+pub const REPORTED_PAGES: usize = 64;
 
 #[derive(Debug, Default)]
 struct Pacing {
@@ -351,6 +376,7 @@ struct Sweeps {
 pub struct ProgramHost {
     pacing: Mutex<Pacing>,
     sweep_wanted: AtomicBool,
+    host_sweep_wanted: AtomicBool,
     sweeps: Mutex<Sweeps>,
     swept: Condvar,
     /// Test hook: corrupt one page just before the next sweep (see `target.rs`).
@@ -378,9 +404,15 @@ impl ProgramHost {
         };
     }
 
-    /// Asks for a sweep at the program's next request (wake the vCPU to hurry it).
-    pub fn request_sweep(&self) {
-        self.sweep_wanted.store(true, Ordering::Release);
+    /// Asks for a sweep at the program's next request (wake the vCPU to hurry it): by the
+    /// program, or by the host while the program waits in that port exit, between two
+    /// operations, when every page must be as its table says.
+    pub fn request_sweep(&self, by: Sweeper) {
+        match by {
+            Sweeper::Guest => &self.sweep_wanted,
+            Sweeper::Host => &self.host_sweep_wanted,
+        }
+        .store(true, Ordering::Release);
     }
 
     /// Corrupts one page right before the next sweep, so that sweep must find it.
@@ -440,6 +472,43 @@ impl ProgramHost {
     }
 }
 
+impl ProgramHost {
+    /// The host's sweep, on the vCPU thread inside the program's `PORT_CMD` exit: the
+    /// program is between operations (no page in flight) and cannot run until it is done.
+    fn host_sweep(&self) {
+        let Some(ram) = self.ram.get() else { return };
+        if self.corrupt_before_sweep.swap(false, Ordering::AcqRel) {
+            self.corrupt_one_page();
+        }
+        let started = Instant::now();
+        let bad = pages::bad_pages(ram, data_first(ram.pages()), None);
+        let count = u32::try_from(bad.len()).expect("at most 2^20 pages");
+        let report = SweepReport {
+            bad: count,
+            pages: bad
+                .iter()
+                .take(REPORTED_PAGES)
+                .map(|&(pfn, _)| pfn)
+                .collect(),
+            by: Sweeper::Host,
+        };
+        if count == 0 {
+            tracing::info!(
+                backend = BACKEND,
+                pages = ram.pages(),
+                took = ?started.elapsed(),
+                "host sweep: every page intact"
+            );
+        } else {
+            let first: Vec<_> = bad.iter().take(8).collect();
+            tracing::warn!(backend = BACKEND, bad = count, ?first, "host sweep");
+        }
+        let mut s = self.sweeps.lock().expect("sweep lock");
+        s.last = Some(report);
+        self.swept.notify_all();
+    }
+}
+
 impl PortIo for ProgramHost {
     fn port_in(&self, port: u16, data: &mut [u8], waiter: &Waiter<'_>) {
         let reply = if u32::from(port) == PORT_CMD {
@@ -461,7 +530,7 @@ impl PortIo for ProgramHost {
         match u32::from(port) {
             PORT_BAD_PAGE => {
                 let mut s = self.sweeps.lock().expect("sweep lock");
-                if s.pending.len() < 64 {
+                if s.pending.len() < REPORTED_PAGES {
                     s.pending.push(value);
                 }
             }
@@ -471,7 +540,11 @@ impl PortIo for ProgramHost {
                 if value != 0 {
                     tracing::warn!(backend = BACKEND, bad = value, ?pages, "guest sweep");
                 }
-                s.last = Some(SweepReport { bad: value, pages });
+                s.last = Some(SweepReport {
+                    bad: value,
+                    pages,
+                    by: Sweeper::Guest,
+                });
                 self.swept.notify_all();
             }
             _ => tracing::warn!(
@@ -487,6 +560,9 @@ impl PortIo for ProgramHost {
 impl ProgramHost {
     /// The answer to a `PORT_CMD` request.
     fn command(&self, waiter: &Waiter<'_>) -> u32 {
+        if self.host_sweep_wanted.swap(false, Ordering::AcqRel) {
+            self.host_sweep();
+        }
         for attempt in 0..2 {
             if self.sweep_wanted.swap(false, Ordering::AcqRel) {
                 if self.corrupt_before_sweep.swap(false, Ordering::AcqRel) {

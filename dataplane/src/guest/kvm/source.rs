@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::program::{self, ProgramHost, Status, SweepReport, WriteModel};
+use super::program::{self, ProgramHost, Status, SweepReport, Sweeper, WriteModel};
 use super::state::VcpuState;
 use super::vm::MicroVm;
 use super::{BACKEND, err};
@@ -72,10 +72,11 @@ impl KvmGuest {
         Status::read(self.vm.ram())
     }
 
-    /// Asks the running program to check all its pages, and waits for its report.
-    pub fn sweep(&self, timeout: Duration) -> Result<SweepReport, GuestError> {
+    /// Has every page checked, by the running program or by the host while the program
+    /// waits, and waits for the report.
+    pub fn sweep(&self, by: Sweeper, timeout: Duration) -> Result<SweepReport, GuestError> {
         self.host.clear_sweep();
-        self.host.request_sweep();
+        self.host.request_sweep(by);
         self.vm.wake();
         self.host.wait_sweep(timeout).ok_or_else(|| {
             err(
@@ -187,6 +188,7 @@ impl SourceGuest for KvmGuest {
             progress: self.status().progress,
             resumed: false,
             bad_pages: None,
+            checked_by: None,
             downtime_ms: None,
             failure: self.vm.failure(),
         })
