@@ -45,6 +45,8 @@ struct GuestReport {
     at_pause: Option<u64>,
     /// What it says at the destination (None: it never got there).
     dest: Option<GuestCheck>,
+    /// How long the arrival check took, from the end of the migration to its report.
+    check_time: Option<Duration>,
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
@@ -174,11 +176,15 @@ fn migrate_kvm(
     drop(guest);
 
     let target = target.lock().expect("target slot").take();
+    let mut check_time = None;
     let dest_check = target.filter(|_| source.is_ok()).map(|t| {
         // The arrival check, then the counter going on from where it paused.
         if check != ArrivalCheck::Off {
             let per_page = SWEEP_PER_PAGE * u32::try_from(pages).unwrap_or(u32::MAX);
-            let _ = t.wait_arrival_sweep(SWEEP_TIMEOUT + per_page);
+            let checking = Instant::now();
+            check_time = t
+                .wait_arrival_sweep(SWEEP_TIMEOUT + per_page)
+                .map(|_| checking.elapsed());
         }
         let deadline = Instant::now() + RESUME_TIMEOUT;
         let mut check = t.self_check().unwrap_or_default();
@@ -202,6 +208,7 @@ fn migrate_kvm(
         GuestReport {
             at_pause,
             dest: dest_check,
+            check_time,
         },
     ))
 }
@@ -247,6 +254,7 @@ fn report(args: &Args, pages: u64, o: &Outcome, g: &GuestReport) -> Result<(), S
             "guest_resumed": d.resumed,
             "guest_bad_pages": d.bad_pages,
             "guest_checked_by": d.checked_by,
+            "guest_check_ms": g.check_time.map(|t| t.as_millis()),
             "guest_downtime_ms": d.downtime_ms,
             "guest_progress_at_pause": g.at_pause,
             "guest_progress_at_arrival": d.progress_at_switch,

@@ -9,7 +9,7 @@ use super::state::VcpuState;
 use super::vm::MicroVm;
 use super::{BACKEND, err};
 use crate::guest::workload::Workload;
-use crate::guest::{DirtyBitmap, GuestCheck, GuestError, SourceGuest, memory_digest};
+use crate::guest::{DirtyBitmap, GuestCheck, GuestError, SourceGuest, memory_digest_known};
 use crate::page::{PAGE_SIZE, PageBatch, Pfn};
 
 /// What to boot.
@@ -168,12 +168,22 @@ impl SourceGuest for KvmGuest {
     }
 
     fn memory_digest(&self) -> Result<u64, GuestError> {
+        self.memory_digest_with(&|_| None)
+    }
+
+    fn memory_digest_with(
+        &self,
+        known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    ) -> Result<u64, GuestError> {
         if self.vm.running() {
             return Err(err("digest memory", "the guest runs; pause it first"));
         }
         // SAFETY: the vCPU is parked (checked above; only this migration resumes it, and
         // not while it digests), and no host thread writes a source guest's RAM.
-        Ok(memory_digest(unsafe { self.vm.ram().as_slice() }))
+        Ok(memory_digest_known(
+            unsafe { self.vm.ram().as_slice() },
+            known,
+        ))
     }
 
     fn hand_over(&self) -> Result<(), GuestError> {

@@ -12,7 +12,7 @@ use super::vm::{GuestRam, MicroVm};
 use super::{BACKEND, err};
 use crate::codec::PageSink;
 use crate::guest::claims::WriterClaims;
-use crate::guest::{DestGuest, GuestCheck, GuestError, PageWriter, memory_digest};
+use crate::guest::{DestGuest, GuestCheck, GuestError, PageWriter, memory_digest_known};
 use crate::page::{Page, Pfn};
 
 /// Test hook: `SKYFERRY_KVM_CORRUPT=1` makes a destination corrupt one page of every KVM
@@ -207,6 +207,10 @@ impl DestGuest for KvmTarget {
     }
 
     fn memory_digest(&self) -> u64 {
+        self.memory_digest_with(&|_| None)
+    }
+
+    fn memory_digest_with(&self, known: &(dyn Fn(usize) -> Option<u64> + Sync)) -> u64 {
         let live = self.claims.live();
         assert_eq!(
             live, 0,
@@ -214,7 +218,7 @@ impl DestGuest for KvmTarget {
         );
         // SAFETY: the vCPU has not started (it starts only after the digest, in `start`),
         // and every page writer is dropped (asserted above): nothing writes the RAM.
-        memory_digest(unsafe { self.vm.ram().as_slice() })
+        memory_digest_known(unsafe { self.vm.ram().as_slice() }, known)
     }
 
     fn start(&self) -> Result<(), GuestError> {
