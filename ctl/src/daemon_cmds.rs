@@ -455,6 +455,9 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
                 .as_ref()
                 .map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
             s.network.clone(),
+            s.guest_check
+                .as_ref()
+                .map(crate::progress::guest_check_text),
         ]
         .into_iter()
         .flatten()

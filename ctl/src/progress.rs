@@ -425,6 +425,26 @@ pub fn disk_text(d: &dataplane::disk::drbd::DiskStatus) -> String {
     format!("disk {} ({}): {}{pct}", d.resource, d.side, d.phase)
 }
 
+/// One line for a guest that checks itself (the KVM test guest), e.g. `guest: counter 22 ->
+/// 31, saw a 750.2 ms pause, 0 bad pages (host check)`.
+pub fn guest_check_text(c: &dataplane::guest::GuestCheck) -> String {
+    let mut t = match c.progress_at_switch {
+        Some(p) => format!("guest: counter {p} -> {}", c.progress),
+        None => format!("guest: counter {}", c.progress),
+    };
+    if let Some(ms) = c.downtime_ms {
+        let _ = write!(t, ", saw a {ms:.1} ms pause");
+    }
+    if let Some(bad) = c.bad_pages {
+        let by = c.checked_by.as_deref().unwrap_or("guest");
+        let _ = write!(t, ", {bad} bad pages ({by} check)");
+    }
+    if let Some(f) = &c.failure {
+        let _ = write!(t, ", STOPPED: {f}");
+    }
+    t
+}
+
 fn ms_text(ms: u64) -> String {
     format_duration(Duration::from_millis(ms))
 }
@@ -909,5 +929,31 @@ mod tests {
     fn cutting() {
         assert_eq!(cut("abcdef", 10), "abcdef");
         assert_eq!(cut("abcdefghijkl", 8), "abcde...");
+    }
+
+    #[test]
+    fn a_guest_check_reads_as_one_line() {
+        let mut c = dataplane::guest::GuestCheck {
+            progress_at_switch: Some(22),
+            progress: 31,
+            resumed: true,
+            bad_pages: Some(0),
+            checked_by: Some("host".into()),
+            downtime_ms: Some(750.17),
+            failure: None,
+        };
+        assert_eq!(
+            guest_check_text(&c),
+            "guest: counter 22 -> 31, saw a 750.2 ms pause, 0 bad pages (host check)"
+        );
+        c = dataplane::guest::GuestCheck {
+            progress: 5,
+            failure: Some("KVM_EXIT_SHUTDOWN".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            guest_check_text(&c),
+            "guest: counter 5, STOPPED: KVM_EXIT_SHUTDOWN"
+        );
     }
 }

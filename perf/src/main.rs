@@ -10,6 +10,7 @@ mod codec;
 mod compress;
 mod compress_peer;
 mod fingerprint;
+mod kvm;
 mod linkemu;
 mod measure;
 mod peer;
@@ -45,6 +46,9 @@ enum Bench {
     /// The QEMU backend's content-based dirty detection: a full fingerprint pass over a RAM
     /// file, on all cores and on one, beside plain pread of the same file.
     Fingerprint(fingerprint::Args),
+    /// The downtime a KVM guest sees on its own clock beside the driver's pause, per stop
+    /// policy (runs `skyferry demo --guest kvm`; needs /dev/kvm).
+    Kvm(kvm::Args),
     /// One end of a `compress` run (started by `compress` itself).
     #[command(hide = true)]
     CompressPeer(compress_peer::PeerArgs),
@@ -70,6 +74,7 @@ fn main() {
         Bench::CompressPeer(args) => exit_on_error(compress_peer::run(&args)),
         Bench::Wan(args) => exit_on_error(wan::run(&args)),
         Bench::Fingerprint(args) => exit_on_error(fingerprint::run(&args)),
+        Bench::Kvm(args) => exit_on_error(kvm::run(&args)),
         Bench::Linkemu(args) => exit_on_error(linkemu::cli::run(&args)),
     }
 }

@@ -685,7 +685,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("kvm.arrival_check") && e.contains("guest"),
+            e.contains("arrival_check") && e.contains("`guest`, `host`, `off`"),
             "{e}"
         );
         // The key this replaced is named, not silently ignored.

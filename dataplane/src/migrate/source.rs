@@ -640,14 +640,17 @@ impl Run<'_> {
     /// migration fails (the guest resumes here).
     fn drain(&self, session: &Session, pipeline: &mut SourcePipeline) -> Result<(), MigrateError> {
         let wire = pipeline.wire_bytes.clone();
-        let done = AtomicBool::new(false);
+        // Dropped when the pipeline has finished: the watchdog wakes at once (it runs in the
+        // guest's pause, and the scope waits for it).
+        let (done, finished_rx) = crossbeam_channel::bounded::<()>(0);
         let stalled = AtomicBool::new(false);
         let timeout = self.opts.timeout;
         let finished = std::thread::scope(|sc| {
             sc.spawn(|| {
                 let (mut last, mut moved) = (wire.load(Ordering::Relaxed), Instant::now());
-                while !done.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(50));
+                while let Err(RecvTimeoutError::Timeout) =
+                    finished_rx.recv_timeout(Duration::from_millis(50))
+                {
                     let now = wire.load(Ordering::Relaxed);
                     if now != last {
                         (last, moved) = (now, Instant::now());
@@ -661,7 +664,7 @@ impl Run<'_> {
                 }
             });
             let r = pipeline.finish();
-            done.store(true, Ordering::Release);
+            drop(done);
             r
         });
         if stalled.load(Ordering::Acquire) {
@@ -980,8 +983,15 @@ impl Run<'_> {
             s.phase = Phase::StopAndCopy;
             s.stop_reason = Some(reason);
         });
+        // The pause counts from the request: stopping a vCPU takes time the guest sees.
+        let pausing = Instant::now();
         self.guest.pause()?;
-        self.paused = Some(Instant::now());
+        self.paused = Some(pausing);
+        tracing::info!(
+            migration = self.id,
+            ms = millis(pausing.elapsed()),
+            "guest paused"
+        );
         // The destination announces the guest now, while the final pages travel.
         self.told_paused = true;
         session.tx.send(&ToDest::Paused)?;

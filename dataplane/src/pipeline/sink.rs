@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, bounded};
 
-use super::{PipelineError, join_all, spawn_stage, stream_of};
+use super::{Leftover, Leftovers, PipelineError, join_all, spawn_stage, stream_of};
 use crate::codec::PageSink;
 use crate::codec::{CodecConfig, CodecStats, Decoder};
 use crate::crypto::{Opener, StreamKey};
@@ -111,7 +111,10 @@ impl SinkProgress {
 /// A running destination pipeline.
 #[derive(Debug)]
 pub struct SinkPipeline {
-    threads: Vec<JoinHandle<Result<(), PipelineError>>>,
+    threads: Vec<JoinHandle<Result<Leftover, PipelineError>>>,
+    /// The decoders, kept from the stream threads' exit until the pipeline drops (their
+    /// page writers are dropped in the threads: the digest needs them closed).
+    leftovers: Leftovers,
     sockets: Vec<TcpStream>,
     /// Progress, for the driver.
     pub progress: Arc<SinkProgress>,
@@ -182,7 +185,8 @@ impl SinkPipeline {
                 move || {
                     stage
                         .run(&in_rx)
-                        .inspect_err(|e| progress.fail(e.to_string()))
+                        .inspect_err(|e| progress.fail(e.to_string()))?;
+                    Ok(Some(Box::new(stage.decoder) as Box<dyn Send>))
                 },
             ));
         }
@@ -199,12 +203,13 @@ impl SinkPipeline {
         let (wire, prog_r) = (wire_bytes.clone(), progress.clone());
         threads.push(spawn_stage("sf-recv".into(), 0, pin, move || {
             receive_frames(&socks, &pool, &checkers, &incoming_txs, &wire)
-                .map(|_| ())
+                .map(|_| None)
                 .map_err(PipelineError::from)
                 .inspect_err(|e| prog_r.fail(e.to_string()))
         }));
         Ok(SinkPipeline {
             threads,
+            leftovers: Leftovers::default(),
             sockets,
             progress,
             wire_bytes,
@@ -237,13 +242,13 @@ impl SinkPipeline {
         for s in &self.sockets {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        join_all(std::mem::take(&mut self.threads)).map(|_| ())
+        join_all(std::mem::take(&mut self.threads), &mut self.leftovers)
     }
 
     /// Waits for the source to close every stream, then joins every thread (dropping the
     /// guest's page writers). Calling it again does nothing.
     pub fn finish(&mut self) -> Result<(), PipelineError> {
-        join_all(std::mem::take(&mut self.threads)).map(|_| ())
+        join_all(std::mem::take(&mut self.threads), &mut self.leftovers)
     }
 }
 

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use super::{PipelineError, Stopped, join_all, spawn_stage, stream_of};
+use super::{Leftover, Leftovers, PipelineError, Stopped, join_all, spawn_stage, stream_of};
 use crate::codec::adaptive::Dial;
 use crate::codec::{CodecConfig, CodecStats, Compression, Encoder};
 use crate::crypto::{Sealer, StreamKey};
@@ -75,7 +75,9 @@ pub struct SourceSettings {
 pub struct SourcePipeline {
     scan: Option<Sender<ScanCmd>>,
     flushed: Receiver<Flushed>,
-    threads: Vec<JoinHandle<Result<(), PipelineError>>>,
+    threads: Vec<JoinHandle<Result<Leftover, PipelineError>>>,
+    /// The encoders, kept from the stream threads' exit until the pipeline drops.
+    leftovers: Leftovers,
     /// Bytes written to the sockets so far.
     pub wire_bytes: Arc<AtomicU64>,
     /// Pages read from the guest so far (all iterations).
@@ -141,7 +143,10 @@ impl SourcePipeline {
                 format!("sf-encode-{s}"),
                 1 + s,
                 settings.pin_threads,
-                move || stream.run(guest.as_ref(), &work_rx, &lists, &scanned),
+                move || {
+                    stream.run(guest.as_ref(), &work_rx, &lists, &scanned)?;
+                    Ok(Some(Box::new(stream.encoder) as Box<dyn Send>))
+                },
             ));
         }
         drop(out_tx);
@@ -153,7 +158,7 @@ impl SourcePipeline {
             settings.pin_threads,
             move || {
                 scan_stage(&scan_rx, &work_txs, &lists);
-                Ok(())
+                Ok(None)
             },
         ));
         let limit = settings.max_bandwidth.map(|bps| {
@@ -182,7 +187,7 @@ impl SourcePipeline {
                 for s in &sockets {
                     let _ = s.shutdown(std::net::Shutdown::Write);
                 }
-                Ok(())
+                Ok(None)
             },
         ));
         let stop_auto = auto.then(|| {
@@ -194,7 +199,7 @@ impl SourcePipeline {
                 scanned: pages_scanned.clone(),
             };
             threads.push(spawn_stage("sf-autoz".into(), 0, false, move || {
-                super::autocompress::run(&probes, n, &stopped)
+                super::autocompress::run(&probes, n, &stopped).map(|()| None)
             }));
             stop
         });
@@ -202,6 +207,7 @@ impl SourcePipeline {
             scan: Some(scan_tx),
             flushed,
             threads,
+            leftovers: Leftovers::default(),
             wire_bytes,
             pages_scanned,
             stats,
@@ -271,7 +277,7 @@ impl SourcePipeline {
     pub fn finish(&mut self) -> Result<(), PipelineError> {
         self.scan = None;
         self.stop_auto = None;
-        join_all(std::mem::take(&mut self.threads)).map(|_| ())
+        join_all(std::mem::take(&mut self.threads), &mut self.leftovers)
     }
 }
 
