@@ -118,8 +118,12 @@ fn case(at: At, fault: Fault) -> (serde_json::Value, Option<serde_json::Value>) 
             strike(&mut dst);
         }
         At::LaterIteration => {
+            // Well inside the iteration, not as pre-copy ends.
             let s = src.wait_for(&id, 120, |s| {
-                s["iteration"].as_u64() >= Some(2) || is_final(s)
+                (s["phase"] == "iterating"
+                    && s["iteration"].as_u64() >= Some(2)
+                    && s["remaining"].as_u64() >= Some(300))
+                    || is_final(s)
             });
             assert!(!is_final(&s), "ended before iteration 2: {s}");
             strike(&mut dst);
