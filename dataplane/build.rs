@@ -23,6 +23,7 @@ fn symbols() -> Vec<(&'static str, u32)> {
         ("TABLE", TABLE),
         ("P_PAGES", P_PAGES),
         ("P_DATA_FIRST", P_DATA_FIRST),
+        ("P_DATA_END", P_DATA_END),
         ("P_HOT_PAGES", P_HOT_PAGES),
         ("P_HOT_PCT", P_HOT_PCT),
         ("P_PCT_FULL", P_PCT_FULL),

@@ -116,7 +116,7 @@ one_op:
     jae 1f
     mov P_HOT_PAGES, %ecx
     jmp 2f
-1:  mov P_PAGES, %ecx
+1:  mov P_DATA_END, %ecx
     sub P_DATA_FIRST, %ecx
 2:  call randmod
     add P_DATA_FIRST, %eax
@@ -221,7 +221,7 @@ sweep:
     xor %ebp, %ebp
     mov P_DATA_FIRST, %ebx
 s_loop:
-    cmp P_PAGES, %ebx
+    cmp P_DATA_END, %ebx
     jae s_done
     mov %ebx, %esi
     shl $12, %esi

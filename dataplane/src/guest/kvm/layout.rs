@@ -50,6 +50,16 @@ pub const P_PARTIAL_WORDS: u32 = PARAMS + 0x20;
 pub const P_RATE: u32 = PARAMS + 0x24;
 /// The host's TSC frequency, kHz.
 pub const P_TSC_KHZ: u32 = PARAMS + 0x28;
+/// End (exclusive) of the pages the program writes and checks: `P_PAGES`, or
+/// [`MMIO_FIRST_PAGE`] in a guest that reaches it.
+pub const P_DATA_END: u32 = PARAMS + 0x2c;
+
+/// First page of the PC's interrupt-controller and firmware range (0xFEC00000: I/O APIC,
+/// local APIC at 0xFEE00000, boot ROM), to 4 GiB. A guest never uses it as RAM, and KVM may
+/// take it for device memory: here a read at 0xFEE00000 left `KVM_RUN` as an MMIO exit even
+/// inside the memory slot. The program leaves these pages alone (they stay zero and still
+/// migrate).
+pub const MMIO_FIRST_PAGE: u32 = 0xfec0_0000 / PAGE;
 
 // Status, written by the program (the host reads it, and writes only `ST_ARRIVED`).
 /// Operations completed: the progress counter (64 bits).

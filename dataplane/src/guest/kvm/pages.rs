@@ -110,14 +110,16 @@ pub fn expected(ram: &GuestRam, pfn: u32) -> u32 {
     ram.read_u32(TABLE + pfn * 4)
 }
 
-/// Every data page from `data_first` on that is not as recorded, with its verdict, but
-/// `in_flight`: the page of an operation the guest paused in the middle of, which it
-/// finishes when it runs again. The vCPU must be paused (the guest's writes would look torn).
-pub fn bad_pages(ram: &GuestRam, data_first: u32, in_flight: Option<u32>) -> Vec<(u32, Verdict)> {
-    let pages = u32::try_from(ram.pages()).expect("at most 4 GiB of guest memory");
+/// Every data page in `data` that is not as recorded, with its verdict, but `in_flight`: the
+/// page of an operation the guest paused in the middle of, which it finishes when it runs
+/// again. The vCPU must be paused (the guest's writes would look torn).
+pub fn bad_pages(
+    ram: &GuestRam,
+    data: std::ops::Range<u32>,
+    in_flight: Option<u32>,
+) -> Vec<(u32, Verdict)> {
     let mut page = Page::zeroed();
-    (data_first..pages)
-        .filter(|&pfn| Some(pfn) != in_flight)
+    data.filter(|&pfn| Some(pfn) != in_flight)
         .filter_map(|pfn| {
             ram.load(u64::from(pfn), &mut page);
             let v = check(&page, pfn, expected(ram, pfn));

@@ -37,7 +37,7 @@ const MAX_BATCH: u64 = 64;
 /// `SKYK` in the parameter page.
 const MAGIC: u32 = u32::from_le_bytes(*b"SKYK");
 /// Layout version in the parameter page.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// How the program writes: the synthetic models' shapes (hot set, scattered writes, full
 /// and partial rewrites, zero pages) at rates a guest under instruction emulation sustains.
@@ -129,6 +129,12 @@ pub fn data_first(pages: u64) -> u32 {
     u32::try_from(u64::from(TABLE / PAGE) + table_pages).expect("at most 4 GiB")
 }
 
+/// End (exclusive) of the data pages of a guest of `pages` pages: its last page, or the
+/// first of the interrupt-controller range ([`MMIO_FIRST_PAGE`]) if it reaches that far.
+pub fn data_end(pages: u64) -> u32 {
+    u32::try_from(pages.min(u64::from(MMIO_FIRST_PAGE))).expect("below 2^32")
+}
+
 /// Refuses a size the program cannot run in.
 pub fn check_size(pages: u64) -> Result<(), GuestError> {
     if !(MIN_PAGES..=MAX_PAGES).contains(&pages) {
@@ -168,7 +174,8 @@ pub fn boot(
     check_size(pages)?;
     let first = data_first(pages);
     let pages32 = u32::try_from(pages).expect("checked size");
-    let data = pages32 - first;
+    let end = data_end(pages);
+    let data = end - first;
     let tsc_khz = vcpu
         .get_tsc_khz()
         .map_err(|e| err("read the TSC rate", e.to_string()))?;
@@ -184,6 +191,7 @@ pub fn boot(
         (P_VERSION, LAYOUT_VERSION),
         (P_PAGES, pages32),
         (P_DATA_FIRST, first),
+        (P_DATA_END, end),
         (P_HOT_PAGES, u32::try_from(hot).expect("below pages")),
         (P_HOT_PCT, model.hot_pct.min(100)),
         (P_PCT_FULL, model.full_pct.min(100)),
@@ -202,7 +210,7 @@ pub fn boot(
     let mut rng = seed;
     let mut generation = 0u32;
     let mut page = Page::zeroed();
-    for pfn in first..pages32 {
+    for pfn in first..end {
         if splitmix(&mut rng) % 100 < u64::from(model.zero_pct) {
             continue; // zero, and recorded as zero (the table starts zeroed)
         }
@@ -299,6 +307,13 @@ pub fn check_params(ram: &GuestRam) -> Result<u32, GuestError> {
             "{BACKEND}: the guest's parameters say {} pages, its memory has {}",
             ram.read_u32(P_PAGES),
             ram.pages()
+        )));
+    }
+    if ram.read_u32(P_DATA_END) != data_end(ram.pages()) {
+        return Err(GuestError::BadState(format!(
+            "{BACKEND}: the guest's data pages end at {}, not at {}",
+            ram.read_u32(P_DATA_END),
+            data_end(ram.pages())
         )));
     }
     Ok(ram.read_u32(P_RATE))
@@ -454,7 +469,7 @@ impl ProgramHost {
     fn corrupt_one_page(&self) {
         let Some(ram) = self.ram.get() else { return };
         let status = Status::read(ram);
-        let last = u32::try_from(ram.pages() - 1).expect("at most 4 GiB");
+        let last = data_end(ram.pages()) - 1;
         let pfn = if status.current == Some(last) {
             last - 1
         } else {
@@ -481,7 +496,7 @@ impl ProgramHost {
             self.corrupt_one_page();
         }
         let started = Instant::now();
-        let bad = pages::bad_pages(ram, data_first(ram.pages()), None);
+        let bad = pages::bad_pages(ram, data_first(ram.pages())..data_end(ram.pages()), None);
         let count = u32::try_from(bad.len()).expect("at most 2^20 pages");
         let report = SweepReport {
             bad: count,
@@ -599,6 +614,9 @@ mod tests {
     fn layout_leaves_room_for_data() {
         assert_eq!(data_first(256), 9);
         assert_eq!(data_first(MAX_PAGES), 8 + 1024);
+        assert_eq!(data_end(256), 256);
+        assert_eq!(data_end(MAX_PAGES), 0xfec00);
+        assert_eq!(data_end(MAX_PAGES - 1), 0xfec00);
         assert!(check_size(MIN_PAGES - 1).is_err());
         assert!(check_size(MAX_PAGES + 1).is_err());
         assert!(check_size(MAX_PAGES).is_ok());

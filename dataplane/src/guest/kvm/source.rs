@@ -103,7 +103,7 @@ impl KvmGuest {
         }
         Ok(super::pages::bad_pages(
             self.vm.ram(),
-            program::data_first(self.vm.ram().pages()),
+            program::data_first(self.vm.ram().pages())..program::data_end(self.vm.ram().pages()),
             self.status().current,
         ))
     }
