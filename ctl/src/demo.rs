@@ -416,7 +416,17 @@ fn spawn_destination(
     abort: &Arc<AtomicBool>,
 ) -> Result<DestThread, String> {
     let abort = abort.clone();
-    let opts = DestOptions {
+    let opts = dest_options(psk, pages, streams);
+    thread::Builder::new()
+        .name("sf-demo-dest".into())
+        .spawn(move || receive_synthetic(&listener, &opts, &abort))
+        .map_err(|e| format!("cannot start the destination thread: {e}"))
+}
+
+/// What every demo's destination runs with: a guest of at most `pages` pages over at most
+/// `streams` streams, no disk or network steering.
+pub(crate) fn dest_options(psk: PreSharedKey, pages: u64, streams: u32) -> DestOptions {
+    DestOptions {
         resume_window: std::time::Duration::from_secs(120),
         psk,
         socket: SocketOptions::default(),
@@ -426,14 +436,9 @@ fn spawn_destination(
         max_streams: streams,
         drbd: None,
         announce: None,
-    };
-    thread::Builder::new()
-        .name("sf-demo-dest".into())
-        .spawn(move || receive_synthetic(&listener, &opts, &abort))
-        .map_err(|e| format!("cannot start the destination thread: {e}"))
+    }
 }
 
-/// Runs the source end of the migration on its own thread.
 /// What every demo's source runs with: the demo's flags, one loopback peer, no disk, network
 /// or group.
 pub(crate) fn source_options(
@@ -463,6 +468,7 @@ pub(crate) fn source_options(
     }
 }
 
+/// Runs the source end of the migration on its own thread.
 pub(crate) fn spawn_source(
     guest: Arc<dyn SourceGuest>,
     opts: SourceOptions,

@@ -13,15 +13,14 @@ use dataplane::codec::CodecConfig;
 use dataplane::crypto::PreSharedKey;
 use dataplane::guest::kvm::{ArrivalCheck, KvmGuest, KvmGuestConfig, KvmTarget, KvmTargetOptions};
 use dataplane::guest::{DestGuest, GuestCheck, SourceGuest};
-use dataplane::migrate::dest::{DestOptions, receive};
+use dataplane::migrate::dest::receive;
 use dataplane::migrate::{MigrationStatus, Role};
 use dataplane::page::PAGE_SIZE;
-use dataplane::transport::SocketOptions;
 use dataplane::units::{format_duration, format_size};
 use serde_json::json;
 
 use crate::demo::{
-    Args, Outcome, POLL, TIMEOUT, join_destination, json_report, snapshot, source_options,
+    Args, Outcome, POLL, dest_options, join_destination, json_report, snapshot, source_options,
     spawn_source, verdict,
 };
 use crate::progress::{Progress, summary_table};
@@ -116,17 +115,7 @@ fn migrate_kvm(
     let target: Arc<Mutex<Option<Arc<KvmTarget>>>> = Arc::default();
     let slot = target.clone();
     let dest_abort = Arc::new(AtomicBool::new(false));
-    let opts = DestOptions {
-        resume_window: std::time::Duration::from_secs(120),
-        psk: psk.clone(),
-        socket: SocketOptions::default(),
-        pin_threads: true,
-        timeout: TIMEOUT,
-        max_guest_pages: pages,
-        max_streams: args.streams,
-        drbd: None,
-        announce: None,
-    };
+    let opts = dest_options(psk.clone(), pages, args.streams);
     let abort = dest_abort.clone();
     let dest = thread::Builder::new()
         .name("sf-demo-dest".into())

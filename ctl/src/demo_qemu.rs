@@ -32,11 +32,10 @@ use dataplane::crypto::PreSharedKey;
 use dataplane::guest::qemu::qmp::Qmp;
 use dataplane::guest::qemu::{QemuDestConfig, QemuGuest, QemuSourceConfig, QemuTarget};
 use dataplane::guest::{DestGuest, SourceGuest};
-use dataplane::migrate::dest::{DestOptions, GuestFactory, receive};
+use dataplane::migrate::dest::{GuestFactory, receive};
 use dataplane::migrate::{MigrationStatus, Phase, Role};
 use dataplane::page::PAGE_SIZE;
 use dataplane::protocol::Hello;
-use dataplane::transport::SocketOptions;
 use dataplane::units::{format_duration, format_size};
 use serde_json::json;
 
@@ -222,17 +221,7 @@ pub(crate) fn migrate_qemu(
             qmp: utf8(&dst.qmp)?,
             command: Vec::new(),
         };
-        let opts = DestOptions {
-            resume_window: std::time::Duration::from_secs(120),
-            psk: psk.clone(),
-            socket: SocketOptions::default(),
-            pin_threads: true,
-            timeout: TIMEOUT,
-            max_guest_pages: pages,
-            max_streams: args.streams,
-            drbd: None,
-            announce: None,
-        };
+        let opts = crate::demo::dest_options(psk.clone(), pages, args.streams);
         let abort = dest_abort.clone();
         thread::Builder::new()
             .name("sf-demo-dest".into())

@@ -487,43 +487,6 @@ impl ProgramHost {
     }
 }
 
-impl ProgramHost {
-    /// The host's sweep, on the vCPU thread inside the program's `PORT_CMD` exit: the
-    /// program is between operations (no page in flight) and cannot run until it is done.
-    fn host_sweep(&self) {
-        let Some(ram) = self.ram.get() else { return };
-        if self.corrupt_before_sweep.swap(false, Ordering::AcqRel) {
-            self.corrupt_one_page();
-        }
-        let started = Instant::now();
-        let bad = pages::bad_pages(ram, data_first(ram.pages())..data_end(ram.pages()), None);
-        let count = u32::try_from(bad.len()).expect("at most 2^20 pages");
-        let report = SweepReport {
-            bad: count,
-            pages: bad
-                .iter()
-                .take(REPORTED_PAGES)
-                .map(|&(pfn, _)| pfn)
-                .collect(),
-            by: Sweeper::Host,
-        };
-        if count == 0 {
-            tracing::info!(
-                backend = BACKEND,
-                pages = ram.pages(),
-                took = ?started.elapsed(),
-                "host sweep: every page intact"
-            );
-        } else {
-            let first: Vec<_> = bad.iter().take(8).collect();
-            tracing::warn!(backend = BACKEND, bad = count, ?first, "host sweep");
-        }
-        let mut s = self.sweeps.lock().expect("sweep lock");
-        s.last = Some(report);
-        self.swept.notify_all();
-    }
-}
-
 impl PortIo for ProgramHost {
     fn port_in(&self, port: u16, data: &mut [u8], waiter: &Waiter<'_>) {
         let reply = if u32::from(port) == PORT_CMD {
@@ -573,6 +536,41 @@ impl PortIo for ProgramHost {
 }
 
 impl ProgramHost {
+    /// The host's sweep, on the vCPU thread inside the program's `PORT_CMD` exit: the
+    /// program is between operations (no page in flight) and cannot run until it is done.
+    fn host_sweep(&self) {
+        let Some(ram) = self.ram.get() else { return };
+        if self.corrupt_before_sweep.swap(false, Ordering::AcqRel) {
+            self.corrupt_one_page();
+        }
+        let started = Instant::now();
+        let bad = pages::bad_pages(ram, data_first(ram.pages())..data_end(ram.pages()), None);
+        let count = u32::try_from(bad.len()).expect("at most 2^20 pages");
+        let report = SweepReport {
+            bad: count,
+            pages: bad
+                .iter()
+                .take(REPORTED_PAGES)
+                .map(|&(pfn, _)| pfn)
+                .collect(),
+            by: Sweeper::Host,
+        };
+        if count == 0 {
+            tracing::info!(
+                backend = BACKEND,
+                pages = ram.pages(),
+                took = ?started.elapsed(),
+                "host sweep: every page intact"
+            );
+        } else {
+            let first: Vec<_> = bad.iter().take(8).collect();
+            tracing::warn!(backend = BACKEND, bad = count, ?first, "host sweep");
+        }
+        let mut s = self.sweeps.lock().expect("sweep lock");
+        s.last = Some(report);
+        self.swept.notify_all();
+    }
+
     /// The answer to a `PORT_CMD` request.
     fn command(&self, waiter: &Waiter<'_>) -> u32 {
         if self.host_sweep_wanted.swap(false, Ordering::AcqRel) {
