@@ -53,7 +53,7 @@ pub struct StartArgs {
     #[arg(long, requires = "group")]
     pace: bool,
     /// The guest's DRBD-replicated disk: a TOML file with a [disk] table (resource, device,
-    /// disk, port, nodes; see the README). Both daemons need a [drbd] section.
+    /// disk, port, nodes; see docs/configuration.md). Both daemons need a [drbd] section.
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
     /// The guest NIC's MAC: the destination announces it (RARP, and gratuitous ARP with

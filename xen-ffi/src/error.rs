@@ -22,7 +22,7 @@ pub enum XenError {
     },
     /// A Xen library could not be loaded, or lacks a function the bindings need.
     #[error(
-        "cannot load {library}: {reason} (needs Xen 4.17's tools libraries: see README, \"Xen dom0\")"
+        "cannot load {library}: {reason} (needs Xen 4.17's tools libraries: see docs/backends.md, \"Xen HVM domains\")"
     )]
     Load {
         /// The library's path or soname.

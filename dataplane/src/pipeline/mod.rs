@@ -1,8 +1,8 @@
 //! The threads around the sans-IO core (DESIGN.md, "Data flow").
 //!
 //! ```text
-//! source: scan --batches--> encode[s] --frames--> seal[s] --sealed--> send (io_uring, all streams)
-//! dest:   recv (io_uring, all streams) --frames--> open[s] --opened--> decode[s] -> guest memory
+//! source: scan --page lists--> read+encode+seal[s] --sealed--> send (io_uring, all streams)
+//! dest:   recv (io_uring, all streams) --frames--> open+decode[s] -> guest memory
 //! ```
 //!
 //! Every stage is a named thread, pinned round-robin to the cores, fed by a bounded channel;
