@@ -166,8 +166,8 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     }) && tail.iter().all(|&b| b == 0)
 }
 
-/// A batch of staged pages: the stable copies the encoder reads (DESIGN.md, "Encode from a
-/// stable copy"). Page numbers and contents are parallel arrays so contents stay contiguous.
+/// A batch of staged pages: the stable copies the encoder reads, never guest memory the
+/// guest may be writing. Page numbers and contents are parallel arrays so contents stay contiguous.
 #[derive(Debug, Default)]
 pub struct PageBatch {
     pfns: Vec<Pfn>,

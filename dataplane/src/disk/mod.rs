@@ -1,4 +1,4 @@
-//! The guest's disk during a migration (DESIGN.md, "Disk").
+//! The guest's disk during a migration (docs/disk-and-network.md).
 //!
 //! With shared storage there is nothing to do. Otherwise DRBD replicates the disk between
 //! the two hosts, and skyferryd steers it through the migration ([`drbd`]): asynchronous

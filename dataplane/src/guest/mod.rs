@@ -1,5 +1,5 @@
 //! Guest backends: what the pre-copy driver needs from a hypervisor, behind one trait per
-//! side (DESIGN.md, "Guest backends").
+//! side (docs/backends.md).
 //!
 //! The source side ([`SourceGuest`]) offers the page count, a fetch-and-clear dirty log,
 //! stable copies of pages, pause/resume and an opaque CPU/device state blob. The destination
@@ -168,8 +168,9 @@ pub trait SourceGuest: Send + Sync {
     /// next call, never lost.
     fn collect_dirty(&self, bitmap: &mut DirtyBitmap) -> Result<(), GuestError>;
 
-    /// Appends stable copies of `pfns` to `batch` (DESIGN.md: encode from a stable copy). A
-    /// page the guest changes during the copy is dirty again and goes in a later iteration.
+    /// Appends stable copies of `pfns` to `batch`: the encoder never reads memory the guest
+    /// may be writing. A page the guest changes during the copy is dirty again and goes in a
+    /// later iteration.
     fn read_pages(&self, pfns: &[Pfn], batch: &mut PageBatch) -> Result<(), GuestError>;
 
     /// Stops the guest: no memory writes until [`resume`](Self::resume). Returns once no

@@ -1,4 +1,4 @@
-//! The synthetic guest backend (DESIGN.md, "Guest backends"): an in-process guest whose
+//! The synthetic guest backend (docs/backends.md): an in-process guest whose
 //! writer threads reproduce the memory behaviour of the paper's workloads from a seed
 //! ([`super::workload`]).
 //!

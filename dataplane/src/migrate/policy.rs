@@ -1,4 +1,4 @@
-//! When to stop iterating (DESIGN.md, "Pre-copy, Smart Stop"; paper IV-B3).
+//! When to stop iterating (CloudNet, IV-B3: Smart Stop).
 //!
 //! Sans-IO: the driver reports each finished iteration, the policy answers continue or stop.
 //!

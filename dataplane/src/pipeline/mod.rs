@@ -1,4 +1,4 @@
-//! The threads around the sans-IO core (DESIGN.md, "Data flow").
+//! The threads around the sans-IO core (dataplane/ARCHITECTURE.md, "Threads").
 //!
 //! ```text
 //! source: scan --page lists--> read+encode+seal[s] --sealed--> send (io_uring, all streams)

@@ -1,4 +1,4 @@
-//! The `kvm` backend: a micro-VM that skyferryd hosts itself (DESIGN.md, "Guest backends").
+//! The `kvm` backend: a micro-VM that skyferryd hosts itself (docs/backends.md).
 //!
 //! One VM per guest, through rust-vmm's `kvm-ioctls`: guest RAM is a memfd mapping
 //! registered as one memory slot, the source's dirty bitmap is KVM's dirty log (fetched and

@@ -1,5 +1,5 @@
 //! The `qemu` backend: skyferry carries the RAM of a running QEMU guest, QEMU carries only
-//! its device state (DESIGN.md, "Guest backends").
+//! its device state (docs/backends.md).
 //!
 //! The guest's RAM is a shared file (`-object memory-backend-file,...,share=on`). At the
 //! source skyferry reads it ([`ram_file`]) and finds dirty pages by content

@@ -5,7 +5,7 @@
 //! 1 GiB would make the host find 3 GiB more. `pread` of a hole copies the kernel's zero
 //! page and allocates nothing (measured: 512 MiB of holes, +0 MiB Shmem by pread, +512 MiB
 //! by reading a shared mapping). The kernel's copy is also the stable copy the encoder needs
-//! (DESIGN.md), taken without any `unsafe`: QEMU's writes race only with the kernel's copy.
+//! of a page, taken without any `unsafe`: QEMU's writes race only with the kernel's copy.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

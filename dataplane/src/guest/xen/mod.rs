@@ -1,4 +1,4 @@
-//! The `xen` backend: an HVM domain, from dom0, through `xen-ffi` only (DESIGN.md).
+//! The `xen` backend: an HVM domain, from dom0, through `xen-ffi` only.
 //!
 //! The source maps the domain's frames in batches (`xenforeignmemory_map`), finds what the
 //! guest wrote through Xen's log-dirty mode, pauses it with `xc_domain_pause`, and sends its
