@@ -57,6 +57,14 @@ pub enum LimitError {
         /// MemTotal.
         total: u64,
     },
+    /// An allocation failed (the allocator said no; nothing aborted).
+    #[error("cannot allocate {} for {what}", format_size(*bytes))]
+    Allocation {
+        /// What it was for.
+        what: &'static str,
+        /// Its size.
+        bytes: u64,
+    },
     /// /proc/meminfo could not be read.
     #[error("cannot read this host's memory (/proc/meminfo): {0}")]
     Meminfo(String),
@@ -187,6 +195,27 @@ pub fn check_control_clients(n: usize) -> Result<(), LimitError> {
     )
 }
 
+/// `n` values made by `f` (from their index) in a vector, or an error when the memory cannot be
+/// had: sized allocations go through here, so a failure is an error, never an abort.
+pub fn try_vec<T>(
+    what: &'static str,
+    n: usize,
+    f: impl FnMut(usize) -> T,
+) -> Result<Vec<T>, LimitError> {
+    let mut v = Vec::new();
+    try_reserve(&mut v, what, n)?;
+    v.extend((0..n).map(f));
+    Ok(v)
+}
+
+/// Room for `n` more values in `v`, or an error when the memory cannot be had.
+pub fn try_reserve<T>(v: &mut Vec<T>, what: &'static str, n: usize) -> Result<(), LimitError> {
+    v.try_reserve_exact(n).map_err(|_| LimitError::Allocation {
+        what,
+        bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+    })
+}
+
 /// What one end of a migration will hold in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigrationMemory {
@@ -293,5 +322,12 @@ mod tests {
         assert!(matches!(err, LimitError::OutOfRange { .. }), "{err}");
         assert!(check_streams("streams", 0).is_err());
         assert!(check_streams("streams", 65).is_err());
+    }
+
+    #[test]
+    fn an_allocation_too_large_is_an_error() {
+        let err = try_vec("a test", usize::MAX / 8, |_| 0u64).unwrap_err();
+        assert!(matches!(err, LimitError::Allocation { .. }), "{err}");
+        assert_eq!(try_vec("a test", 3, |i| i).unwrap(), vec![0, 1, 2]);
     }
 }
