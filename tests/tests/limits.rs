@@ -49,8 +49,12 @@ fn refused(src: &mut Daemon, to: &str, mem: &str, bytes: u64, why: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "--mem {mem} was accepted");
     assert!(stderr.contains(why), "--mem {mem}: {stderr}");
+    eprint!("CLI: {stderr}");
     match request(&src.socket, &synthetic(to, bytes)) {
-        Ok(Response::Error { message }) => assert!(message.contains(why), "{message}"),
+        Ok(Response::Error { message }) => {
+            eprintln!("daemon: {message}");
+            assert!(message.contains(why), "{message}");
+        }
         other => panic!("the daemon took a {mem} guest: {other:?}"),
     }
     assert!(src.alive(), "the daemon died:\n{}", src.log());
@@ -89,6 +93,13 @@ fn guests_too_large_for_the_limits_or_the_host_are_refused_and_the_daemon_keeps_
         other => panic!("status: {other:?}"),
     }
     let id = src.start_migration(&to, &["--workload", "idle", "--mem", "32MiB"]);
+    // `watch` (a status request every interval, each its own connection) follows it to the end.
+    let watched = src.cli(&["watch", &id, "--interval", "50ms"]);
+    assert!(
+        watched.status.success(),
+        "watch: {}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
     let s = src.wait_for(&id, 60, is_final);
     assert_eq!(s["phase"], "completed", "{s}");
     assert_eq!(dst.wait_for(&id, 30, is_final)["phase"], "completed");
@@ -105,6 +116,7 @@ fn a_second_daemon_on_a_live_daemons_socket_is_refused_and_names_it() {
         .expect("run a second skyferryd");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the second daemon started: {stderr}");
+    eprint!("second daemon: {stderr}");
     assert!(
         stderr.contains(&format!("pid {}", first.pid())),
         "does not name the first daemon's pid: {stderr}"
