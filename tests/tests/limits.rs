@@ -250,3 +250,47 @@ fn idle_control_clients_are_bounded_and_cost_no_thread_each() {
     let answer = closing_line(&c);
     assert!(answer.contains("\"result\":\"status\""), "{answer}");
 }
+
+/// A destination refuses an authenticated source's Hello for a guest larger than this host
+/// (with a reason the source can show), and keeps serving.
+#[test]
+fn a_destination_refuses_a_guest_larger_than_the_host_and_keeps_serving() {
+    use dataplane::codec::CodecConfig;
+    use dataplane::crypto::PreSharedKey;
+    use dataplane::protocol::{Hello, ProtocolError, VERSION, send_hello};
+
+    let mut dst = Daemon::start("hello-dst", 1, true, "");
+    let src = Daemon::start("hello-src", 1, false, "");
+    let addr = dst.listen.expect("listens");
+    // One GiB more than this host has in all (under listen.max_guest, 256 GiB by default).
+    let pages = (host_memory().total >> 12) + (1 << 18);
+    let hello = Hello {
+        version: VERSION,
+        migration_id: 0x0b16,
+        source_nonce: [5; 32],
+        guest_pages: pages,
+        streams: 2,
+        codec: CodecConfig::default(),
+        frame_size: 65536,
+        backend: "synthetic".into(),
+        guest: "too-big".into(),
+        destination: None,
+        resume: 0,
+    };
+    let key = PreSharedKey::from_hex(skyferry_tests::psk(1).trim()).expect("test key");
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    // A guard against a hang only; the answer comes at once.
+    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    match send_hello(&mut c, &key, &hello) {
+        Err(ProtocolError::Refused(why)) => {
+            eprintln!("destination: {why}");
+            assert!(why.contains("more than this host has available"), "{why}");
+        }
+        other => panic!("a {pages}-page guest was not refused: {other:?}"),
+    }
+    assert!(dst.alive(), "{}", dst.log());
+    let id = src.start_migration(addr, &["--workload", "idle", "--mem", "32MiB"]);
+    assert_eq!(src.wait_for(&id, 60, is_final)["phase"], "completed");
+    assert_eq!(dst.wait_for(&id, 30, is_final)["phase"], "completed");
+}
