@@ -116,7 +116,7 @@ impl HostMemory {
     }
 }
 
-fn range<T: PartialOrd + ToString>(
+fn range<T: PartialOrd>(
     what: &'static str,
     value: T,
     min: T,
@@ -214,6 +214,19 @@ pub fn try_reserve<T>(v: &mut Vec<T>, what: &'static str, n: usize) -> Result<()
         what,
         bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
     })
+}
+
+/// How long a control client may take to send its request: 100 ms to an hour (less would
+/// close the CLI itself on a busy host).
+pub fn check_control_idle(idle: std::time::Duration) -> Result<(), LimitError> {
+    use std::time::Duration;
+    range(
+        "daemon.control_idle",
+        idle,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+        |d| format!("{d:?}"),
+    )
 }
 
 /// What one end of a migration will hold in memory.

@@ -458,6 +458,8 @@ impl DaemonConfig {
         crate::limits::check_streams("listen.max_streams", c.listen.max_streams).map_err(limit)?;
         crate::limits::check_max_migrations(c.listen.max_migrations).map_err(limit)?;
         crate::limits::check_control_clients(c.daemon.control_clients).map_err(limit)?;
+        let control_idle = dur("daemon.control_idle", &c.daemon.control_idle)?;
+        crate::limits::check_control_idle(control_idle).map_err(limit)?;
         let max_guest = size("listen.max_guest", &c.listen.max_guest)?;
         crate::limits::check_guest_size(max_guest)
             .map_err(|e| key("listen.max_guest", e.to_string()))?;
@@ -465,7 +467,7 @@ impl DaemonConfig {
             control_socket: c.daemon.control_socket,
             control_clients: crate::daemon::control_server::ClientLimits {
                 clients: c.daemon.control_clients,
-                idle: dur("daemon.control_idle", &c.daemon.control_idle)?,
+                idle: control_idle,
             },
             psk_file: c.daemon.psk_file,
             log: c.daemon.log,
