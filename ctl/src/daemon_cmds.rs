@@ -213,6 +213,24 @@ fn guest_spec(s: &str) -> Result<GuestSpec, String> {
     }
 }
 
+/// Refuses, before asking the daemon, a guest this host's daemon would create (synthetic or
+/// KVM) that is over the limits or larger than this host's available memory, and a stream
+/// count out of range. The daemon checks again, with its caches counted.
+fn check_start_fits(a: &StartArgs) -> Result<(), String> {
+    use dataplane::limits::{HostMemory, check_guest_size, check_streams};
+    if let Some(n) = a.streams {
+        check_streams("--streams", n).map_err(|e| e.to_string())?;
+    }
+    if matches!(a.guest, GuestSpec::Synthetic | GuestSpec::Kvm) {
+        let size = |e: dataplane::limits::LimitError| format!("--mem {}: {e}", format_size(a.mem));
+        check_guest_size(a.mem).map_err(size)?;
+        HostMemory::read()
+            .and_then(|host| host.check("the guest", a.mem))
+            .map_err(size)?;
+    }
+    Ok(())
+}
+
 pub fn start(a: &StartArgs) -> Result<(), String> {
     let qemu = match (&a.guest, &a.ram_file) {
         (GuestSpec::Qemu(qmp), Some(ram)) => Some(QemuGuestSpec {
@@ -245,6 +263,7 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
         (_, Some(_)) => return Err("--dest-domid is for --guest xen:DOMID".into()),
         (_, None) => None,
     };
+    check_start_fits(a)?;
     let req = Request::Start(Box::new(StartRequest {
         to: a.to.clone(),
         qemu,

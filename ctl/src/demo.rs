@@ -314,33 +314,30 @@ fn optimizations_text(o: Optimizations) -> String {
 /// Refuses a demo this host cannot hold: two copies of the guest (source and destination)
 /// plus a block cache per stream at each end.
 pub(crate) fn check_memory(mem: u64, streams: u32, codec: &CodecConfig) -> Result<(), String> {
-    let caches = if codec.uses_cache() {
-        2 * u64::from(streams) * codec.cache_bytes
-    } else {
-        0
+    use dataplane::limits::{HostMemory, MigrationMemory, check_guest_size, check_streams};
+    check_guest_size(mem).map_err(|e| format!("--mem: {e}"))?;
+    check_streams("--streams", streams).map_err(|e| e.to_string())?;
+    let end = MigrationMemory {
+        guest_bytes: mem,
+        streams,
+        cache_bytes: if codec.uses_cache() {
+            codec.cache_bytes
+        } else {
+            0
+        },
+        frame_size: dataplane::frame::DEFAULT_FRAME_SIZE as u64,
     };
-    let need = mem.saturating_mul(2).saturating_add(caches);
-    let Some(avail) = mem_available() else {
-        return Ok(());
-    };
-    if need > avail {
-        return Err(format!(
-            "a {} guest needs about {} here (a copy at each end plus the block caches), and \
-             this host has {} available; try a smaller --mem",
-            format_size(mem),
-            format_size(need),
-            format_size(avail)
-        ));
-    }
-    Ok(())
-}
-
-/// MemAvailable from /proc/meminfo, in bytes.
-fn mem_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    HostMemory::read()
+        .and_then(|host| {
+            host.check(
+                format!(
+                    "a demo of a {} guest (a copy at each end plus the block caches)",
+                    format_size(mem)
+                ),
+                end.bytes().saturating_mul(2),
+            )
+        })
+        .map_err(|e| format!("{e}; try a smaller --mem"))
 }
 
 fn migrate_here(

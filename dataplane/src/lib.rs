@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod disk;
 pub mod frame;
 pub mod guest;
+pub mod limits;
 pub mod migrate;
 pub mod network;
 pub mod page;

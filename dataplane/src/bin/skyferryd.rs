@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dataplane::daemon::config::read_psk;
+use dataplane::daemon::control_server;
 use dataplane::daemon::{DaemonConfig, Registry};
 
 #[derive(Parser)]
@@ -43,6 +44,14 @@ fn main() -> ExitCode {
         println!("skyferryd: {} is valid", args.config.display());
         return ExitCode::SUCCESS;
     }
+    // Before anything is bound: a second daemon on this socket stops here, naming the first.
+    let lock = match control_server::lock(&settings.control_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skyferryd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log));
     tracing_subscriber::fmt()
@@ -84,13 +93,15 @@ fn main() -> ExitCode {
             .spawn(move || r.listen(&listener))
             .expect("spawning the listener");
     }
-    match dataplane::daemon::control::serve(&settings.control_socket, &registry) {
+    match control_server::serve(
+        &settings.control_socket,
+        &lock,
+        &registry,
+        settings.control_clients,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "skyferryd: control socket {}: {e}",
-                settings.control_socket.display()
-            );
+            eprintln!("skyferryd: {e}");
             ExitCode::FAILURE
         }
     }

@@ -42,6 +42,11 @@ pub struct DaemonSection {
     pub psk_file: PathBuf,
     /// Log filter (`error`..`trace`, or a tracing directive); `RUST_LOG` overrides it.
     pub log: String,
+    /// Control clients that may be sending their request at once; when more come, the one
+    /// waiting longest is closed.
+    pub control_clients: usize,
+    /// How long a control client may take to send its request.
+    pub control_idle: String,
 }
 
 impl Default for DaemonSection {
@@ -50,6 +55,8 @@ impl Default for DaemonSection {
             control_socket: "/run/skyferry/control.sock".into(),
             psk_file: "/etc/skyferry/psk".into(),
             log: "info".into(),
+            control_clients: 64,
+            control_idle: "10s".into(),
         }
     }
 }
@@ -347,6 +354,8 @@ pub struct DaemonConfig {
 pub struct Settings {
     /// Control socket path.
     pub control_socket: PathBuf,
+    /// How many control clients may wait, and how long.
+    pub control_clients: crate::daemon::control_server::ClientLimits,
     /// Key file path.
     pub psk_file: PathBuf,
     /// Log filter.
@@ -442,26 +451,28 @@ impl DaemonConfig {
         codec.validate().map_err(|e| key("source", e.to_string()))?;
         let frame_size =
             usize::try_from(size("source.frame_size", &c.source.frame_size)?).unwrap_or(usize::MAX);
-        if !(crate::frame::MIN_FRAME_SIZE..=crate::frame::MAX_FRAME_SIZE).contains(&frame_size) {
-            return Err(key(
-                "source.frame_size",
-                format!(
-                    "must be between {} and {} bytes",
-                    crate::frame::MIN_FRAME_SIZE,
-                    crate::frame::MAX_FRAME_SIZE
-                ),
-            ));
-        }
-        if c.source.streams == 0 || c.source.streams > 64 {
-            return Err(key("source.streams", "must be between 1 and 64".into()));
-        }
+        let limit = |e: crate::limits::LimitError| invalid(e.to_string());
+        crate::limits::check_frame_size("source.frame_size", frame_size).map_err(limit)?;
+        crate::limits::check_streams("source.streams", c.source.streams).map_err(limit)?;
+        crate::limits::check_cache("source.cache", &codec).map_err(limit)?;
+        crate::limits::check_streams("listen.max_streams", c.listen.max_streams).map_err(limit)?;
+        crate::limits::check_max_migrations(c.listen.max_migrations).map_err(limit)?;
+        crate::limits::check_control_clients(c.daemon.control_clients).map_err(limit)?;
+        let control_idle = dur("daemon.control_idle", &c.daemon.control_idle)?;
+        crate::limits::check_control_idle(control_idle).map_err(limit)?;
+        let max_guest = size("listen.max_guest", &c.listen.max_guest)?;
+        crate::limits::check_guest_size(max_guest)
+            .map_err(|e| key("listen.max_guest", e.to_string()))?;
         Ok(Settings {
             control_socket: c.daemon.control_socket,
+            control_clients: crate::daemon::control_server::ClientLimits {
+                clients: c.daemon.control_clients,
+                idle: control_idle,
+            },
             psk_file: c.daemon.psk_file,
             log: c.daemon.log,
             listen,
-            max_guest_pages: size("listen.max_guest", &c.listen.max_guest)?
-                / crate::page::PAGE_SIZE as u64,
+            max_guest_pages: max_guest / crate::page::PAGE_SIZE as u64,
             max_streams: c.listen.max_streams,
             max_migrations: c.listen.max_migrations,
             listen_timeout: dur("listen.timeout", &c.listen.timeout)?,

@@ -1,19 +1,14 @@
-//! The control socket: one JSON request per connection, one JSON response, each a line.
-//! Only the daemon's own user (or root) may use it: the socket file is mode 0600 and every
-//! connection's peer credentials are checked (SO_PEERCRED).
+//! The control socket's protocol: one JSON request per connection, one JSON response, each a
+//! line. Only the daemon's own user (or root) may use it: the socket file is mode 0600 and
+//! every connection's peer credentials are checked (SO_PEERCRED). `control_server` serves it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::registry::Registry;
 use crate::migrate::MigrationStatus;
-
-/// Largest request accepted.
-const MAX_REQUEST: u64 = 64 << 10;
 
 /// A running QEMU guest to migrate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,61 +160,8 @@ pub enum Response {
     },
 }
 
-/// Serves the control socket forever.
-pub fn serve(path: &Path, registry: &Arc<Registry>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        // A socket left by a daemon that died; refuse to remove anything else.
-        let meta = std::fs::symlink_metadata(path)?;
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::other(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path)?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    tracing::info!("control socket {}", path.display());
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let registry = registry.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = handle(conn, &registry) {
-                tracing::warn!("control connection: {e}");
-            }
-        });
-    }
-    Ok(())
-}
-
-fn handle(conn: UnixStream, registry: &Arc<Registry>) -> std::io::Result<()> {
-    let mut out = conn.try_clone()?;
-    let response = match peer_allowed(&conn) {
-        Err(message) => Response::Error { message },
-        Ok(()) => {
-            let mut line = String::new();
-            BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
-            match serde_json::from_str::<Request>(&line) {
-                Ok(req) => registry.handle(req),
-                Err(e) => Response::Error {
-                    message: format!("malformed request: {e}"),
-                },
-            }
-        }
-    };
-    let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
-    text.push('\n');
-    out.write_all(text.as_bytes())
-}
-
 /// Only our own user (or root) may drive the daemon.
-fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
+pub(super) fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
     let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| format!("cannot read peer credentials: {e}"))?;
     let me = nix::unistd::geteuid().as_raw();

@@ -7,6 +7,7 @@
 pub mod acceptor;
 pub mod config;
 pub mod control;
+pub mod control_server;
 pub mod registry;
 
 pub use config::{ConfigError, DaemonConfig};

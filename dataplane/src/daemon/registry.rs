@@ -228,9 +228,7 @@ impl Registry {
             None => s.policy,
         };
         let streams = r.streams.unwrap_or(s.streams);
-        if !(1..=64).contains(&streams) {
-            return Err(format!("{streams} streams: use 1 to 64"));
-        }
+        self.check_start_fits(r, streams, &codec)?;
         let id = u64::from_le_bytes(
             crate::crypto::HandshakeNonce::random()
                 .map_err(|e| e.to_string())?
@@ -316,6 +314,34 @@ impl Registry {
             })
             .map_err(|e| e.to_string())?;
         Ok(id)
+    }
+
+    /// Refuses a start request whose guest (when this daemon hosts it), streams and caches do
+    /// not fit the limits and this host's memory, before anything is allocated for it.
+    fn check_start_fits(
+        &self,
+        r: &StartRequest,
+        streams: u32,
+        codec: &crate::codec::CodecConfig,
+    ) -> Result<(), String> {
+        use crate::limits::{HostMemory, MigrationMemory, check_guest_size};
+        // A running QEMU guest's or Xen domain's memory is already there.
+        let hosted = r.qemu.is_none() && r.xen.is_none();
+        if hosted {
+            check_guest_size(r.mem).map_err(|e| e.to_string())?;
+        }
+        MigrationMemory {
+            guest_bytes: if hosted { r.mem } else { 0 },
+            streams,
+            cache_bytes: if codec.uses_cache() {
+                codec.cache_bytes
+            } else {
+                0
+            },
+            frame_size: self.settings.frame_size as u64,
+        }
+        .check(&HostMemory::read().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())
     }
 
     /// The guest a start request names: a running QEMU guest or Xen domain, or a new KVM

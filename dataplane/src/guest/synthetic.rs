@@ -35,6 +35,7 @@ use super::{
     DestGuest, DirtyBitmap, GuestError, PageWriter, SourceGuest, memory_digest, memory_digest_known,
 };
 use crate::codec::PageSink;
+use crate::limits::try_vec;
 use crate::page::{PAGE_SIZE, Page, PageBatch, Pfn};
 
 const BACKEND: &str = "synthetic";
@@ -51,6 +52,10 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 const MAX_CATCH_UP: Duration = Duration::from_millis(50);
 /// How long the destination's digest waits for open page writers to be dropped.
 const WRITERS_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn alloc_err(e: crate::limits::LimitError) -> GuestError {
+    backend_err("create", e.to_string())
+}
 
 fn backend_err(op: &'static str, message: impl Into<String>) -> GuestError {
     GuestError::Backend {
@@ -712,7 +717,7 @@ impl SyntheticGuest {
                 format!("{} writers, expected 1..={MAX_WRITERS}", options.writers),
             ));
         }
-        let layout = Arc::new(Layout::new(workload, pages, seed));
+        let layout = Arc::new(Layout::new(workload, pages, seed).map_err(alloc_err)?);
         let mut mem = GuestMemory::new(pages, false)?;
         mem.fill(&layout);
         let states = (0..options.writers)
@@ -894,7 +899,9 @@ impl SyntheticTarget {
         let mem = GuestMemory::new(pages, populate)?;
         Ok(SyntheticTarget {
             inner: Arc::new(TargetInner {
-                owners: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+                owners: try_vec("page owners", index_of(pages), |_| AtomicU32::new(0))
+                    .map_err(alloc_err)?
+                    .into(),
                 mem: Arc::new(mem),
                 ctl: Mutex::new(TargetControl {
                     next_writer: 1,
@@ -1112,7 +1119,8 @@ impl DestGuest for SyntheticTarget {
             .state
             .clone()
             .ok_or_else(|| GuestError::BadState(format!("{BACKEND}: no state installed")))?;
-        let layout = Arc::new(Layout::new(state.workload, state.pages, state.seed));
+        let layout =
+            Arc::new(Layout::new(state.workload, state.pages, state.seed).map_err(alloc_err)?);
         let engine = Engine::start(self.inner.mem.clone(), layout, state.speed, state.writers)?;
         ctl.engine = Some(engine);
         Ok(())
@@ -1594,7 +1602,7 @@ mod tests {
         // Replay the same number of further steps at both ends, without threads.
         let steps = 500;
         let saved = SavedState::decode(&blob).unwrap();
-        let layout = Arc::new(Layout::new(saved.workload, pages, saved.seed));
+        let layout = Arc::new(Layout::new(saved.workload, pages, saved.seed).unwrap());
         let replay = |mem: &GuestMemory| {
             let mut core = WriterCore::new(layout.clone(), 0, 1, saved.writers[0].clone());
             for _ in 0..steps {

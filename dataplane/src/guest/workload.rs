@@ -104,6 +104,7 @@ use std::ops::Range;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::limits::{LimitError, try_reserve, try_vec};
 use crate::page::{BLOCK_SIZE, BLOCKS_PER_PAGE, PAGE_SIZE, Page, Pfn};
 
 /// Guest size the rates are given for: 1 GiB of 4 KiB pages.
@@ -590,15 +591,20 @@ fn shuffle<T>(items: &mut [T], rng: &mut Rng) {
 }
 
 impl Layout {
-    /// The layout of a `pages`-page guest running `workload` from `seed`.
-    pub fn new(workload: Workload, pages: u64, seed: u64) -> Layout {
+    /// The layout of a `pages`-page guest running `workload` from `seed`; an error if its
+    /// tables cannot be allocated.
+    pub fn new(workload: Workload, pages: u64, seed: u64) -> Result<Layout, LimitError> {
         let params = workload.params();
-        let extents = usize_of(pages.div_ceil(EXTENT_PAGES));
-        let mut order: Vec<usize> = (0..extents).collect();
+        let extents =
+            usize::try_from(pages.div_ceil(EXTENT_PAGES)).map_err(|_| LimitError::Allocation {
+                what: "a guest layout",
+                bytes: pages,
+            })?;
+        let mut order: Vec<usize> = try_vec("a guest layout", extents, |i| i)?;
         shuffle(&mut order, &mut Rng::new(key2(seed, SALT_CLASS)));
 
         // Zero extents first, then each content kind by its share of the rest.
-        let mut kinds = vec![None; extents];
+        let mut kinds = try_vec("a guest layout", extents, |_| None)?;
         let zero = usize_of(round_u64(params.zero_pages * extents as f64)).min(extents);
         let content_extents = extents - zero;
         let mut cum = 0.0;
@@ -620,9 +626,11 @@ impl Layout {
 
         // Tiers take content extents in a second shuffled order, each up to its quota among
         // the kinds it accepts.
-        let mut content: Vec<usize> = (0..extents).filter(|&e| kinds[e].is_some()).collect();
+        let mut content: Vec<usize> = Vec::new();
+        try_reserve(&mut content, "a guest layout", extents)?;
+        content.extend((0..extents).filter(|&e| kinds[e].is_some()));
         shuffle(&mut content, &mut Rng::new(key2(seed, SALT_TIER)));
-        let mut taken = vec![false; extents];
+        let mut taken = try_vec("a guest layout", extents, |_| false)?;
         let mut tiers = Vec::with_capacity(params.tiers.len());
         for tier in params.tiers {
             let quota = match tier.span {
@@ -630,6 +638,10 @@ impl Layout {
                 Span::Rest => usize::MAX,
             };
             let mut pfns = Vec::new();
+            let most = quota
+                .min(content.len())
+                .saturating_mul(usize_of(EXTENT_PAGES));
+            try_reserve(&mut pfns, "a guest layout", most)?;
             let mut got = 0;
             for &e in &content {
                 if got == quota {
@@ -648,14 +660,14 @@ impl Layout {
         }
         let corpus_bytes = usize_of(pages.saturating_mul(PAGE_SIZE as u64) / 32)
             .clamp(CORPUS_MIN_BYTES, CORPUS_MAX_BYTES);
-        Layout {
+        Ok(Layout {
             workload,
             seed,
             pages,
             kinds,
             tiers,
             corpora: Corpora::new(params, seed, corpus_bytes),
-        }
+        })
     }
 
     /// The workload.
@@ -1717,8 +1729,8 @@ mod tests {
     #[test]
     fn layout_is_deterministic_and_tiers_are_disjoint_content() {
         for w in Workload::ALL {
-            let a = Layout::new(w, 3000, 9);
-            let b = Layout::new(w, 3000, 9);
+            let a = Layout::new(w, 3000, 9).unwrap();
+            let b = Layout::new(w, 3000, 9).unwrap();
             assert_eq!(a.kinds, b.kinds);
             assert_eq!(a.tiers, b.tiers);
             let mut seen = std::collections::HashSet::new();
@@ -1736,7 +1748,7 @@ mod tests {
 
     #[test]
     fn text_looks_like_source() {
-        let layout = Layout::new(Workload::Kernel, 64, 1);
+        let layout = Layout::new(Workload::Kernel, 64, 1).unwrap();
         let mut page = Page::zeroed();
         layout.fill_page(Content::Text, 1, &mut page);
         let printable = page
@@ -1751,7 +1763,7 @@ mod tests {
     #[test]
     fn every_write_changes_its_page_and_replays_exactly() {
         for w in Workload::ALL {
-            let layout = Arc::new(Layout::new(w, 1024, 5));
+            let layout = Arc::new(Layout::new(w, 1024, 5).unwrap());
             let run = |steps: usize| {
                 let mem = Pages {
                     pages: RefCell::new(image(&layout)),
@@ -1776,8 +1788,8 @@ mod tests {
     #[test]
     fn small_writes_change_few_bytes_and_full_writes_most() {
         let mut rng = Rng::new(3);
-        let kernel = Layout::new(Workload::Kernel, 64, 1);
-        let tpcw = Layout::new(Workload::Tpcw, 64, 1);
+        let kernel = Layout::new(Workload::Kernel, 64, 1).unwrap();
+        let tpcw = Layout::new(Workload::Tpcw, 64, 1).unwrap();
         for kind in [
             Content::Text,
             Content::Binary,

@@ -236,6 +236,7 @@ pub fn receive_on(
 
     let verdict = check_version(&hello)
         .and_then(|()| check_hello(&hello, opts))
+        .and_then(|()| crate::limits::check_incoming(&hello))
         .and_then(|()| streams.expect(hello.migration_id));
     let guest = verdict.clone().and_then(|()| make_guest(&hello));
     let keys = send_welcome(

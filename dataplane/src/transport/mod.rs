@@ -4,12 +4,14 @@
 //!
 //! Ordering: frames of one stream must arrive in order (the opener refuses gaps), so each
 //! socket has at most one write and one read in flight; streams proceed independently.
-//! An io_uring buffer belongs to the ring from submission until its completion is reaped,
-//! so in-flight frames are held by the ring thread, keyed by stream, never by anyone else.
+//! An io_uring buffer belongs to the ring from submission until its completion is reaped:
+//! [`ring::Ring`] holds in-flight frames, keyed by stream, and on any exit cancels and reaps
+//! what is still in flight before the buffers go back to the pool.
 
 pub mod pool;
 pub mod rate;
 pub mod recv;
+pub mod ring;
 pub mod send;
 pub mod socket;
 

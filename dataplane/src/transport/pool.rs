@@ -99,16 +99,16 @@ impl FramePool {
     /// A ring for `sockets` sockets with every pool buffer registered, for the thread that
     /// will own it.
     ///
-    /// The caller must submit operations only on buffers it holds until their completions
-    /// are reaped (the send and receive threads keep them in their in-flight tables).
-    pub fn ring(&self, sockets: usize) -> Result<io_uring::IoUring, super::TransportError> {
+    /// Only [`super::ring::Ring`] calls it: it holds the buffer of every operation it submits
+    /// until that operation's completion is reaped.
+    pub(crate) fn ring(&self, sockets: usize) -> Result<io_uring::IoUring, super::TransportError> {
         let ring_err = |what| move |source| super::TransportError::Ring { what, source };
         let entries = u32::try_from(2 * sockets.max(4)).unwrap_or(256);
         let ring = io_uring::IoUring::new(entries).map_err(ring_err("create a ring"))?;
         let iovecs = self.iovecs();
         // SAFETY: every iovec describes a pool buffer's heap allocation, which is never
         // resized. The kernel touches a registered buffer only during an operation submitted
-        // on it, and callers submit only on buffers they hold (so alive and not used by any
+        // on it, and `Ring` submits only on buffers it holds (so alive and not used by any
         // other code) until the completion is reaped. A buffer dropped elsewhere is simply
         // never named in an operation again; registration keeps only the kernel's own page
         // references.

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use io_uring::types::{Fd, SubmitArgs, Timespec};
-use io_uring::{IoUring, opcode};
+use io_uring::types::Timespec;
 
 use super::TransportError;
 use super::pool::{FramePool, PoolFrame};
 use super::rate::TokenBucket;
+use super::ring::{Done, Ring};
 
 /// A sealed frame to send.
 #[derive(Debug)]
@@ -57,6 +57,9 @@ const POLL: Timespec = Timespec::new().nsec(500_000);
 
 /// Sends every frame that arrives on `rx`, in order per stream, until `rx` is closed and all
 /// is written. Written frames go back to `pool`; `sent_bytes` counts bytes as they leave.
+///
+/// On every return, every buffer is back in `pool`: writes still in flight are cancelled and
+/// reaped first (see [`Ring`]).
 pub fn send_frames(
     sockets: &[TcpStream],
     pool: &FramePool,
@@ -95,15 +98,16 @@ pub fn send_frames_metered(
 ) -> Result<SendSummary, TransportError> {
     let _stage = tracing::debug_span!("send_stage", streams = sockets.len()).entered();
     let n = sockets.len();
-    let mut ring = pool.ring(n)?;
+    let mut ring = Ring::new(pool, n)?;
 
     let mut requeue = Requeue {
         pool,
         queues: (0..n).map(|_| VecDeque::new()).collect(),
     };
     let queues = &mut requeue.queues;
-    let mut inflight: Vec<Option<(Outgoing, usize)>> = (0..n).map(|_| None).collect();
-    let mut busy = 0usize;
+    // Per stream, the length of the frame in flight and the bytes of it written so far (its
+    // buffer is in the ring).
+    let mut writing: Vec<(usize, usize)> = vec![(0, 0); n];
     let mut open = true;
     let mut summary = SendSummary {
         frames: vec![0; n],
@@ -111,12 +115,12 @@ pub fn send_frames_metered(
         throttled: Duration::ZERO,
     };
     // Reused for every batch of completions: the loop allocates nothing.
-    let mut done: Vec<(usize, i32)> = Vec::with_capacity(n);
+    let mut done: Vec<Done> = Vec::with_capacity(n);
 
     loop {
         // Take in new frames: block only when there is nothing else to do.
         if open {
-            if busy == 0 && queues.iter().all(VecDeque::is_empty) {
+            if ring.busy() == 0 && queues.iter().all(VecDeque::is_empty) {
                 let t = Instant::now();
                 match rx.recv() {
                     Ok(o) => queues[o.stream].push_back(o),
@@ -139,7 +143,7 @@ pub fn send_frames_metered(
         // Start a write on every idle stream with a frame waiting, as the rate allows.
         let mut wait = None;
         for (s, queue) in queues.iter_mut().enumerate() {
-            if inflight[s].is_some() {
+            if ring.is_busy(s) {
                 continue;
             }
             let Some(next) = queue.front() else { continue };
@@ -150,12 +154,11 @@ pub fn send_frames_metered(
                 continue;
             }
             let o = queue.pop_front().expect("front exists");
-            submit_write(&mut ring, &sockets[s], s, &o, 0)?;
-            inflight[s] = Some((o, 0));
-            busy += 1;
+            writing[s] = (o.len, 0);
+            ring.write(s, sockets[s].as_raw_fd(), o.frame, 0..o.len)?;
         }
 
-        if busy == 0 {
+        if ring.busy() == 0 {
             if !open && queues.iter().all(VecDeque::is_empty) {
                 return Ok(summary);
             }
@@ -168,77 +171,36 @@ pub fn send_frames_metered(
             continue;
         }
 
-        let args = SubmitArgs::new().timespec(&POLL);
         let t = Instant::now();
-        let submitted = ring.submitter().submit_with_args(1, &args);
+        let submitted = ring.submit_and_wait(Some(&POLL), "submit sends");
         add_since(&meter.link_wait_ns, t);
-        match submitted {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(source) => {
-                return Err(TransportError::Ring {
-                    what: "submit sends",
-                    source,
-                });
-            }
-        }
-        done.clear();
-        done.extend(ring.completion().map(|c| {
-            (
-                usize::try_from(c.user_data()).expect("stream index"),
-                c.result(),
-            )
-        }));
-        for &(s, res) in &done {
-            let (o, written) = inflight[s]
-                .as_mut()
-                .expect("completion for a write in flight");
-            if res < 0 {
+        submitted?;
+        ring.reap(&mut done);
+        let mut batch = done.drain(..);
+        while let Some(d) = batch.next() {
+            let s = d.slot;
+            if d.result < 0 {
+                pool.give(d.frame);
+                batch.for_each(|d| pool.give(d.frame));
                 return Err(TransportError::Io {
                     stream: s,
                     op: "send",
-                    source: std::io::Error::from_raw_os_error(-res),
+                    source: std::io::Error::from_raw_os_error(-d.result),
                 });
             }
-            let res = usize::try_from(res).expect("non-negative");
+            let res = usize::try_from(d.result).expect("non-negative");
+            let (len, written) = &mut writing[s];
             *written += res;
             sent_bytes.fetch_add(res as u64, Ordering::Relaxed);
-            if *written < o.len {
+            if *written < *len {
                 // Short write: send the rest before anything else on this stream.
-                let (o, written) = (&*o, *written);
-                submit_write(&mut ring, &sockets[s], s, o, written)?;
+                let range = *written..*len;
+                ring.write(s, sockets[s].as_raw_fd(), d.frame, range)?;
                 continue;
             }
-            let (o, _) = inflight[s].take().expect("in flight");
             summary.frames[s] += 1;
-            summary.bytes[s] += o.len as u64;
-            busy -= 1;
-            pool.give(o.frame);
+            summary.bytes[s] += *len as u64;
+            pool.give(d.frame);
         }
     }
-}
-
-fn submit_write(
-    ring: &mut IoUring,
-    socket: &TcpStream,
-    stream: usize,
-    o: &Outgoing,
-    from: usize,
-) -> Result<(), TransportError> {
-    let bytes = &o.frame.frame.raw(o.len)[from..];
-    let entry = opcode::WriteFixed::new(
-        Fd(socket.as_raw_fd()),
-        bytes.as_ptr(),
-        u32::try_from(bytes.len()).expect("frames are below 4 GiB"),
-        o.frame.index(),
-    )
-    .build()
-    .user_data(stream as u64);
-    // SAFETY: the buffer is a registered pool buffer held in `inflight` until this write's
-    // completion is reaped, so it stays valid and unmodified while the kernel reads it.
-    unsafe { ring.submission().push(&entry) }.map_err(|_| TransportError::Ring {
-        what: "submission queue full",
-        source: std::io::Error::other("send ring full"),
-    })
 }
