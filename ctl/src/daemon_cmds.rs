@@ -477,7 +477,7 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
             s.pages_sent,
             s.remaining,
             format_size(s.wire_bytes),
-            format_rate(s.rate_bps),
+            format_rate(s.job.transfer_rate_bps),
             note
         );
     }

@@ -627,7 +627,7 @@ pub(crate) fn json_report(
             "compress": status.saved.compress,
         },
         "stop_reason": status.stop_reason.map(stop_reason_name),
-        "rate_bps": status.rate_bps,
+        "link_rate_bps": status.job.link_rate_bps,
         "per_iteration": iterations,
         "records": codec.map(|c| json!({
             "zero": c.pages[0],

@@ -5,8 +5,10 @@
 //! (`acceptor`).
 
 pub mod acceptor;
+pub mod admission;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod registry;
 
 pub use config::{ConfigError, DaemonConfig};
