@@ -70,6 +70,24 @@ fn scrape(port: u16) -> String {
     body.to_string()
 }
 
+/// Scrapes until `key` reads `want`: the totals count a migration just after its status
+/// turned final.
+fn scrape_until(port: u16, key: &str, want: f64) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = parse(&scrape(port));
+        if m.samples.get(key) == Some(&want) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} never read {want}: {:?}",
+            m.samples.get(key)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The samples of a scrape by `name{labels}`, and the type of each family.
 struct Scrape {
     samples: HashMap<String, f64>,
@@ -199,8 +217,7 @@ fn a_live_migrations_metrics_match_its_status() {
     // Once it ended, the totals count it, at both ends.
     let end = src.wait_for(&id, 120, is_final);
     assert_eq!(end["phase"], "completed", "{end}");
-    let m = parse(&scrape(src_port));
-    assert_eq!(m.get("skyferry_migrations_succeeded_total"), 1.0);
+    let m = scrape_until(src_port, "skyferry_migrations_succeeded_total", 1.0);
     assert_eq!(
         m.get("skyferry_wire_bytes_total{direction=\"sent\"}"),
         u(&end["wire_bytes"])
@@ -217,6 +234,7 @@ fn a_live_migrations_metrics_match_its_status() {
         u(&arrived["pages_sent"]) >= u(&arrived["guest_pages"]),
         "{arrived}"
     );
+    scrape_until(dst_port, "skyferry_migrations_succeeded_total", 1.0);
     let text = scrape(dst_port);
     promtool(&text);
     let m = parse(&text);

@@ -171,7 +171,9 @@ pub fn migrate(
     run.guest.release();
     let mut st = status.lock().expect("status lock");
     st.elapsed_ms = millis(run.started.elapsed());
-    st.job.ended_at_ms = Some(super::job_stats::unix_ms());
+    st.job
+        .ended_at_ms
+        .get_or_insert_with(super::job_stats::unix_ms);
     match &result {
         Ok(_) => {}
         Err(e) => {
@@ -233,6 +235,11 @@ impl Run<'_> {
         let mut st = self.status.lock().expect("status lock");
         f(&mut st);
         st.elapsed_ms = millis(self.started.elapsed());
+        if st.phase.is_final() {
+            st.job
+                .ended_at_ms
+                .get_or_insert_with(super::job_stats::unix_ms);
+        }
     }
 
     fn go(&mut self) -> Result<SourceSummary, MigrateError> {
