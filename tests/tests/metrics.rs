@@ -287,3 +287,33 @@ fn beyond_its_limit_a_source_queues_migrations_and_runs_them_in_turn() {
         "the second started after the first ended: {one} {two}"
     );
 }
+
+#[test]
+fn pages_sent_moves_during_the_first_iteration_and_an_abort_is_counted() {
+    let dst = Daemon::start("m-first-d", 1, true, "");
+    let (src, port) = with_metrics("m-first-s", false, "");
+    // 48 MiB at 8 MB/s: iteration 1 lasts seconds, longer on a busier host.
+    let mut args = GUEST.to_vec();
+    *args.last_mut().unwrap() = "8MB/s";
+    let id = src.start_migration(dst.listen.unwrap(), &args);
+    let s = src.wait_for(&id, 60, |s| {
+        is_final(s) || s["iteration"].as_u64() > Some(1) || s["pages_sent"].as_u64() > Some(0)
+    });
+    assert_eq!(s["iteration"], 1, "still in iteration 1: {s}");
+    assert!(
+        s["pages_sent"].as_u64() < s["guest_pages"].as_u64(),
+        "part of the guest: {s}"
+    );
+    assert!(u(&s["data_processed_bytes"]) > 0.0, "{s}");
+    let out = src.cli(&["abort", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let end = src.wait_for(&id, 60, is_final);
+    assert_eq!(end["phase"], "aborted", "{end}");
+    assert!(end["ended_at_ms"].is_u64(), "{end}");
+    let m = scrape_until(port, "skyferry_migrations_aborted_total", 1.0);
+    assert_eq!(m.get("skyferry_migrations_succeeded_total"), 0.0);
+}
