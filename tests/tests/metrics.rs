@@ -1,7 +1,8 @@
 //! The Prometheus endpoint of two real skyferryd, scraped over HTTP while a migration runs
 //! between them and after it ends: names, types and values against `status --json`, and the
-//! page against `promtool check metrics` (Debian's `prometheus` package). Also admission: a
-//! source whose limit is one migration queues the second, with its place in `status`.
+//! page against `promtool check metrics` (Debian's `prometheus` package), and its timeline
+//! drawn by `skyferry report`. Also admission: a source whose limit is one migration queues
+//! the second, with its place in `status`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -249,6 +250,21 @@ fn a_live_migrations_metrics_match_its_status() {
         )),
         1.0
     );
+    // Its timeline, as a picture.
+    let svg = src.dir.join("timeline.svg");
+    let out = src.cli(&["report", &id, "--svg", svg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let picture = std::fs::read_to_string(&svg).expect("the SVG");
+    assert!(picture.starts_with("<svg"), "an SVG");
+    assert!(
+        picture.contains(&format!("migration {id}")),
+        "titled with the id"
+    );
+    assert!(picture.contains("guest paused"), "shows the pause");
     // The destination's log lines name the migration.
     let log = dst.log();
     assert!(
