@@ -21,6 +21,13 @@ pub struct Socket {
     socket: PathBuf,
 }
 
+impl Socket {
+    /// The control socket's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.socket
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct StartArgs {
     #[command(flatten)]
@@ -181,7 +188,7 @@ fn call(socket: &Path, req: &Request) -> Result<Response, String> {
     }
 }
 
-fn statuses(socket: &Path, id: Option<u64>) -> Result<Vec<MigrationStatus>, String> {
+pub(crate) fn statuses(socket: &Path, id: Option<u64>) -> Result<Vec<MigrationStatus>, String> {
     match call(socket, &Request::Status { id })? {
         Response::Status { migrations } => Ok(migrations),
         other => Err(format!("unexpected response from skyferryd: {other:?}")),
@@ -496,7 +503,7 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
             s.pages_sent,
             s.remaining,
             format_size(s.wire_bytes),
-            format_rate(s.rate_bps),
+            format_rate(s.job.transfer_rate_bps),
             note
         );
     }

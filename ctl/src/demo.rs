@@ -124,6 +124,10 @@ pub struct Args {
     /// standard error when it is a terminal).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Where to draw the migration's timeline (SVG) at the end [default: a file named
+    /// after the migration in the temporary directory].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) svg: Option<std::path::PathBuf>,
 }
 
 /// Which guest `skyferry demo` migrates.
@@ -579,6 +583,16 @@ fn report(args: &Args, pages: u64, o: &Outcome) -> Result<(), String> {
                 crate::progress::group(pages)
             );
         }
+        let svg = args.svg.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "skyferry-demo-{}.svg",
+                dataplane::migrate::MigrationId(status.id)
+            ))
+        });
+        match crate::timeline::write_svg(status, &svg) {
+            Ok(()) => println!("timeline: {}", svg.display()),
+            Err(e) => eprintln!("skyferry: no timeline: {e}"),
+        }
     }
     error.map_or(Ok(()), Err)
 }
@@ -624,7 +638,7 @@ pub(crate) fn json_report(
             "compress": status.saved.compress,
         },
         "stop_reason": status.stop_reason.map(stop_reason_name),
-        "rate_bps": status.rate_bps,
+        "link_rate_bps": status.job.link_rate_bps,
         "per_iteration": iterations,
         "records": codec.map(|c| json!({
             "zero": c.pages[0],

@@ -6,7 +6,9 @@ mod demo_kvm;
 mod demo_qemu;
 mod keygen;
 mod progress;
+mod report;
 mod testguest;
+mod timeline;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,9 @@ enum Command {
     Status(daemon_cmds::StatusArgs),
     /// Follow a migration live.
     Watch(daemon_cmds::WatchArgs),
+    /// Draw a migration's timeline: per iteration the pages sent, dirtied and left, the
+    /// link rate, the pause and the bytes each optimization saved.
+    Report(report::ReportArgs),
     /// Create the pre-shared key both hosts need (copy it to the peer over a secure channel).
     Keygen(keygen::Args),
     /// Build (or reuse) the small Linux guest that QEMU migration tests boot, and show how to
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Resolve(a) => daemon_cmds::resolve(&a),
         Command::Status(a) => daemon_cmds::status(&a),
         Command::Watch(a) => daemon_cmds::watch(&a),
+        Command::Report(a) => report::run(&a),
         Command::Keygen(args) => keygen::run(&args),
         Command::TestGuest(args) => testguest::run(&args),
     };

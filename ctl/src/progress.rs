@@ -195,7 +195,7 @@ struct Seen {
 /// Phases in the order a migration passes them.
 fn rank(p: Phase) -> u8 {
     match p {
-        Phase::Connecting | Phase::Preparing => 0,
+        Phase::Queued | Phase::Connecting | Phase::Preparing => 0,
         Phase::Iterating | Phase::Reconnecting => 1,
         Phase::StopAndCopy => 2,
         Phase::Verifying => 3,
@@ -314,7 +314,7 @@ impl Seen {
 }
 
 fn iteration_line(k: u32, st: &MigrationStatus) -> String {
-    let rate = format_rate(st.rate_bps);
+    let rate = format_rate(st.job.transfer_rate_bps);
     let mut s = format!(
         "iteration {k}: {} sent, {} dirtied | wire {} | {}",
         group(st.last_sent),
@@ -377,8 +377,8 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
         Phase::Verifying => "verifying at the destination".to_string(),
         p => phase_name(p).to_string(),
     };
-    let rate = if st.rate_bps > 0.0 {
-        format_rate(st.rate_bps)
+    let rate = if st.job.transfer_rate_bps > 0.0 {
+        format_rate(st.job.transfer_rate_bps)
     } else {
         "measuring".to_string()
     };
@@ -452,6 +452,7 @@ fn ms_text(ms: u64) -> String {
 /// The operator's name of a phase (as in `status --json`).
 pub fn phase_name(p: Phase) -> &'static str {
     match p {
+        Phase::Queued => "queued",
         Phase::Connecting => "connecting",
         Phase::Preparing => "preparing",
         Phase::Iterating => "iterating",
@@ -661,7 +662,7 @@ pub fn summary_table(
             format!("{}: {}", stop_reason_name(r), stop_reason_text(r))
         }),
     ));
-    kv.push(("average rate", format_rate(st.rate_bps)));
+    kv.push(("average rate", format_rate(st.job.link_rate_bps)));
     kv.push((
         "memory verified",
         match st.verified {
@@ -736,7 +737,8 @@ mod tests {
             s.last_dirtied = dirtied;
             s.remaining = dirtied;
             s.wire_bytes += sent * 4096;
-            s.rate_bps = 117_500_000.0;
+            s.job.transfer_rate_bps = 117_500_000.0;
+            s.job.link_rate_bps = 117_500_000.0;
             s.expected_downtime_ms = Some(dirtied / 30);
             s.eta_ms = s.expected_downtime_ms;
             s.elapsed_ms += 1000;

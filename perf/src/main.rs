@@ -16,6 +16,7 @@ mod measure;
 mod peer;
 mod pipeline;
 mod pipeline_peer;
+mod pipeline_plot;
 mod procstat;
 mod wan;
 mod workload;

@@ -58,6 +58,9 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also draw the table as a picture into FILE (SVG).
+    #[arg(long, value_name = "FILE")]
+    svg: Option<std::path::PathBuf>,
 }
 
 /// One case's figures.
@@ -299,6 +302,29 @@ pub fn run(args: &Args) -> Result<(), String> {
         println!("{}", serde_json::to_string(&report).expect("serialisable"));
     } else {
         print_table(&report);
+    }
+    if let Some(path) = &args.svg {
+        let bars: Vec<_> = report
+            .cases
+            .iter()
+            .map(|c| crate::pipeline_plot::Bars {
+                case: c.mix.clone(),
+                guest_gbps: c.guest_gbps,
+                reference_gbps: c.reference_gbps,
+                src_cpu_s_per_gb: c.src_cpu_s_per_gb,
+                dst_cpu_s_per_gb: c.dst_cpu_s_per_gb,
+                pause_ms: c.pause_ms,
+            })
+            .collect();
+        let title = format!(
+            "skyferry-bench pipeline: {} guest, {} stream(s), {} KiB frames, {}",
+            dataplane::units::format_size(report.mem_bytes),
+            report.streams,
+            report.frame_size >> 10,
+            report.cipher
+        );
+        crate::pipeline_plot::write_svg(&title, &bars, path)?;
+        eprintln!("picture: {}", path.display());
     }
     Ok(())
 }

@@ -50,7 +50,7 @@ fn eight_concurrent_migrations_all_verify_with_bounded_memory() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|m| m["id"] != 0 && !is_final(m))
+            .filter(|m| m["id"] != "0" && !is_final(m))
             .count();
         most_at_once = most_at_once.max(active);
         let done = ids.iter().filter(|id| is_final(&src.status(id))).count();

@@ -60,6 +60,19 @@ fn main() -> ExitCode {
         .init();
 
     let registry = Registry::new(settings.clone(), psk);
+    if let Some(addr) = settings.metrics_listen {
+        let r = registry.clone();
+        let scrape = std::sync::Arc::new(move || {
+            dataplane::daemon::metrics::render(&r.snapshot(), Some(r.admission()))
+        });
+        match dataplane::daemon::metrics::serve(addr, scrape) {
+            Ok(bound) => tracing::info!("metrics on http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("skyferryd: cannot serve {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if let (Some(addr), Some(coordinator)) = (settings.coordinator.listen, registry.coordinator()) {
         let listener = match TcpListener::bind(addr) {
             Ok(l) => l,

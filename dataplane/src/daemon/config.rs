@@ -71,8 +71,12 @@ pub struct ListenSection {
     pub max_guest: String,
     /// Most data streams one migration may open.
     pub max_streams: u32,
-    /// Most migrations received at once; more are refused with the reason.
+    /// Most migrations received at once; more wait in the admission queue.
     pub max_migrations: usize,
+    /// Most authenticated migrations waiting for a slot; beyond, refused with the reason.
+    pub queue: usize,
+    /// Longest one waits (its source waits for the answer meanwhile), then it is refused.
+    pub queue_wait: String,
     /// How long a peer may stay silent.
     pub timeout: String,
     /// How long a migration whose link broke in pre-copy is held for its source to
@@ -87,6 +91,8 @@ impl Default for ListenSection {
             max_guest: "256GiB".into(),
             max_streams: 16,
             max_migrations: 16,
+            queue: 16,
+            queue_wait: "20s".into(),
             timeout: "30s".into(),
             resume_window: "120s".into(),
         }
@@ -150,6 +156,10 @@ pub struct SourceSection {
     pub resume_attempts: u32,
     /// Time allowed for them, from the break on.
     pub resume_within: String,
+    /// Most migrations sent at once (0: no limit); more wait in the admission queue.
+    pub max_migrations: usize,
+    /// Most migrations waiting for a slot; beyond, `start` is refused.
+    pub queue: usize,
 }
 
 impl Default for SourceSection {
@@ -169,6 +179,8 @@ impl Default for SourceSection {
             timeout: "30s".into(),
             resume_attempts: 8,
             resume_within: "60s".into(),
+            max_migrations: 0,
+            queue: 64,
         }
     }
 }
@@ -347,6 +359,16 @@ pub struct DaemonConfig {
     pub drbd: Option<DrbdSection>,
     /// `[announce]`
     pub announce: Option<crate::network::AnnounceConfig>,
+    /// `[metrics]`
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Where to serve `GET /metrics`; empty: not served.
+    pub listen: String,
 }
 
 /// The configuration with every value parsed and checked.
@@ -366,8 +388,6 @@ pub struct Settings {
     pub max_guest_pages: u64,
     /// Most streams accepted.
     pub max_streams: u32,
-    /// Most migrations received at once.
-    pub max_migrations: usize,
     /// Destination silence limit.
     pub listen_timeout: Duration,
     /// How long a broken pre-copy is held for its source to come back.
@@ -404,6 +424,21 @@ pub struct Settings {
     pub drbd: Option<crate::migrate::disk::DrbdHost>,
     /// Where guests are announced after a switchover, if this host does.
     pub announce: Option<crate::network::AnnounceConfig>,
+    /// Admission limits and queues, sent and received.
+    pub admission: AdmissionSettings,
+    /// Where the Prometheus endpoint listens, if it is served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Admission limits (`[source]` and `[listen]` `max_migrations`, `queue`, `queue_wait`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionSettings {
+    /// Migrations sent from here.
+    pub outbound: super::admission::Limits,
+    /// Migrations received here.
+    pub inbound: super::admission::Limits,
+    /// Longest an incoming migration waits for a slot.
+    pub inbound_wait: Duration,
 }
 
 impl DaemonConfig {
@@ -474,7 +509,6 @@ impl DaemonConfig {
             listen,
             max_guest_pages: max_guest / crate::page::PAGE_SIZE as u64,
             max_streams: c.listen.max_streams,
-            max_migrations: c.listen.max_migrations,
             listen_timeout: dur("listen.timeout", &c.listen.timeout)?,
             resume_window: dur("listen.resume_window", &c.listen.resume_window)?,
             socket: SocketOptions {
@@ -524,6 +558,23 @@ impl DaemonConfig {
                 .map(|a| {
                     a.validate().map_err(|e| invalid(e.to_string()))?;
                     Ok(a)
+                })
+                .transpose()?,
+            admission: AdmissionSettings {
+                outbound: super::admission::Limits {
+                    running: c.source.max_migrations,
+                    queue: c.source.queue,
+                },
+                inbound: super::admission::Limits {
+                    running: c.listen.max_migrations,
+                    queue: c.listen.queue,
+                },
+                inbound_wait: dur("listen.queue_wait", &c.listen.queue_wait)?,
+            },
+            metrics_listen: opt(&c.metrics.listen)
+                .map(|a| {
+                    a.parse()
+                        .map_err(|e| key("metrics.listen", format!("{a:?}: {e}")))
                 })
                 .transpose()?,
         })

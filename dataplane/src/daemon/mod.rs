@@ -5,9 +5,11 @@
 //! (`acceptor`).
 
 pub mod acceptor;
+pub mod admission;
 pub mod config;
 pub mod control;
 pub mod control_server;
+pub mod metrics;
 pub mod registry;
 
 pub use config::{ConfigError, DaemonConfig};

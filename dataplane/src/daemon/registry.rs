@@ -48,8 +48,8 @@ pub struct Registry {
     entries: Mutex<Vec<Entry>>,
     /// The Synchronized Arrival coordinator this daemon serves, if it does.
     coordinator: Option<Arc<Coordinator>>,
-    /// Incoming migrations under way (and connections not yet refused).
-    incoming: std::sync::atomic::AtomicUsize,
+    /// How many migrations run at once each way, and who waits.
+    admission: super::admission::Admission,
 }
 
 impl std::fmt::Debug for Registry {
@@ -66,12 +66,45 @@ impl Registry {
             .listen
             .map(|_| Coordinator::new(psk.clone()));
         Arc::new(Registry {
-            settings,
             psk,
             entries: Mutex::new(Vec::new()),
             coordinator,
-            incoming: std::sync::atomic::AtomicUsize::new(0),
+            admission: super::admission::Admission::new(
+                settings.admission.outbound,
+                settings.admission.inbound,
+                settings.admission.inbound_wait,
+            ),
+            settings,
         })
+    }
+
+    /// This host's admission gates.
+    pub fn admission(&self) -> &super::admission::Admission {
+        &self.admission
+    }
+
+    /// Every migration's status as `status` shows it.
+    pub fn snapshot(&self) -> Vec<MigrationStatus> {
+        let entries = self.entries.lock().expect("registry lock");
+        entries
+            .iter()
+            .map(|e| {
+                let mut s = e.status.lock().expect("status lock").clone();
+                // A guest that checks itself says how it is doing here, live: at the
+                // destination once it arrived, at the source while it runs here (also after
+                // a failed migration gave it back).
+                let target = e.target.lock().expect("slot lock").clone();
+                let source = e.source.lock().expect("slot lock").clone();
+                if let Some(check) = target
+                    .and_then(|t| t.self_check())
+                    .or_else(|| source.and_then(|g| g.self_check()))
+                {
+                    s.guest_check = Some(check);
+                }
+                s.derive_job();
+                s
+            })
+            .collect()
     }
 
     /// The coordinator this daemon serves (`[coordinator] listen`), if any.
@@ -112,24 +145,9 @@ impl Registry {
             Request::Resolve { id, start } => self.resolve(id, start),
             Request::GroupStatus { group } => self.group_status(&group),
             Request::Status { id } => {
-                let entries = self.entries.lock().expect("registry lock");
-                let migrations = entries
-                    .iter()
-                    .map(|e| {
-                        let mut s = e.status.lock().expect("status lock").clone();
-                        // A guest that checks itself says how it is doing here, live: at
-                        // the destination once it arrived, at the source while it runs here
-                        // (also after a failed migration gave it back).
-                        let target = e.target.lock().expect("slot lock").clone();
-                        let source = e.source.lock().expect("slot lock").clone();
-                        if let Some(check) = target
-                            .and_then(|t| t.self_check())
-                            .or_else(|| source.and_then(|g| g.self_check()))
-                        {
-                            s.guest_check = Some(check);
-                        }
-                        s
-                    })
+                let migrations = self
+                    .snapshot()
+                    .into_iter()
                     .filter(|s| id.is_none_or(|id| s.id == id))
                     .collect::<Vec<_>>();
                 if let Some(id) = id
@@ -183,7 +201,7 @@ impl Registry {
                 "was in doubt; discarded here by the operator",
             )
         };
-        tracing::warn!(migration = id, "{note}");
+        tracing::warn!(migration = %crate::migrate::MigrationId(id), "{note}");
         let mut st = e.status.lock().expect("status lock");
         st.phase = phase;
         st.error = Some(note.into());
@@ -271,6 +289,9 @@ impl Registry {
             network: self.network_options(r)?,
             resume: s.resume,
         };
+        if let Some(refused) = self.admission.outbound.would_refuse() {
+            return Err(refused.to_string());
+        }
         let guest = self.source_guest(r)?;
         let pages = guest.page_count();
         let status = Arc::new(Mutex::new(MigrationStatus::new(
@@ -281,6 +302,7 @@ impl Registry {
         )));
         let abort = Arc::new(AtomicBool::new(false));
         let kept = Arc::new(Mutex::new(Some(guest.clone())));
+        let gate = self.admission.outbound.clone();
         self.entries.lock().expect("registry lock").push(Entry {
             status: status.clone(),
             abort: abort.clone(),
@@ -290,12 +312,19 @@ impl Registry {
         std::thread::Builder::new()
             .name(format!("sf-migrate-{:x}", id & 0xffff))
             .spawn(move || {
-                match migrate(guest, &opts, id, &status, &abort) {
+                // Waits here, queued, while this host sends its limit of migrations.
+                let permit = gate.acquire(&status, &abort, None);
+                let result = match &permit {
+                    Ok(_) => migrate(guest, &opts, id, &status, &abort).map_err(|e| e.to_string()),
+                    Err(refused) => Err(super::admission::not_admitted(refused, &status)),
+                };
+                match result {
                     Ok(s) => {
-                        tracing::info!(migration = id, phase = ?s.status.phase, "migration ended");
+                        tracing::info!(migration = %crate::migrate::MigrationId(id), phase = ?s.status.phase, "migration ended");
                     }
-                    Err(e) => tracing::warn!(migration = id, "migration failed: {e}"),
+                    Err(e) => tracing::warn!(migration = %crate::migrate::MigrationId(id), "migration failed: {e}"),
                 }
+                drop(permit);
                 let check = kept
                     .lock()
                     .expect("registry lock")
@@ -306,6 +335,7 @@ impl Registry {
                     st.guest_check = check;
                 }
                 let phase = st.phase;
+                super::metrics::count_ended(&st);
                 drop(st);
                 if matches!(phase, Phase::Completed | Phase::CommittedUnconfirmed) {
                     // It runs at the destination now and never again here: free its memory.
@@ -540,8 +570,6 @@ impl Registry {
             announce: s.announce.clone(),
             resume_window: s.resume_window,
         };
-        let running = self.incoming.fetch_add(1, Ordering::AcqRel);
-        let busy = running >= s.max_migrations;
         let status = Arc::new(Mutex::new(MigrationStatus::new(
             0,
             Role::Destination,
@@ -558,31 +586,41 @@ impl Registry {
         });
         let slot = target.clone();
         let this = self.clone();
-        let max = s.max_migrations;
+        // Held while the migration is received here.
+        let permit = Arc::new(Mutex::new(None));
+        let (held, queued, stop) = (permit.clone(), status.clone(), abort.clone());
         let factory = Box::new(move |h: &crate::protocol::Hello| {
-            if busy {
-                return Err(format!(
-                    "this host is receiving {running} migrations already, its limit \
-                     (listen.max_migrations = {max}); try again later"
-                ));
-            }
+            // The source proved the key: beyond this host's limit it waits, in line.
+            let gate = &this.admission.inbound;
+            let p = gate
+                .acquire(&queued, &stop, Some(this.admission.inbound_wait))
+                .map_err(|e| format!("admission: {e}"))?;
+            *held.lock().expect("permit lock") = Some(p);
             let t = this.dest_guest(h)?;
             *slot.lock().expect("slot lock") = Some(t.clone());
             Ok(t)
         });
         let mut streams = RoutedStreams::new(router.clone());
-        match receive_on(control, &mut streams, &opts, factory, &status, &abort) {
-            Ok(_) => tracing::info!("migration received; the guest runs here"),
+        let result = receive_on(control, &mut streams, &opts, factory, &status, &abort);
+        permit.lock().expect("permit lock").take();
+        let id = crate::migrate::MigrationId(status.lock().expect("status lock").id);
+        match result {
+            Ok(_) => tracing::info!(migration = %id, "migration received; the guest runs here"),
             // Held, paused, until the operator resolves it.
             Err(e @ crate::migrate::MigrateError::InDoubt(_)) => tracing::error!("{e}"),
             Err(e) => {
-                tracing::warn!("incoming migration failed: {e}");
+                tracing::warn!(migration = %id, "incoming migration failed: {e}");
                 // Discard the half-built guest.
                 target.lock().expect("slot lock").take();
             }
         }
         drop(streams);
-        self.incoming.fetch_sub(1, Ordering::AcqRel);
+        {
+            let st = status.lock().expect("status lock");
+            if st.id != 0 && st.phase.is_final() {
+                super::metrics::count_ended(&st);
+            }
+        }
         // Forget this connection if it never got past the handshake (id 0).
         self.entries.lock().expect("registry lock").retain(|e| {
             !Arc::ptr_eq(&e.status, &status) || e.status.lock().expect("status lock").id != 0

@@ -41,7 +41,7 @@ impl Announcer {
                     Ok(r) => {
                         let how = if r.cancelled { ", then stopped" } else { "" };
                         tracing::info!(
-                            migration = id,
+                            migration = %crate::migrate::MigrationId(id),
                             mac = %guest.mac,
                             rounds = r.rounds,
                             frames = r.frames,
@@ -58,7 +58,7 @@ impl Announcer {
                         )
                     }
                     Err(e) => {
-                        tracing::error!(migration = id, "announcing the guest failed: {e}");
+                        tracing::error!(migration = %crate::migrate::MigrationId(id), "announcing the guest failed: {e}");
                         format!("{who} could not announce {}: {e}", describe(&guest))
                     }
                 };

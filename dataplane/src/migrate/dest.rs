@@ -216,6 +216,9 @@ pub fn receive_on(
 ) -> Result<DestSummary, MigrateError> {
     let started = Instant::now();
     let hello = tune_and_read_hello(&mut control, opts)?;
+    // Every line this migration logs here from now on names it.
+    let _span =
+        tracing::info_span!("migration", id = %super::MigrationId(hello.migration_id)).entered();
     if hello.resume > 0 {
         // A reconnection that found no migration waiting for it (the acceptor routes the
         // others to theirs): say so, so the source stops trying.
@@ -291,7 +294,7 @@ pub fn receive_on(
                         resumed.pipeline.carry_over(&link.pipeline);
                         link = resumed;
                         tracing::info!(
-                            migration = hello.migration_id,
+                            migration = %crate::migrate::MigrationId(hello.migration_id),
                             iteration,
                             acked,
                             "pre-copy resumed"
@@ -342,7 +345,7 @@ pub fn receive_on(
                  committed-unconfirmed, start it here: skyferry resolve {id:x} --start; if it \
                  says failed or aborted: skyferry resolve {id:x} --discard"
             );
-            tracing::error!(migration = id, "{why}");
+            tracing::error!(migration = %crate::migrate::MigrationId(id), "{why}");
             if let Some(a) = alongside.announcer.take() {
                 a.detach();
             }
@@ -445,7 +448,7 @@ fn wait_resume(
     let id = hello.migration_id;
     let window = opts.resume_window;
     tracing::warn!(
-        migration = id,
+        migration = %crate::migrate::MigrationId(id),
         "pre-copy lost its link: {cause}; holding what arrived for {} s for the source to reconnect",
         window.as_secs()
     );
@@ -469,7 +472,9 @@ fn wait_resume(
         };
         match resume_link(control, streams, hello, guest, opts) {
             Ok(r) => return Ok(r),
-            Err(e) => tracing::warn!(migration = id, "a reconnection failed: {e}"),
+            Err(e) => {
+                tracing::warn!(migration = %crate::migrate::MigrationId(id), "a reconnection failed: {e}")
+            }
         }
     }
 }
@@ -616,6 +621,7 @@ fn fail(status: &Arc<Mutex<MigrationStatus>>, started: Instant, e: MigrateError)
     };
     st.error = Some(e.to_string());
     st.elapsed_ms = millis(started.elapsed());
+    st.job.ended_at_ms = Some(super::job_stats::unix_ms());
     e
 }
 
@@ -760,7 +766,7 @@ fn disk_after_commit(mut steer: Steer, status: &Arc<Mutex<MigrationStatus>>, id:
             super::disk::after_commit_step(&status, id, "finish", || steer.finish());
         });
     if let Err(e) = spawned {
-        tracing::error!(migration = id, "cannot finish the disk's steps: {e}");
+        tracing::error!(migration = %crate::migrate::MigrationId(id), "cannot finish the disk's steps: {e}");
     }
 }
 
@@ -855,7 +861,7 @@ fn follow(
             }
             ToDest::DiskSyncing { sync_percent } => {
                 tracing::debug!(
-                    migration = id,
+                    migration = %crate::migrate::MigrationId(id),
                     ?sync_percent,
                     "the source's disk is syncing"
                 );
@@ -873,9 +879,12 @@ fn follow(
                 wait_frames(pipeline, rx, &mut later, abort, &frames, timeout)?;
                 tx.send(&ToSource::IterationAck { iteration })?;
                 *acked = (*acked).max(iteration);
+                let received = pipeline.codec_totals().pages_total();
                 let mut st = status.lock().expect("status lock");
                 st.iteration = iteration;
                 st.wire_bytes = wire;
+                st.pages_sent = received;
+                st.job.dirty_sync_count = iteration;
                 st.elapsed_ms = millis(started.elapsed());
             }
             ToDest::StatePart { bytes } => {
@@ -950,9 +959,14 @@ fn follow(
                     a.detach();
                 }
                 tx.send(&ToSource::Started)?;
+                let received = pipeline.codec_totals().pages_total();
                 let mut st = status.lock().expect("status lock");
                 st.phase = Phase::Completed;
+                // Everything arrived: what was received, and nothing left.
+                st.pages_sent = received;
+                st.remaining = 0;
                 st.elapsed_ms = millis(started.elapsed());
+                st.job.ended_at_ms = Some(super::job_stats::unix_ms());
                 return Ok(());
             }
             ToDest::Commit => {

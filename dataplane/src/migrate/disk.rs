@@ -148,9 +148,11 @@ impl SyncTask {
 /// Rolls `steer` back after a failed migration, recording the outcome in `status`.
 pub fn roll_back(steer: &mut Steer, status: &Arc<Mutex<MigrationStatus>>, id: u64) {
     match steer.roll_back() {
-        Ok(report) => tracing::info!(migration = id, "disk rolled back: {report}"),
+        Ok(report) => {
+            tracing::info!(migration = %crate::migrate::MigrationId(id), "disk rolled back: {report}")
+        }
         Err(e) => {
-            tracing::error!(migration = id, "disk roll back incomplete: {e}");
+            tracing::error!(migration = %crate::migrate::MigrationId(id), "disk roll back incomplete: {e}");
             status.lock().expect("status lock").disk_error = Some(e.to_string());
         }
     }
@@ -168,7 +170,7 @@ pub fn after_commit_step(
         Ok(()) => true,
         Err(e) => {
             tracing::error!(
-                migration = id,
+                migration = %crate::migrate::MigrationId(id),
                 "disk {what} after the commit failed: {e}; the guest runs at the destination, \
                  the disk needs the operator"
             );

@@ -34,7 +34,7 @@ fn points() -> &'static [(String, Duration)] {
 pub fn at(point: &str, migration: u64) {
     if let Some((_, d)) = points().iter().find(|(n, _)| n == point) {
         tracing::warn!(
-            migration,
+            migration = %super::MigrationId(migration),
             "holding at {point} for {} ms ({VAR})",
             d.as_millis()
         );

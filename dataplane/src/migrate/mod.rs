@@ -5,10 +5,14 @@ pub mod announcer;
 pub mod dest;
 pub mod disk;
 pub mod hold;
+pub mod job_stats;
+pub mod migration_id;
 pub mod policy;
 pub mod source;
 pub mod status;
 
+pub use job_stats::{IterationPoint, JobStats};
+pub use migration_id::MigrationId;
 pub use policy::{Decision, IterationReport, Policy, StopDecider, StopReason};
 pub use status::{MigrationStatus, Phase, Role, Saved};
 

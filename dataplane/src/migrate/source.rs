@@ -25,6 +25,7 @@ use crate::crypto::{Direction, HandshakeNonce, PreSharedKey};
 use crate::disk::drbd::{DrbdDisk, Side, Steer};
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::network::{AnnounceConfig, GuestIdentity};
+use crate::page::PAGE_SIZE;
 use crate::pipeline::source::{SourcePipeline, SourceSettings};
 use crate::protocol::{
     ControlTx, Hello, STATE_PART, StreamHello, ToDest, ToSource, VERSION, control_channel,
@@ -170,6 +171,9 @@ pub fn migrate(
     run.guest.release();
     let mut st = status.lock().expect("status lock");
     st.elapsed_ms = millis(run.started.elapsed());
+    st.job
+        .ended_at_ms
+        .get_or_insert_with(super::job_stats::unix_ms);
     match &result {
         Ok(_) => {}
         Err(e) => {
@@ -231,6 +235,11 @@ impl Run<'_> {
         let mut st = self.status.lock().expect("status lock");
         f(&mut st);
         st.elapsed_ms = millis(self.started.elapsed());
+        if st.phase.is_final() {
+            st.job
+                .ended_at_ms
+                .get_or_insert_with(super::job_stats::unix_ms);
+        }
     }
 
     fn go(&mut self) -> Result<SourceSummary, MigrateError> {
@@ -247,7 +256,7 @@ impl Run<'_> {
                 let tail = pipeline.finish();
                 session.teardown();
                 if let Err(e) = tail {
-                    tracing::warn!(migration = self.id, "pipeline after commit: {e}");
+                    tracing::warn!(migration = %crate::migrate::MigrationId(self.id), "pipeline after commit: {e}");
                 }
                 let status = self.status.lock().expect("status lock").clone();
                 Ok(SourceSummary {
@@ -477,7 +486,7 @@ impl Run<'_> {
         };
         let Some(cfg) = &n.announce_here else {
             tracing::warn!(
-                migration = self.id,
+                migration = %crate::migrate::MigrationId(self.id),
                 "the destination may have announced the guest before the migration failed; \
                  this host has no [announce] to announce it back"
             );
@@ -485,7 +494,9 @@ impl Run<'_> {
         };
         match Announcer::start(cfg.clone(), n.guest, self.status, self.id, "source") {
             Ok(a) => a.detach(),
-            Err(e) => tracing::error!(migration = self.id, "announcing the guest back: {e}"),
+            Err(e) => {
+                tracing::error!(migration = %crate::migrate::MigrationId(self.id), "announcing the guest back: {e}")
+            }
         }
     }
 
@@ -524,7 +535,7 @@ impl Run<'_> {
             Err(e) => m.fail(&e.to_string()),
         };
         if let Err(e) = told {
-            tracing::warn!(migration = self.id, "telling the coordinator: {e}");
+            tracing::warn!(migration = %crate::migrate::MigrationId(self.id), "telling the coordinator: {e}");
         }
     }
 
@@ -686,6 +697,11 @@ impl Run<'_> {
     ) -> Result<Vec<u64>, MigrateError> {
         let pages_in_iteration = pages.count();
         let scanned_before = pipeline.pages_scanned.load(Ordering::Relaxed);
+        let (sent_before, began, wire_began) = (
+            self.status.lock().expect("status lock").pages_sent,
+            Instant::now(),
+            pipeline.wire_bytes.load(Ordering::Relaxed),
+        );
         pipeline
             .send_pages(it, pages)
             .map_err(|_| MigrateError::LinkLost("the data plane stopped".into()))?;
@@ -706,16 +722,29 @@ impl Run<'_> {
                     "taking data: nothing was sent",
                 ));
             }
-            let elapsed = self.started.elapsed().as_secs_f64();
+            let secs = began.elapsed().as_secs_f64();
             self.update(|s| {
                 s.remaining = pages_in_iteration.saturating_sub(done);
+                // Counted as they go, so a long first iteration shows its progress.
+                s.pages_sent = sent_before + done.min(pages_in_iteration);
                 s.wire_bytes = wire;
-                if elapsed > 0.0 {
-                    s.rate_bps = wire as f64 / elapsed;
+                if secs > 0.0 {
+                    s.job.transfer_rate_bps = (wire - wire_began) as f64 / secs;
+                    if done > 0 && s.phase == Phase::Iterating {
+                        s.eta_ms = super::job_stats::estimate_completion_ms(
+                            s.remaining,
+                            done as f64 / secs,
+                            s.job.dirty_rate_bps / PAGE_SIZE as f64,
+                            s.guest_pages,
+                        );
+                    }
                 }
             });
             match pipeline.wait_flushed_timeout(it, Duration::from_millis(100)) {
-                Ok(Some(frames)) => return Ok(frames),
+                Ok(Some(frames)) => {
+                    self.update(|s| s.pages_sent = sent_before + pages_in_iteration);
+                    return Ok(frames);
+                }
                 Ok(None) => {}
                 Err(_) => return Err(MigrateError::LinkLost("the data plane stopped".into())),
             }
@@ -739,9 +768,17 @@ impl Run<'_> {
         let sent = next.count();
         let wire_before = pipeline.wire_bytes.load(Ordering::Relaxed);
         let t = Instant::now();
+        let started = self.started;
+        let (sent_before, saved_before) = {
+            let s = self.status.lock().expect("status lock");
+            (s.pages_sent, s.saved)
+        };
         self.update(|s| {
             s.iteration = it;
             s.remaining = sent;
+            s.job
+                .setup_ms
+                .get_or_insert_with(|| millis(started.elapsed()));
         });
         let acked = self.acked.get();
         unacked.retain(|(i, _)| *i > acked);
@@ -787,19 +824,45 @@ impl Run<'_> {
             ms: millis(report.duration),
         });
         let codec = pipeline.codec_totals();
+        let secs = report.duration.as_secs_f64();
         self.update(|s| {
-            s.pages_sent += sent;
+            s.pages_sent = sent_before + sent;
             s.last_sent = sent;
             s.last_dirtied = dirtied;
             s.remaining = dirtied;
             s.wire_bytes = pipeline.wire_bytes.load(Ordering::Relaxed);
-            s.rate_bps = decider.rate();
+            s.job.link_rate_bps = decider.rate();
+            s.job.dirty_sync_count += 1;
+            if secs > 0.0 {
+                s.job.transfer_rate_bps = report.wire_bytes as f64 / secs;
+                s.job.dirty_rate_bps = dirtied as f64 * PAGE_SIZE as f64 / secs;
+            }
             s.expected_downtime_ms = decider.estimate(dirtied).map(millis);
-            s.eta_ms = s.expected_downtime_ms;
+            s.eta_ms = if secs > 0.0 && sent > 0 {
+                super::job_stats::estimate_completion_ms(
+                    dirtied,
+                    sent as f64 / secs,
+                    dirtied as f64 / secs,
+                    pages,
+                )
+            } else {
+                s.expected_downtime_ms
+            };
             s.set_codec(&codec);
+            let saved = s.saved_since(&saved_before);
+            s.push_history(super::IterationPoint {
+                iteration: it,
+                sent,
+                dirtied,
+                remaining: dirtied,
+                wire_bytes: report.wire_bytes,
+                ms: millis(report.duration),
+                saved,
+                paused: false,
+            });
         });
         tracing::info!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             it,
             sent,
             dirtied,
@@ -829,7 +892,7 @@ impl Run<'_> {
         let policy = self.opts.resume;
         let why = cause.to_string();
         tracing::warn!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             it,
             "pre-copy lost its link: {why}; reconnecting (at most {} attempts in {} s)",
             policy.attempts,
@@ -875,7 +938,7 @@ impl Run<'_> {
                         s.remaining = resend;
                     });
                     tracing::info!(
-                        migration = self.id,
+                        migration = %crate::migrate::MigrationId(self.id),
                         attempt = tried,
                         acked,
                         resend,
@@ -885,7 +948,7 @@ impl Run<'_> {
                 }
                 // The destination is unreachable, or the link broke again: try again.
                 Err(e) if e.is_link_lost() || matches!(e, MigrateError::Connect(..)) => {
-                    tracing::warn!(migration = self.id, attempt = tried, "reconnecting: {e}");
+                    tracing::warn!(migration = %crate::migrate::MigrationId(self.id), attempt = tried, "reconnecting: {e}");
                     last = e.to_string();
                 }
                 // It refused (it no longer holds the migration), a wrong key, an abort.
@@ -988,7 +1051,7 @@ impl Run<'_> {
         self.guest.pause()?;
         self.paused = Some(pausing);
         tracing::info!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             ms = millis(pausing.elapsed()),
             "guest paused"
         );
@@ -1004,7 +1067,7 @@ impl Run<'_> {
         let frames = self.send_iteration(session, pipeline, it, next)?;
         let since = |p: Option<Instant>| p.map_or(0, |p| millis(p.elapsed()));
         tracing::info!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             pages = last,
             ms = since(self.paused),
             "final pages queued"
@@ -1029,14 +1092,14 @@ impl Run<'_> {
         // (and releases guest memory) before it verifies.
         self.drain(session, pipeline)?;
         tracing::info!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             ms = since(self.paused),
             "data plane drained"
         );
         let known = |c| pipeline.digests.known(c);
         let digest = self.guest.memory_digest_with(&known)?;
         tracing::info!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             ms = since(self.paused),
             reused = pipeline.digests.valid_chunks(),
             of = pipeline.digests.chunks(),
@@ -1044,6 +1107,11 @@ impl Run<'_> {
         );
         session.tx.send(&ToDest::Digest { digest })?;
         let final_wire = pipeline.wire_bytes.load(Ordering::Relaxed) - wire_final;
+        let (final_ms, saved_before) = (
+            self.paused.map_or(0, |p| millis(p.elapsed())),
+            self.status.lock().expect("status lock").saved,
+        );
+        let codec = pipeline.codec_totals();
         reports.push(IterationRecord {
             iteration: it,
             sent: last,
@@ -1056,9 +1124,21 @@ impl Run<'_> {
             s.state_bytes = Some(state_bytes);
             s.phase = Phase::Verifying;
             s.iteration = it;
-            s.pages_sent += last;
             s.last_sent = last;
             s.remaining = 0;
+            s.eta_ms = None;
+            s.set_codec(&codec);
+            let saved = s.saved_since(&saved_before);
+            s.push_history(super::IterationPoint {
+                iteration: it,
+                sent: last,
+                dirtied: 0,
+                remaining: 0,
+                wire_bytes: final_wire,
+                ms: final_ms,
+                saved,
+                paused: true,
+            });
         });
         match self.expect(session, "confirming it holds the guest")? {
             ToSource::Ready { digest: d } if d == digest => {}
@@ -1071,7 +1151,7 @@ impl Run<'_> {
             m => return Err(MigrateError::Peer(format!("expected Ready, got {m:?}"))),
         }
         tracing::info!(
-            migration = self.id,
+            migration = %crate::migrate::MigrationId(self.id),
             ms = since(self.paused),
             "destination ready"
         );
@@ -1083,7 +1163,7 @@ impl Run<'_> {
         // COMMIT POINT: from here on the guest belongs to the destination.
         self.guest.hand_over()?;
         self.committed = true;
-        tracing::info!(migration = self.id, ms = since(self.paused), "committed");
+        tracing::info!(migration = %crate::migrate::MigrationId(self.id), ms = since(self.paused), "committed");
         let sent_commit = session.tx.send(&ToDest::Commit);
         super::hold::at("source-committed", self.id);
         let started = sent_commit
@@ -1113,7 +1193,7 @@ impl Run<'_> {
         });
         if phase == Phase::CommittedUnconfirmed {
             tracing::error!(
-                migration = self.id,
+                migration = %crate::migrate::MigrationId(self.id),
                 "committed but the destination did not confirm the start; the guest must be started there"
             );
         }

@@ -19,6 +19,9 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
+    /// Admission: waiting for one of this host's migration slots (`[admission]`);
+    /// `queue_position` says where it stands.
+    Queued,
     /// Handshake and stream set-up.
     Connecting,
     /// Before iteration 1: the guest's disk is brought in sync (DRBD's bulk copy) and made
@@ -75,7 +78,11 @@ pub struct Saved {
 /// The state of one migration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationStatus {
-    /// Migration id (hex in displays).
+    /// Version of this schema (`docs/status-schema.md`); 0 from daemons before it had one.
+    #[serde(default)]
+    pub schema_version: u32,
+    /// Migration id, a hex string in JSON as everywhere.
+    #[serde(with = "super::migration_id::hex")]
     pub id: u64,
     /// Which end.
     pub role: Role,
@@ -99,9 +106,8 @@ pub struct MigrationStatus {
     pub wire_bytes: u64,
     /// Bytes saved by each optimization.
     pub saved: Saved,
-    /// Effective rate, bytes per second.
-    pub rate_bps: f64,
-    /// Estimated time to send what remains, ms.
+    /// Estimated time to completion, ms (libvirt's time remaining): this iteration's
+    /// remaining pages and the iterations expected after it, at the measured rates.
     pub eta_ms: Option<u64>,
     /// Expected pause if the guest stopped now, ms.
     pub expected_downtime_ms: Option<u64>,
@@ -150,12 +156,19 @@ pub struct MigrationStatus {
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
     pub error: Option<String>,
+    /// QEMU/libvirt-style job statistics (flattened into this object in JSON).
+    #[serde(flatten)]
+    pub job: super::job_stats::JobStats,
+    /// The finished iterations, bounded (`job_stats::HISTORY_LIMIT`), for the timeline.
+    #[serde(default)]
+    pub history: Vec<super::job_stats::IterationPoint>,
 }
 
 impl MigrationStatus {
     /// A fresh status.
     pub fn new(id: u64, role: Role, guest: &str, guest_pages: u64) -> Self {
         MigrationStatus {
+            schema_version: super::job_stats::STATUS_SCHEMA_VERSION,
             id,
             role,
             guest: guest.to_string(),
@@ -168,7 +181,6 @@ impl MigrationStatus {
             remaining: guest_pages,
             wire_bytes: 0,
             saved: Saved::default(),
-            rate_bps: 0.0,
             eta_ms: None,
             expected_downtime_ms: None,
             elapsed_ms: 0,
@@ -186,11 +198,19 @@ impl MigrationStatus {
             guest_check: None,
             verified: None,
             error: None,
+            job: super::job_stats::JobStats {
+                started_at_ms: super::job_stats::unix_ms(),
+                ..Default::default()
+            },
+            history: Vec::new(),
         }
     }
 
     /// Takes the codec's counters.
     pub fn set_codec(&mut self, c: &CodecStats) {
+        use crate::codec::RecordKind;
+        self.job.zero_pages = c.pages_of(RecordKind::Zero);
+        self.job.normal_pages = c.pages_total() - self.job.zero_pages;
         self.saved = Saved {
             zero: c.saved_zero,
             cbr: c.saved_cbr,
