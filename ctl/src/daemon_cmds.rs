@@ -9,24 +9,11 @@ use dataplane::daemon::control::{
 use dataplane::migrate::{MigrationStatus, Phase};
 use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
-/// Where the daemon listens (`--socket`, or `SKYFERRY_SOCKET`).
-#[derive(clap::Args, Debug)]
-pub struct Socket {
-    /// The daemon's control socket.
-    #[arg(
-        long,
-        env = "SKYFERRY_SOCKET",
-        default_value = "/run/skyferry/control.sock"
-    )]
-    socket: PathBuf,
-}
-
 #[derive(clap::Args, Debug)]
 pub struct StartArgs {
-    #[command(flatten)]
-    socket: Socket,
-    /// Destination daemon's migration address, host:port.
-    #[arg(long)]
+    /// Destination daemon's migration address, HOST:PORT (the port of its [listen]
+    /// address; 7410 in the example configs).
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port)]
     to: String,
     /// The guest: `synthetic` (one this daemon creates, see --workload), `kvm` (a KVM
     /// micro-VM this daemon boots with the self-checking test guest, sized by --mem, its
@@ -105,12 +92,18 @@ pub struct StartArgs {
     /// Print the migration id only.
     #[arg(long)]
     quiet: bool,
+    /// Follow the migration to its end (as `watch` does) and exit with its outcome: 0 when
+    /// the guest runs at the destination, 1 otherwise. Without it, `start` still waits for
+    /// the connection to the destination and fails when that does.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: refresh interval.
+    #[arg(long, default_value = "500ms", value_parser = duration, requires = "wait")]
+    interval: Duration,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct AbortArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex, as `status` shows it).
     #[arg(value_parser = hex_id)]
     id: u64,
@@ -118,8 +111,6 @@ pub struct AbortArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// One migration (hex id); all when absent.
     #[arg(value_parser = hex_id)]
     id: Option<u64>,
@@ -133,8 +124,6 @@ pub struct StatusArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct WatchArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex); the newest when absent.
     #[arg(value_parser = hex_id)]
     id: Option<u64>,
@@ -167,6 +156,20 @@ fn rate_or_none(s: &str) -> Result<u64, String> {
 fn compression(s: &str) -> Result<String, String> {
     s.parse::<dataplane::codec::Compression>()
         .map(|c| c.name().to_string())
+}
+
+/// `--to`: the destination needs a port, and the operator a hint when it is missing.
+fn host_port(s: &str) -> Result<String, String> {
+    let port = s
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(_))) if !host.is_empty() => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} has no port: give HOST:PORT, the port of the destination's [listen] \
+             address (e.g. {s}:7410 with the example configs; [v6addr]:PORT for IPv6)"
+        )),
+    }
 }
 
 fn hex_id(s: &str) -> Result<u64, String> {
@@ -213,7 +216,7 @@ fn guest_spec(s: &str) -> Result<GuestSpec, String> {
     }
 }
 
-pub fn start(a: &StartArgs) -> Result<(), String> {
+pub fn start(socket: &Path, a: &StartArgs) -> Result<(), String> {
     let qemu = match (&a.guest, &a.ram_file) {
         (GuestSpec::Qemu(qmp), Some(ram)) => Some(QemuGuestSpec {
             // The daemon resolves paths from its own directory: send absolute ones.
@@ -275,13 +278,47 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
             .downtime_limit
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }));
-    match call(&a.socket.socket, &req)? {
-        Response::Started { id } if a.quiet => println!("{id:x}"),
-        Response::Started { id } => println!(
+    let id = match call(socket, &req)? {
+        Response::Started { id } => id,
+        other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+    };
+    if a.wait {
+        if a.quiet {
+            println!("{id:x}");
+        }
+        let view = if a.quiet {
+            crate::progress::Progress::quiet()
+        } else {
+            crate::progress::Progress::new()
+        };
+        return follow(socket, id, a.interval, view, !a.quiet);
+    }
+    // A wrong address or port fails within the connect: say so with an exit code, rather
+    // than "started". Waits for the phase to leave `connecting`, an event the daemon sets.
+    loop {
+        let s = statuses(socket, Some(id))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("migration {id:x} is gone"))?;
+        if s.phase.is_final() && s.phase != Phase::Completed {
+            return Err(format!(
+                "migration {id:x} to {}: {}",
+                a.to,
+                describe_end(&s)
+            ));
+        }
+        if s.phase != Phase::Connecting {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if a.quiet {
+        println!("{id:x}");
+    } else {
+        println!(
             "started migration {id:x} to {}; follow it with: skyferry watch {id:x}",
             a.to
-        ),
-        other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+        );
     }
     Ok(())
 }
@@ -351,11 +388,11 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-pub fn abort(a: &AbortArgs) -> Result<(), String> {
-    call(&a.socket.socket, &Request::Abort { id: a.id })?;
+pub fn abort(socket: &Path, a: &AbortArgs) -> Result<(), String> {
+    call(socket, &Request::Abort { id: a.id })?;
     // Wait briefly for the migration to reach its final state, so the answer is definite.
     for _ in 0..100 {
-        if let Some(s) = statuses(&a.socket.socket, Some(a.id))?.first()
+        if let Some(s) = statuses(socket, Some(a.id))?.first()
             && s.phase.is_final()
         {
             println!("migration {:x}: {}", a.id, describe_end(s));
@@ -391,8 +428,6 @@ fn describe_end(s: &MigrationStatus) -> String {
 
 #[derive(clap::Args, Debug)]
 pub struct ResolveArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex), in doubt at this destination.
     #[arg(value_parser = hex_id)]
     id: u64,
@@ -405,9 +440,9 @@ pub struct ResolveArgs {
 }
 
 /// Settles a migration held in doubt at this destination.
-pub fn resolve(a: &ResolveArgs) -> Result<(), String> {
+pub fn resolve(socket: &Path, a: &ResolveArgs) -> Result<(), String> {
     match call(
-        &a.socket.socket,
+        socket,
         &Request::Resolve {
             id: a.id,
             start: a.start,
@@ -421,11 +456,11 @@ pub fn resolve(a: &ResolveArgs) -> Result<(), String> {
     }
 }
 
-pub fn status(a: &StatusArgs) -> Result<(), String> {
+pub fn status(socket: &Path, a: &StatusArgs) -> Result<(), String> {
     if let Some(group) = &a.group {
-        return group_status(&a.socket.socket, group, a.json);
+        return group_status(socket, group, a.json);
     }
-    let list = statuses(&a.socket.socket, a.id)?;
+    let list = statuses(socket, a.id)?;
     if a.json {
         let v = if a.id.is_some() {
             serde_json::to_value(&list[0])
@@ -484,17 +519,34 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub fn watch(a: &WatchArgs) -> Result<(), String> {
+pub fn watch(socket: &Path, a: &WatchArgs) -> Result<(), String> {
     let id = match a.id {
         Some(id) => id,
-        None => statuses(&a.socket.socket, None)?
+        None => statuses(socket, None)?
             .last()
             .map(|s| s.id)
             .ok_or("no migrations on this host to watch")?,
     };
-    let mut view = crate::progress::Progress::new();
+    follow(
+        socket,
+        id,
+        a.interval,
+        crate::progress::Progress::new(),
+        true,
+    )
+}
+
+/// Shows migration `id` in `view` until it ends, then (with `summary`) the summary table;
+/// an error unless the guest ended up running at the destination.
+fn follow(
+    socket: &Path,
+    id: u64,
+    interval: Duration,
+    mut view: crate::progress::Progress,
+    summary: bool,
+) -> Result<(), String> {
     loop {
-        let s = statuses(&a.socket.socket, Some(id))?
+        let s = statuses(socket, Some(id))?
             .into_iter()
             .next()
             .ok_or_else(|| format!("migration {id:x} is gone"))?;
@@ -502,12 +554,16 @@ pub fn watch(a: &WatchArgs) -> Result<(), String> {
         if s.phase.is_final() {
             // `finish` prints the closing line.
             view.finish(&s);
+            if summary {
+                println!();
+                print!("{}", crate::progress::summary_table(&s, None, &[]));
+            }
             return if s.phase == Phase::Completed {
                 Ok(())
             } else {
                 Err(describe_end(&s))
             };
         }
-        std::thread::sleep(a.interval);
+        std::thread::sleep(interval);
     }
 }

@@ -64,10 +64,11 @@ impl Default for Progress {
 }
 
 impl Progress {
-    /// Progress on standard output: live on a terminal, plain lines otherwise.
+    /// Progress on standard output: live on a terminal, plain lines otherwise (and with
+    /// `NO_COLOR` or `TERM=dumb`, which ask for output without terminal escapes).
     pub fn new() -> Self {
         let out = std::io::stdout();
-        let style = if out.is_terminal() {
+        let style = if live_allowed(out.is_terminal()) {
             Style::Live
         } else {
             Style::Lines
@@ -76,15 +77,21 @@ impl Progress {
     }
 
     /// Progress on standard error, live on a terminal and silent otherwise (for commands
-    /// whose standard output carries JSON).
+    /// whose standard output carries JSON); plain lines on a terminal that asks for no
+    /// escapes.
     pub fn stderr() -> Self {
         let out = std::io::stderr();
-        let style = if out.is_terminal() {
-            Style::Live
-        } else {
-            Style::Quiet
+        let style = match (out.is_terminal(), live_allowed(out.is_terminal())) {
+            (_, true) => Style::Live,
+            (true, false) => Style::Lines,
+            (false, _) => Style::Quiet,
         };
         Self::with_writer(Box::new(out), style, terminal_width())
+    }
+
+    /// No progress at all.
+    pub fn quiet() -> Self {
+        Self::with_writer(Box::new(std::io::sink()), Style::Quiet, 80)
     }
 
     /// Progress in `style` on any writer, with lines cut to `width` columns.
@@ -155,6 +162,14 @@ impl Progress {
             }
         }
     }
+}
+
+/// Whether a terminal may be redrawn in place: not when `NO_COLOR` is set
+/// (<https://no-color.org>: its users want output free of escapes) or `TERM` is `dumb`.
+fn live_allowed(terminal: bool) -> bool {
+    terminal
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
 }
 
 /// Terminal columns of standard output or error, 80 when unknown.
@@ -287,7 +302,12 @@ impl Seen {
                 group(st.guest_pages)
             )));
         }
-        if r >= 2 && self.rank < 2 {
+        // A migration that failed or was aborted in pre-copy never paused its guest: no
+        // stop-and-copy line for it (a stop reason means the policy did stop it).
+        let paused = !matches!(st.phase, Phase::Failed | Phase::Aborted)
+            || st.stop_reason.is_some()
+            || st.pause_ms.is_some();
+        if r >= 2 && self.rank < 2 && paused {
             let reason = st.stop_reason.map_or("-".into(), stop_reason_name);
             out.push(Event::Phase(if r == 2 {
                 format!(
@@ -831,6 +851,24 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("final copy"));
+        assert!(
+            !text.contains("guest paused"),
+            "the guest was never paused:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_failure_after_the_pause_says_the_guest_paused() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let mut s = status();
+        s.phase = Phase::Failed;
+        s.stop_reason = Some(StopReason::LocalMinimum);
+        s.error = Some("digest mismatch".into());
+        p.finish(&s);
+        let text = out.text();
+        assert!(text.contains("guest paused"), "{text}");
+        assert!(text.contains("failed: digest mismatch"), "{text}");
     }
 
     #[test]

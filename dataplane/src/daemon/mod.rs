@@ -5,9 +5,11 @@
 //! (`acceptor`).
 
 pub mod acceptor;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod registry;
+pub mod service;
 
 pub use config::{ConfigError, DaemonConfig};
 pub use control::{Request, Response, StartRequest};
