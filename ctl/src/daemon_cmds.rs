@@ -89,7 +89,7 @@ pub struct StartArgs {
     /// Stop pre-copy once what remains fits in this pause (300ms, 1s).
     #[arg(long, value_parser = duration)]
     downtime_limit: Option<Duration>,
-    /// Print the migration id only.
+    /// Print the migration id only (first, also when the migration then fails at once).
     #[arg(long)]
     quiet: bool,
     /// Follow the migration to its end (as `watch` does) and exit with its outcome: 0 when
@@ -282,10 +282,11 @@ pub fn start(socket: &Path, a: &StartArgs) -> Result<(), String> {
         Response::Started { id } => id,
         other => return Err(format!("unexpected response from skyferryd: {other:?}")),
     };
+    // Scripts get the id first, whatever happens next (the exit code says how it went).
+    if a.quiet {
+        println!("{id:x}");
+    }
     if a.wait {
-        if a.quiet {
-            println!("{id:x}");
-        }
         let view = if a.quiet {
             crate::progress::Progress::quiet()
         } else {
@@ -312,9 +313,7 @@ pub fn start(socket: &Path, a: &StartArgs) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if a.quiet {
-        println!("{id:x}");
-    } else {
+    if !a.quiet {
         println!(
             "started migration {id:x} to {}; follow it with: skyferry watch {id:x}",
             a.to

@@ -93,7 +93,17 @@ fn start_xen(d: &Daemon, to: &str, domid: u32, dest_domid: u32, extra: &[&str]) 
         &dest,
     ];
     args.extend_from_slice(extra);
-    cli_ok(d, &args)
+    // A migration the destination refuses fails at once: start prints its id, then exits
+    // non-zero; the callers read why from its status.
+    let out = d.cli(&args);
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        out.status.success() || !id.is_empty(),
+        "skyferry {args:?}: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    id
 }
 
 fn cli_err(d: &Daemon, args: &[&str]) -> String {
