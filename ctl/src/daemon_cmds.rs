@@ -474,48 +474,76 @@ pub fn status(socket: &Path, a: &StatusArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  NOTE",
-        "ID", "ROLE", "GUEST", "PHASE", "ITER", "SENT", "REMAINING", "WIRE", "RATE"
+        "{:<16} {:<11} {:<14} {:<21} {:>4} {:>10} {:>10} {:>10} {:>12} {:>8} {:<8}  NOTE",
+        "ID",
+        "ROLE",
+        "GUEST",
+        "PHASE",
+        "ITER",
+        "SENT",
+        "REMAINING",
+        "WIRE",
+        "RATE",
+        "PAUSE",
+        "VERIFIED"
     );
     for s in &list {
-        let mut note = s
-            .error
-            .clone()
-            .or_else(|| s.stop_reason.map(|r| format!("stop: {r:?}")))
-            .unwrap_or_default();
-        for extra in [
-            s.disk.as_ref().map(crate::progress::disk_text),
-            s.disk_error
-                .as_ref()
-                .map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
-            s.network.clone(),
-            s.guest_check
-                .as_ref()
-                .map(crate::progress::guest_check_text),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !note.is_empty() {
-                note.push_str("; ");
-            }
-            note.push_str(&extra);
-        }
-        println!(
-            "{:<16x} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  {}",
-            s.id,
-            format!("{:?}", s.role).to_lowercase(),
-            s.guest,
-            format!("{:?}", s.phase).to_lowercase(),
-            s.iteration,
-            s.pages_sent,
-            s.remaining,
-            format_size(s.wire_bytes),
-            format_rate(s.rate_bps),
-            note
-        );
+        println!("{}", status_row(s));
     }
     Ok(())
+}
+
+/// One migration as a row of `status`'s table, in the operator's words.
+fn status_row(s: &MigrationStatus) -> String {
+    use crate::progress::{ms_text, phase_name, stop_reason_text};
+    let mut note = s
+        .error
+        .clone()
+        .or_else(|| {
+            s.stop_reason
+                .map(|r| format!("stopped: {}", stop_reason_text(r)))
+        })
+        .unwrap_or_default();
+    for extra in [
+        s.disk.as_ref().map(crate::progress::disk_text),
+        s.disk_error
+            .as_ref()
+            .map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
+        s.network.clone(),
+        s.guest_check
+            .as_ref()
+            .map(crate::progress::guest_check_text),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !note.is_empty() {
+            note.push_str("; ");
+        }
+        note.push_str(&extra);
+    }
+    // The rate in bits only: the bytes form format_rate adds would overflow the column.
+    let rate = format_rate(s.rate_bps);
+    let rate = rate.split(" (").next().unwrap_or_default();
+    format!(
+        "{:<16x} {:<11} {:<14} {:<21} {:>4} {:>10} {:>10} {:>10} {:>12} {:>8} {:<8}  {}",
+        s.id,
+        format!("{:?}", s.role).to_lowercase(),
+        s.guest,
+        phase_name(s.phase),
+        s.iteration,
+        s.pages_sent,
+        s.remaining,
+        format_size(s.wire_bytes),
+        rate,
+        s.pause_ms.map_or_else(|| "-".into(), ms_text),
+        match s.verified {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        },
+        note
+    )
 }
 
 pub fn watch(socket: &Path, a: &WatchArgs) -> Result<(), String> {
@@ -564,5 +592,39 @@ fn follow(
             };
         }
         std::thread::sleep(interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane::migrate::{MigrationStatus, Phase, Role, StopReason};
+
+    use super::status_row;
+
+    #[test]
+    fn status_rows_speak_the_operators_words_and_fit() {
+        let mut s = MigrationStatus::new(0xabc, Role::Source, "web1", 262_144);
+        s.phase = Phase::Completed;
+        s.stop_reason = Some(StopReason::LocalMinimum);
+        s.rate_bps = 125e6;
+        s.pause_ms = Some(95);
+        s.verified = Some(true);
+        let row = status_row(&s);
+        assert!(!row.contains("LocalMinimum"), "{row}");
+        assert!(
+            row.contains("stopped: Smart Stop found a local minimum"),
+            "{row}"
+        );
+        assert!(row.contains("completed"), "{row}");
+        assert!(row.contains(" 1.00 Gbit/s "), "{row}");
+        assert!(row.contains("95 ms yes"), "{row}");
+        // Every column up to NOTE has its fixed width, whatever the rate.
+        s.rate_bps = 123_456_789_012.0;
+        let wide = status_row(&s);
+        assert_eq!(
+            wide.find("  stopped"),
+            row.find("  stopped"),
+            "{wide}\n{row}"
+        );
     }
 }

@@ -287,6 +287,14 @@ impl Seen {
             _ => 0,
         };
         if finished > self.logged && st.role == Role::Source {
+            // Iterations that began and ended between two snapshots still get their line;
+            // their figures are in the summary's iteration table.
+            for k in self.logged + 1..finished {
+                out.push(Event::Iteration(format!(
+                    "iteration {k}: finished between two refreshes (its figures: the summary's \
+                     iteration table)"
+                )));
+            }
             self.logged = finished;
             out.push(Event::Iteration(iteration_line(finished, st)));
         } else if st.role == Role::Destination && st.iteration > self.iteration && r == 1 {
@@ -343,7 +351,8 @@ fn iteration_line(k: u32, st: &MigrationStatus) -> String {
         rate.split(" (").next().unwrap_or(&rate),
     );
     if let Some(ms) = st.expected_downtime_ms {
-        let _ = write!(s, " | pause now ~{}", ms_text(ms));
+        // The policy's own estimate (what it weighs when deciding to stop), not a promise.
+        let _ = write!(s, " | expected pause if stopped now {}", ms_text(ms));
     }
     s
 }
@@ -422,7 +431,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
             compress_text(s.compress, ", compression ")
         ),
         format!(
-            "  next   ETA {} | pause if stopped now {}",
+            "  next   ETA {} | expected pause if stopped now {}",
             st.eta_ms.map_or("-".into(), ms_text),
             st.expected_downtime_ms.map_or("-".into(), ms_text)
         ),
@@ -465,7 +474,7 @@ pub fn guest_check_text(c: &dataplane::guest::GuestCheck) -> String {
     t
 }
 
-fn ms_text(ms: u64) -> String {
+pub fn ms_text(ms: u64) -> String {
     format_duration(Duration::from_millis(ms))
 }
 
@@ -495,7 +504,7 @@ pub fn stop_reason_name(r: StopReason) -> String {
 }
 
 /// What a stop reason means.
-fn stop_reason_text(r: StopReason) -> &'static str {
+pub fn stop_reason_text(r: StopReason) -> &'static str {
     match r {
         StopReason::FewPagesLeft => "fewer than 50 pages were left",
         StopReason::MaxIterations => "30 iterations were done",
@@ -807,7 +816,7 @@ mod tests {
         assert!(
             lines[2].ends_with(
                 "iteration 1: 262,144 sent, 30,000 dirtied | wire 1.00 GiB | 940 Mbit/s | \
-                 pause now ~1.00 s"
+                 expected pause if stopped now 1.00 s"
             ),
             "{text}"
         );
@@ -819,6 +828,24 @@ mod tests {
             lines[7].contains("completed in 3.20 s: guest paused 95 ms, memory verified"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn iterations_between_two_snapshots_still_get_a_line() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let tl = timeline();
+        p.update(&tl[0]);
+        // Straight to the stop-and-copy after iteration 3: 1 and 2 ended between snapshots.
+        p.update(&tl[4]);
+        let text = out.text();
+        for k in 1..=2 {
+            assert!(
+                text.contains(&format!("iteration {k}: finished between two refreshes")),
+                "{text}"
+            );
+        }
+        assert!(text.contains("iteration 3: 9,000 sent"), "{text}");
     }
 
     #[test]
