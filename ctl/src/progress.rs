@@ -2,19 +2,24 @@
 //!
 //! [`Progress`] takes [`MigrationStatus`] snapshots as often as the caller polls and shows
 //! them one of three ways ([`Style`]): on a terminal, a block of four lines redrawn in place
-//! (phase, pages, bytes, estimates) under a log of finished iterations; elsewhere (a pipe, a
-//! file, CI), plain lines, one per finished iteration and one per phase change; or nothing.
+//! (phase, pages, bytes, estimates) under a log of finished iterations, drawn by `indicatif`
+//! (which owns the cursor: redraws, log lines above the block, clearing at the end);
+//! elsewhere (a pipe, a file, CI, `NO_COLOR`), plain lines, one per finished iteration and
+//! one per phase change; or nothing. What the lines say, and the summary table, are
+//! skyferry's own: no crate knows a migration's phases.
 //!
 //! The driver updates the status at iteration boundaries, so a snapshot shows the last
-//! finished iteration; an iteration that starts and ends between two polls does not get a
-//! log line of its own (the summary's iteration table has them all). The elapsed time runs
-//! on between updates, counted here.
+//! finished iteration; an iteration that starts and ends between two polls gets a short line
+//! (the summary's iteration table has its figures). The elapsed time runs on between
+//! updates, counted here.
 //!
 //! [`summary_table`] renders the end result: one row per iteration, then totals in human
 //! units.
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::time::{Duration, Instant};
 
 use dataplane::codec::CodecStats;
@@ -36,16 +41,16 @@ pub enum Style {
 
 /// A live progress display for one migration.
 pub struct Progress {
+    /// Where plain lines go (style `Lines`).
     out: Box<dyn Write + Send>,
+    /// The live block (style `Live`).
+    bar: Option<ProgressBar>,
     style: Style,
     /// Terminal columns; status lines are cut to fit so the redraw never wraps.
     width: usize,
-    /// Lines of the status block now on screen.
-    drawn: usize,
     seen: Seen,
     /// The last `elapsed_ms` seen and when: the clock runs on between status updates.
     clock: Option<(u64, Instant)>,
-    frame: usize,
 }
 
 impl std::fmt::Debug for Progress {
@@ -53,6 +58,7 @@ impl std::fmt::Debug for Progress {
         f.debug_struct("Progress")
             .field("style", &self.style)
             .field("width", &self.width)
+            .field("live", &self.bar.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -68,12 +74,11 @@ impl Progress {
     /// `NO_COLOR` or `TERM=dumb`, which ask for output without terminal escapes).
     pub fn new() -> Self {
         let out = std::io::stdout();
-        let style = if live_allowed(out.is_terminal()) {
-            Style::Live
+        if live_allowed(out.is_terminal()) {
+            Self::live(ProgressDrawTarget::stdout(), terminal_width())
         } else {
-            Style::Lines
-        };
-        Self::with_writer(Box::new(out), style, terminal_width())
+            Self::with_writer(Box::new(out), Style::Lines, terminal_width())
+        }
     }
 
     /// Progress on standard error, live on a terminal and silent otherwise (for commands
@@ -82,11 +87,26 @@ impl Progress {
     pub fn stderr() -> Self {
         let out = std::io::stderr();
         let style = match (out.is_terminal(), live_allowed(out.is_terminal())) {
-            (_, true) => Style::Live,
+            (_, true) => return Self::live(ProgressDrawTarget::stderr(), terminal_width()),
             (true, false) => Style::Lines,
             (false, _) => Style::Quiet,
         };
         Self::with_writer(Box::new(out), style, terminal_width())
+    }
+
+    /// The live block on `target` (a terminal), lines cut to `width` columns.
+    pub fn live(target: ProgressDrawTarget, width: usize) -> Self {
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg}")
+                .expect("a valid template")
+                .tick_chars("|/-\\ "),
+        );
+        Progress {
+            bar: Some(bar),
+            style: Style::Live,
+            ..Self::with_writer(Box::new(std::io::sink()), Style::Quiet, width)
+        }
     }
 
     /// No progress at all.
@@ -94,16 +114,20 @@ impl Progress {
         Self::with_writer(Box::new(std::io::sink()), Style::Quiet, 80)
     }
 
-    /// Progress in `style` on any writer, with lines cut to `width` columns.
+    /// Plain lines (or nothing) on any writer; `Live` needs a terminal ([`Progress::live`])
+    /// and means `Lines` here.
     pub fn with_writer(out: Box<dyn Write + Send>, style: Style, width: usize) -> Self {
         Progress {
             out,
-            style,
+            bar: None,
+            style: if style == Style::Live {
+                Style::Lines
+            } else {
+                style
+            },
             width: width.max(20),
-            drawn: 0,
             seen: Seen::default(),
             clock: None,
-            frame: 0,
         }
     }
 
@@ -124,25 +148,24 @@ impl Progress {
         }
         let events = self.seen.advance(st);
         let elapsed = self.elapsed(st);
-        let mut text = String::new();
-        if self.style == Style::Live && self.drawn > 0 {
-            // Back to the first line of the block, and clear to the end of the screen.
-            text.push('\r');
-            if self.drawn > 1 {
-                let _ = write!(text, "\x1b[{}A", self.drawn - 1);
+        if let Some(bar) = &self.bar {
+            for e in &events {
+                bar.println(e.text(elapsed));
             }
-            text.push_str("\x1b[J");
+            if last {
+                bar.finish_and_clear();
+            } else {
+                // The spinner and its space take two columns of the first line.
+                let block = live_block(st, elapsed);
+                let cut: Vec<String> = block.iter().map(|l| cut(l, self.width - 3)).collect();
+                bar.set_message(cut.join("\n"));
+                bar.tick();
+            }
+            return Ok(());
         }
+        let mut text = String::new();
         for e in &events {
             let _ = writeln!(text, "{}", e.text(elapsed));
-        }
-        self.drawn = 0;
-        if self.style == Style::Live && !last {
-            self.frame = self.frame.wrapping_add(1);
-            let block = live_block(st, elapsed, self.frame);
-            let cut: Vec<String> = block.iter().map(|l| cut(l, self.width - 1)).collect();
-            text.push_str(&cut.join("\n"));
-            self.drawn = cut.len();
         }
         self.out.write_all(text.as_bytes())?;
         self.out.flush()
@@ -390,9 +413,7 @@ pub fn end_line(st: &MigrationStatus) -> String {
 }
 
 /// The status block for a terminal.
-fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<String> {
-    const SPIN: [char; 4] = ['|', '/', '-', '\\'];
-    let spin = SPIN[frame % SPIN.len()];
+fn live_block(st: &MigrationStatus, elapsed: Duration) -> Vec<String> {
     let phase = match st.phase {
         Phase::Connecting => "connecting".to_string(),
         Phase::Preparing => "preparing (the disks get in sync; the guest runs)".to_string(),
@@ -414,7 +435,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
     let s = st.saved;
     let saved = s.zero + s.cbr + s.delta + s.compress;
     let mut lines = vec![
-        format!("{spin} {phase} | {} | {rate}", format_duration(elapsed)),
+        format!("{phase} | {} | {rate}", format_duration(elapsed)),
         format!(
             "  pages  left {} | sent {} in finished iterations | last dirtied {}",
             group(st.remaining),
@@ -728,8 +749,48 @@ mod tests {
     use super::*;
 
     /// A writer the test can read back.
-    #[derive(Clone, Default)]
+    #[derive(Clone, Default, Debug)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    /// A terminal for indicatif that records what it is sent, as ANSI escapes.
+    #[derive(Debug)]
+    struct Screen(Shared, u16);
+
+    impl Screen {
+        fn put(&self, s: &str) -> std::io::Result<()> {
+            self.0.clone().write_all(s.as_bytes())
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            self.1
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}A"))
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}B"))
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}C"))
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}D"))
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.put(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.put(s)
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.put("\r\x1b[2K")
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     impl Write for Shared {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -901,23 +962,26 @@ mod tests {
     #[test]
     fn live_redraws_in_place_and_fits_the_width() {
         let out = Shared::default();
-        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Live, 60);
+        let screen = Screen(out.clone(), 60);
+        let mut p = Progress::live(ProgressDrawTarget::term_like(Box::new(screen)), 60);
         let tl = timeline();
         p.update(&tl[1]);
         p.update(&tl[2]);
         let text = out.text();
-        // The second draw goes back up three lines and clears.
-        assert!(text.contains("\r\x1b[3A\x1b[J"), "{text:?}");
-        for line in text.split('\n') {
-            let visible = line.rsplit("\x1b[J").next().unwrap();
-            if visible.starts_with('[') || visible.starts_with("migration") {
-                continue; // log lines may be long
-            }
-            assert!(visible.chars().count() < 60, "{visible:?}");
-        }
+        // A redraw goes back up over the block and clears its lines.
+        assert!(text.contains("\x1b[2K"), "{text:?}");
+        assert!(text.contains("A\r\x1b[2K"), "{text:?}");
+        assert!(text.contains("iteration 1: 262,144 sent"), "{text:?}");
+        // The four-line block goes up three lines to be redrawn; its lines are cut to fit
+        // (indicatif pads each to the width, so the terminal never wraps them).
+        assert!(text.contains("\x1b[3A"), "{text:?}");
+        assert!(
+            text.contains("| sent 262,144 in finished iterat..."),
+            "{text:?}"
+        );
         p.finish(tl.last().unwrap());
         let text = out.text();
-        assert!(text.ends_with("memory verified at both ends\n"), "{text:?}");
+        assert!(text.contains("memory verified at both ends"), "{text:?}");
     }
 
     #[test]

@@ -145,7 +145,7 @@ fn start_wait_on_a_terminal_redraws_and_ends_with_the_summary() {
     let out = in_pty(&args, &[]);
     let all = text(&out);
     assert!(out.status.success(), "{all}\n{}", src.log());
-    assert!(all.contains("\x1b[J"), "no redraw on a terminal: {all:?}");
+    assert!(all.contains("\x1b[2K"), "no redraw on a terminal: {all:?}");
     assert!(all.contains("completed in"), "{all}");
     assert!(all.contains("(source): guest"), "no summary table: {all}");
 

@@ -707,9 +707,13 @@ impl Run<'_> {
                 ));
             }
             let elapsed = self.started.elapsed().as_secs_f64();
+            // The encoders publish their counters per batch: "saved" moves within an
+            // iteration too, not only at its end.
+            let codec = pipeline.codec_totals();
             self.update(|s| {
                 s.remaining = pages_in_iteration.saturating_sub(done);
                 s.wire_bytes = wire;
+                s.set_codec(&codec);
                 if elapsed > 0.0 {
                     s.rate_bps = wire as f64 / elapsed;
                 }
