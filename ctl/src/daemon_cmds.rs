@@ -9,31 +9,11 @@ use dataplane::daemon::control::{
 use dataplane::migrate::{MigrationStatus, Phase};
 use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
-/// Where the daemon listens (`--socket`, or `SKYFERRY_SOCKET`).
-#[derive(clap::Args, Debug)]
-pub struct Socket {
-    /// The daemon's control socket.
-    #[arg(
-        long,
-        env = "SKYFERRY_SOCKET",
-        default_value = "/run/skyferry/control.sock"
-    )]
-    socket: PathBuf,
-}
-
-impl Socket {
-    /// The control socket's path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.socket
-    }
-}
-
 #[derive(clap::Args, Debug)]
 pub struct StartArgs {
-    #[command(flatten)]
-    socket: Socket,
-    /// Destination daemon's migration address, host:port.
-    #[arg(long)]
+    /// Destination daemon's migration address, HOST:PORT (the port of its [listen]
+    /// address; 7410 in the example configs).
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port)]
     to: String,
     /// The guest: `synthetic` (one this daemon creates, see --workload), `kvm` (a KVM
     /// micro-VM this daemon boots with the self-checking test guest, sized by --mem, its
@@ -109,15 +89,21 @@ pub struct StartArgs {
     /// Stop pre-copy once what remains fits in this pause (300ms, 1s).
     #[arg(long, value_parser = duration)]
     downtime_limit: Option<Duration>,
-    /// Print the migration id only.
+    /// Print the migration id only (first, also when the migration then fails at once).
     #[arg(long)]
     quiet: bool,
+    /// Follow the migration to its end (as `watch` does) and exit with its outcome: 0 when
+    /// the guest runs at the destination, 1 otherwise. Without it, `start` still waits for
+    /// the connection to the destination and fails when that does.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: refresh interval.
+    #[arg(long, default_value = "500ms", value_parser = duration, requires = "wait")]
+    interval: Duration,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct AbortArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex, as `status` shows it).
     #[arg(value_parser = hex_id)]
     id: u64,
@@ -125,8 +111,6 @@ pub struct AbortArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// One migration (hex id); all when absent.
     #[arg(value_parser = hex_id)]
     id: Option<u64>,
@@ -140,8 +124,6 @@ pub struct StatusArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct WatchArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex); the newest when absent.
     #[arg(value_parser = hex_id)]
     id: Option<u64>,
@@ -174,6 +156,20 @@ fn rate_or_none(s: &str) -> Result<u64, String> {
 fn compression(s: &str) -> Result<String, String> {
     s.parse::<dataplane::codec::Compression>()
         .map(|c| c.name().to_string())
+}
+
+/// `--to`: the destination needs a port, and the operator a hint when it is missing.
+fn host_port(s: &str) -> Result<String, String> {
+    let port = s
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(_))) if !host.is_empty() => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} has no port: give HOST:PORT, the port of the destination's [listen] \
+             address (e.g. {s}:7410 with the example configs; [v6addr]:PORT for IPv6)"
+        )),
+    }
 }
 
 fn hex_id(s: &str) -> Result<u64, String> {
@@ -238,7 +234,7 @@ fn check_start_fits(a: &StartArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub fn start(a: &StartArgs) -> Result<(), String> {
+pub fn start(socket: &Path, a: &StartArgs) -> Result<(), String> {
     let qemu = match (&a.guest, &a.ram_file) {
         (GuestSpec::Qemu(qmp), Some(ram)) => Some(QemuGuestSpec {
             // The daemon resolves paths from its own directory: send absolute ones.
@@ -301,13 +297,46 @@ pub fn start(a: &StartArgs) -> Result<(), String> {
             .downtime_limit
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }));
-    match call(&a.socket.socket, &req)? {
-        Response::Started { id } if a.quiet => println!("{id:x}"),
-        Response::Started { id } => println!(
+    let id = match call(socket, &req)? {
+        Response::Started { id } => id,
+        other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+    };
+    // Scripts get the id first, whatever happens next (the exit code says how it went).
+    if a.quiet {
+        println!("{id:x}");
+    }
+    if a.wait {
+        let view = if a.quiet {
+            crate::progress::Progress::quiet()
+        } else {
+            crate::progress::Progress::new()
+        };
+        return follow(socket, id, a.interval, view, !a.quiet);
+    }
+    // A wrong address or port fails within the connect: say so with an exit code, rather
+    // than "started". Waits for the phase to leave `connecting`, an event the daemon sets.
+    loop {
+        let s = statuses(socket, Some(id))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("migration {id:x} is gone"))?;
+        if s.phase.is_final() && s.phase != Phase::Completed {
+            return Err(format!(
+                "migration {id:x} to {}: {}",
+                a.to,
+                describe_end(&s)
+            ));
+        }
+        if s.phase != Phase::Connecting {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !a.quiet {
+        println!(
             "started migration {id:x} to {}; follow it with: skyferry watch {id:x}",
             a.to
-        ),
-        other => return Err(format!("unexpected response from skyferryd: {other:?}")),
+        );
     }
     Ok(())
 }
@@ -377,11 +406,11 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-pub fn abort(a: &AbortArgs) -> Result<(), String> {
-    call(&a.socket.socket, &Request::Abort { id: a.id })?;
+pub fn abort(socket: &Path, a: &AbortArgs) -> Result<(), String> {
+    call(socket, &Request::Abort { id: a.id })?;
     // Wait briefly for the migration to reach its final state, so the answer is definite.
     for _ in 0..100 {
-        if let Some(s) = statuses(&a.socket.socket, Some(a.id))?.first()
+        if let Some(s) = statuses(socket, Some(a.id))?.first()
             && s.phase.is_final()
         {
             println!("migration {:x}: {}", a.id, describe_end(s));
@@ -417,8 +446,6 @@ fn describe_end(s: &MigrationStatus) -> String {
 
 #[derive(clap::Args, Debug)]
 pub struct ResolveArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex), in doubt at this destination.
     #[arg(value_parser = hex_id)]
     id: u64,
@@ -431,9 +458,9 @@ pub struct ResolveArgs {
 }
 
 /// Settles a migration held in doubt at this destination.
-pub fn resolve(a: &ResolveArgs) -> Result<(), String> {
+pub fn resolve(socket: &Path, a: &ResolveArgs) -> Result<(), String> {
     match call(
-        &a.socket.socket,
+        socket,
         &Request::Resolve {
             id: a.id,
             start: a.start,
@@ -447,11 +474,11 @@ pub fn resolve(a: &ResolveArgs) -> Result<(), String> {
     }
 }
 
-pub fn status(a: &StatusArgs) -> Result<(), String> {
+pub fn status(socket: &Path, a: &StatusArgs) -> Result<(), String> {
     if let Some(group) = &a.group {
-        return group_status(&a.socket.socket, group, a.json);
+        return group_status(socket, group, a.json);
     }
-    let list = statuses(&a.socket.socket, a.id)?;
+    let list = statuses(socket, a.id)?;
     if a.json {
         let v = if a.id.is_some() {
             serde_json::to_value(&list[0])
@@ -466,61 +493,106 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  NOTE",
-        "ID", "ROLE", "GUEST", "PHASE", "ITER", "SENT", "REMAINING", "WIRE", "RATE"
+        "{:<16} {:<11} {:<14} {:<21} {:>4} {:>10} {:>10} {:>10} {:>12} {:>8} {:<8}  NOTE",
+        "ID",
+        "ROLE",
+        "GUEST",
+        "PHASE",
+        "ITER",
+        "SENT",
+        "REMAINING",
+        "WIRE",
+        "RATE",
+        "PAUSE",
+        "VERIFIED"
     );
     for s in &list {
-        let mut note = s
-            .error
-            .clone()
-            .or_else(|| s.stop_reason.map(|r| format!("stop: {r:?}")))
-            .unwrap_or_default();
-        for extra in [
-            s.disk.as_ref().map(crate::progress::disk_text),
-            s.disk_error
-                .as_ref()
-                .map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
-            s.network.clone(),
-            s.guest_check
-                .as_ref()
-                .map(crate::progress::guest_check_text),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !note.is_empty() {
-                note.push_str("; ");
-            }
-            note.push_str(&extra);
-        }
-        println!(
-            "{:<16x} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  {}",
-            s.id,
-            format!("{:?}", s.role).to_lowercase(),
-            s.guest,
-            format!("{:?}", s.phase).to_lowercase(),
-            s.iteration,
-            s.pages_sent,
-            s.remaining,
-            format_size(s.wire_bytes),
-            format_rate(s.job.transfer_rate_bps),
-            note
-        );
+        println!("{}", status_row(s));
     }
     Ok(())
 }
 
-pub fn watch(a: &WatchArgs) -> Result<(), String> {
+/// One migration as a row of `status`'s table, in the operator's words.
+fn status_row(s: &MigrationStatus) -> String {
+    use crate::progress::{ms_text, phase_name, stop_reason_text};
+    let mut note = s
+        .error
+        .clone()
+        .or_else(|| {
+            s.stop_reason
+                .map(|r| format!("stopped: {}", stop_reason_text(r)))
+        })
+        .unwrap_or_default();
+    for extra in [
+        s.disk.as_ref().map(crate::progress::disk_text),
+        s.disk_error
+            .as_ref()
+            .map(|e| format!("DISK NEEDS THE OPERATOR: {e}")),
+        s.network.clone(),
+        s.guest_check
+            .as_ref()
+            .map(crate::progress::guest_check_text),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !note.is_empty() {
+            note.push_str("; ");
+        }
+        note.push_str(&extra);
+    }
+    // The rate in bits only: the bytes form format_rate adds would overflow the column.
+    let rate = format_rate(s.job.transfer_rate_bps);
+    let rate = rate.split(" (").next().unwrap_or_default();
+    format!(
+        "{:<16x} {:<11} {:<14} {:<21} {:>4} {:>10} {:>10} {:>10} {:>12} {:>8} {:<8}  {}",
+        s.id,
+        format!("{:?}", s.role).to_lowercase(),
+        s.guest,
+        phase_name(s.phase),
+        s.iteration,
+        s.pages_sent,
+        s.remaining,
+        format_size(s.wire_bytes),
+        rate,
+        s.pause_ms.map_or_else(|| "-".into(), ms_text),
+        match s.verified {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        },
+        note
+    )
+}
+
+pub fn watch(socket: &Path, a: &WatchArgs) -> Result<(), String> {
     let id = match a.id {
         Some(id) => id,
-        None => statuses(&a.socket.socket, None)?
+        None => statuses(socket, None)?
             .last()
             .map(|s| s.id)
             .ok_or("no migrations on this host to watch")?,
     };
-    let mut view = crate::progress::Progress::new();
+    follow(
+        socket,
+        id,
+        a.interval,
+        crate::progress::Progress::new(),
+        true,
+    )
+}
+
+/// Shows migration `id` in `view` until it ends, then (with `summary`) the summary table;
+/// an error unless the guest ended up running at the destination.
+fn follow(
+    socket: &Path,
+    id: u64,
+    interval: Duration,
+    mut view: crate::progress::Progress,
+    summary: bool,
+) -> Result<(), String> {
     loop {
-        let s = statuses(&a.socket.socket, Some(id))?
+        let s = statuses(socket, Some(id))?
             .into_iter()
             .next()
             .ok_or_else(|| format!("migration {id:x} is gone"))?;
@@ -528,12 +600,50 @@ pub fn watch(a: &WatchArgs) -> Result<(), String> {
         if s.phase.is_final() {
             // `finish` prints the closing line.
             view.finish(&s);
+            if summary {
+                println!();
+                print!("{}", crate::progress::summary_table(&s, None, &[]));
+            }
             return if s.phase == Phase::Completed {
                 Ok(())
             } else {
                 Err(describe_end(&s))
             };
         }
-        std::thread::sleep(a.interval);
+        std::thread::sleep(interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane::migrate::{MigrationStatus, Phase, Role, StopReason};
+
+    use super::status_row;
+
+    #[test]
+    fn status_rows_speak_the_operators_words_and_fit() {
+        let mut s = MigrationStatus::new(0xabc, Role::Source, "web1", 262_144);
+        s.phase = Phase::Completed;
+        s.stop_reason = Some(StopReason::LocalMinimum);
+        s.job.transfer_rate_bps = 125e6;
+        s.pause_ms = Some(95);
+        s.verified = Some(true);
+        let row = status_row(&s);
+        assert!(!row.contains("LocalMinimum"), "{row}");
+        assert!(
+            row.contains("stopped: Smart Stop found a local minimum"),
+            "{row}"
+        );
+        assert!(row.contains("completed"), "{row}");
+        assert!(row.contains(" 1.00 Gbit/s "), "{row}");
+        assert!(row.contains("95 ms yes"), "{row}");
+        // Every column up to NOTE has its fixed width, whatever the rate.
+        s.job.transfer_rate_bps = 123_456_789_012.0;
+        let wide = status_row(&s);
+        assert_eq!(
+            wide.find("  stopped"),
+            row.find("  stopped"),
+            "{wide}\n{row}"
+        );
     }
 }

@@ -2,14 +2,15 @@
 
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use dataplane::crypto::PreSharedKey;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where to write the key (64 hex digits). Created with mode 0600.
+    /// Where to write the key (64 hex digits). Created with mode 0600; a missing directory
+    /// is created with mode 0700.
     #[arg(long, short)]
     out: PathBuf,
     /// Replace an existing key file (migrations using the old key will fail to connect).
@@ -27,6 +28,24 @@ pub fn run(args: &Args) -> Result<(), String> {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot replace {}: {e}", path.display())),
         }
+    }
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                format!(
+                    "cannot create the directory {}: {e} (create it as root: \
+                     `install -d -m 0700 {}`, or choose another --out)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
+        println!("created the directory {} (mode 0700)", dir.display());
     }
     let mut file = OpenOptions::new()
         .write(true)

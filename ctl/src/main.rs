@@ -4,12 +4,14 @@ mod daemon_cmds;
 mod demo;
 mod demo_kvm;
 mod demo_qemu;
+mod gen_docs;
 mod keygen;
 mod progress;
 mod report;
 mod testguest;
 mod timeline;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,16 @@ use clap::{Parser, Subcommand};
     about = "Live-migrate virtual machines over wide-area links"
 )]
 struct Cli {
+    /// The daemon's control socket (for start, abort, resolve, status, watch, report); before or
+    /// after the subcommand.
+    #[arg(
+        long,
+        global = true,
+        env = "SKYFERRY_SOCKET",
+        default_value = "/run/skyferry/control.sock",
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,20 +60,25 @@ enum Command {
     /// Build (or reuse) the small Linux guest that QEMU migration tests boot, and show how to
     /// run it.
     TestGuest(testguest::Args),
+    /// Write the man pages and shell completions of skyferry and skyferryd into a directory
+    /// (for packagers: they are built from the same definitions the programs parse).
+    #[command(hide = true)]
+    GenDocs(gen_docs::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => demo::run(&a),
-        Command::Start(a) => daemon_cmds::start(&a),
-        Command::Abort(a) => daemon_cmds::abort(&a),
-        Command::Resolve(a) => daemon_cmds::resolve(&a),
-        Command::Status(a) => daemon_cmds::status(&a),
-        Command::Watch(a) => daemon_cmds::watch(&a),
-        Command::Report(a) => report::run(&a),
+        Command::Start(a) => daemon_cmds::start(&cli.socket, &a),
+        Command::Abort(a) => daemon_cmds::abort(&cli.socket, &a),
+        Command::Resolve(a) => daemon_cmds::resolve(&cli.socket, &a),
+        Command::Status(a) => daemon_cmds::status(&cli.socket, &a),
+        Command::Watch(a) => daemon_cmds::watch(&cli.socket, &a),
+        Command::Report(a) => report::run(&cli.socket, &a),
         Command::Keygen(args) => keygen::run(&args),
         Command::TestGuest(args) => testguest::run(&args),
+        Command::GenDocs(args) => gen_docs::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

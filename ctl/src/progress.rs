@@ -2,19 +2,24 @@
 //!
 //! [`Progress`] takes [`MigrationStatus`] snapshots as often as the caller polls and shows
 //! them one of three ways ([`Style`]): on a terminal, a block of four lines redrawn in place
-//! (phase, pages, bytes, estimates) under a log of finished iterations; elsewhere (a pipe, a
-//! file, CI), plain lines, one per finished iteration and one per phase change; or nothing.
+//! (phase, pages, bytes, estimates) under a log of finished iterations, drawn by `indicatif`
+//! (which owns the cursor: redraws, log lines above the block, clearing at the end);
+//! elsewhere (a pipe, a file, CI, `NO_COLOR`), plain lines, one per finished iteration and
+//! one per phase change; or nothing. What the lines say, and the summary table, are
+//! skyferry's own: no crate knows a migration's phases.
 //!
 //! The driver updates the status at iteration boundaries, so a snapshot shows the last
-//! finished iteration; an iteration that starts and ends between two polls does not get a
-//! log line of its own (the summary's iteration table has them all). The elapsed time runs
-//! on between updates, counted here.
+//! finished iteration; an iteration that starts and ends between two polls gets a short line
+//! (the summary's iteration table has its figures). The elapsed time runs on between
+//! updates, counted here.
 //!
 //! [`summary_table`] renders the end result: one row per iteration, then totals in human
 //! units.
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::time::{Duration, Instant};
 
 use dataplane::codec::CodecStats;
@@ -36,16 +41,16 @@ pub enum Style {
 
 /// A live progress display for one migration.
 pub struct Progress {
+    /// Where plain lines go (style `Lines`).
     out: Box<dyn Write + Send>,
+    /// The live block (style `Live`).
+    bar: Option<ProgressBar>,
     style: Style,
     /// Terminal columns; status lines are cut to fit so the redraw never wraps.
     width: usize,
-    /// Lines of the status block now on screen.
-    drawn: usize,
     seen: Seen,
     /// The last `elapsed_ms` seen and when: the clock runs on between status updates.
     clock: Option<(u64, Instant)>,
-    frame: usize,
 }
 
 impl std::fmt::Debug for Progress {
@@ -53,6 +58,7 @@ impl std::fmt::Debug for Progress {
         f.debug_struct("Progress")
             .field("style", &self.style)
             .field("width", &self.width)
+            .field("live", &self.bar.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -64,39 +70,64 @@ impl Default for Progress {
 }
 
 impl Progress {
-    /// Progress on standard output: live on a terminal, plain lines otherwise.
+    /// Progress on standard output: live on a terminal, plain lines otherwise (and with
+    /// `NO_COLOR` or `TERM=dumb`, which ask for output without terminal escapes).
     pub fn new() -> Self {
         let out = std::io::stdout();
-        let style = if out.is_terminal() {
-            Style::Live
+        if live_allowed(out.is_terminal()) {
+            Self::live(ProgressDrawTarget::stdout(), terminal_width())
         } else {
-            Style::Lines
-        };
-        Self::with_writer(Box::new(out), style, terminal_width())
+            Self::with_writer(Box::new(out), Style::Lines, terminal_width())
+        }
     }
 
     /// Progress on standard error, live on a terminal and silent otherwise (for commands
-    /// whose standard output carries JSON).
+    /// whose standard output carries JSON); plain lines on a terminal that asks for no
+    /// escapes.
     pub fn stderr() -> Self {
         let out = std::io::stderr();
-        let style = if out.is_terminal() {
-            Style::Live
-        } else {
-            Style::Quiet
+        let style = match (out.is_terminal(), live_allowed(out.is_terminal())) {
+            (_, true) => return Self::live(ProgressDrawTarget::stderr(), terminal_width()),
+            (true, false) => Style::Lines,
+            (false, _) => Style::Quiet,
         };
         Self::with_writer(Box::new(out), style, terminal_width())
     }
 
-    /// Progress in `style` on any writer, with lines cut to `width` columns.
+    /// The live block on `target` (a terminal), lines cut to `width` columns.
+    pub fn live(target: ProgressDrawTarget, width: usize) -> Self {
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg}")
+                .expect("a valid template")
+                .tick_chars("|/-\\ "),
+        );
+        Progress {
+            bar: Some(bar),
+            style: Style::Live,
+            ..Self::with_writer(Box::new(std::io::sink()), Style::Quiet, width)
+        }
+    }
+
+    /// No progress at all.
+    pub fn quiet() -> Self {
+        Self::with_writer(Box::new(std::io::sink()), Style::Quiet, 80)
+    }
+
+    /// Plain lines (or nothing) on any writer; `Live` needs a terminal ([`Progress::live`])
+    /// and means `Lines` here.
     pub fn with_writer(out: Box<dyn Write + Send>, style: Style, width: usize) -> Self {
         Progress {
             out,
-            style,
+            bar: None,
+            style: if style == Style::Live {
+                Style::Lines
+            } else {
+                style
+            },
             width: width.max(20),
-            drawn: 0,
             seen: Seen::default(),
             clock: None,
-            frame: 0,
         }
     }
 
@@ -117,25 +148,24 @@ impl Progress {
         }
         let events = self.seen.advance(st);
         let elapsed = self.elapsed(st);
-        let mut text = String::new();
-        if self.style == Style::Live && self.drawn > 0 {
-            // Back to the first line of the block, and clear to the end of the screen.
-            text.push('\r');
-            if self.drawn > 1 {
-                let _ = write!(text, "\x1b[{}A", self.drawn - 1);
+        if let Some(bar) = &self.bar {
+            for e in &events {
+                bar.println(e.text(elapsed));
             }
-            text.push_str("\x1b[J");
+            if last {
+                bar.finish_and_clear();
+            } else {
+                // The spinner and its space take two columns of the first line.
+                let block = live_block(st, elapsed);
+                let cut: Vec<String> = block.iter().map(|l| cut(l, self.width - 3)).collect();
+                bar.set_message(cut.join("\n"));
+                bar.tick();
+            }
+            return Ok(());
         }
+        let mut text = String::new();
         for e in &events {
             let _ = writeln!(text, "{}", e.text(elapsed));
-        }
-        self.drawn = 0;
-        if self.style == Style::Live && !last {
-            self.frame = self.frame.wrapping_add(1);
-            let block = live_block(st, elapsed, self.frame);
-            let cut: Vec<String> = block.iter().map(|l| cut(l, self.width - 1)).collect();
-            text.push_str(&cut.join("\n"));
-            self.drawn = cut.len();
         }
         self.out.write_all(text.as_bytes())?;
         self.out.flush()
@@ -155,6 +185,14 @@ impl Progress {
             }
         }
     }
+}
+
+/// Whether a terminal may be redrawn in place: not when `NO_COLOR` is set
+/// (<https://no-color.org>: its users want output free of escapes) or `TERM` is `dumb`.
+fn live_allowed(terminal: bool) -> bool {
+    terminal
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
 }
 
 /// Terminal columns of standard output or error, 80 when unknown.
@@ -272,6 +310,14 @@ impl Seen {
             _ => 0,
         };
         if finished > self.logged && st.role == Role::Source {
+            // Iterations that began and ended between two snapshots still get their line;
+            // their figures are in the summary's iteration table.
+            for k in self.logged + 1..finished {
+                out.push(Event::Iteration(format!(
+                    "iteration {k}: finished between two refreshes (its figures: the summary's \
+                     iteration table)"
+                )));
+            }
             self.logged = finished;
             out.push(Event::Iteration(iteration_line(finished, st)));
         } else if st.role == Role::Destination && st.iteration > self.iteration && r == 1 {
@@ -287,7 +333,12 @@ impl Seen {
                 group(st.guest_pages)
             )));
         }
-        if r >= 2 && self.rank < 2 {
+        // A migration that failed or was aborted in pre-copy never paused its guest: no
+        // stop-and-copy line for it (a stop reason means the policy did stop it).
+        let paused = !matches!(st.phase, Phase::Failed | Phase::Aborted)
+            || st.stop_reason.is_some()
+            || st.pause_ms.is_some();
+        if r >= 2 && self.rank < 2 && paused {
             let reason = st.stop_reason.map_or("-".into(), stop_reason_name);
             out.push(Event::Phase(if r == 2 {
                 format!(
@@ -323,7 +374,8 @@ fn iteration_line(k: u32, st: &MigrationStatus) -> String {
         rate.split(" (").next().unwrap_or(&rate),
     );
     if let Some(ms) = st.expected_downtime_ms {
-        let _ = write!(s, " | pause now ~{}", ms_text(ms));
+        // The policy's own estimate (what it weighs when deciding to stop), not a promise.
+        let _ = write!(s, " | expected pause if stopped now {}", ms_text(ms));
     }
     s
 }
@@ -361,9 +413,7 @@ pub fn end_line(st: &MigrationStatus) -> String {
 }
 
 /// The status block for a terminal.
-fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<String> {
-    const SPIN: [char; 4] = ['|', '/', '-', '\\'];
-    let spin = SPIN[frame % SPIN.len()];
+fn live_block(st: &MigrationStatus, elapsed: Duration) -> Vec<String> {
     let phase = match st.phase {
         Phase::Connecting => "connecting".to_string(),
         Phase::Preparing => "preparing (the disks get in sync; the guest runs)".to_string(),
@@ -385,7 +435,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
     let s = st.saved;
     let saved = s.zero + s.cbr + s.delta + s.compress;
     let mut lines = vec![
-        format!("{spin} {phase} | {} | {rate}", format_duration(elapsed)),
+        format!("{phase} | {} | {rate}", format_duration(elapsed)),
         format!(
             "  pages  left {} | sent {} in finished iterations | last dirtied {}",
             group(st.remaining),
@@ -402,7 +452,7 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
             compress_text(s.compress, ", compression ")
         ),
         format!(
-            "  next   ETA {} | pause if stopped now {}",
+            "  next   ETA {} | expected pause if stopped now {}",
             st.eta_ms.map_or("-".into(), ms_text),
             st.expected_downtime_ms.map_or("-".into(), ms_text)
         ),
@@ -445,7 +495,7 @@ pub fn guest_check_text(c: &dataplane::guest::GuestCheck) -> String {
     t
 }
 
-fn ms_text(ms: u64) -> String {
+pub fn ms_text(ms: u64) -> String {
     format_duration(Duration::from_millis(ms))
 }
 
@@ -476,7 +526,7 @@ pub fn stop_reason_name(r: StopReason) -> String {
 }
 
 /// What a stop reason means.
-fn stop_reason_text(r: StopReason) -> &'static str {
+pub fn stop_reason_text(r: StopReason) -> &'static str {
     match r {
         StopReason::FewPagesLeft => "fewer than 50 pages were left",
         StopReason::MaxIterations => "30 iterations were done",
@@ -700,8 +750,48 @@ mod tests {
     use super::*;
 
     /// A writer the test can read back.
-    #[derive(Clone, Default)]
+    #[derive(Clone, Default, Debug)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    /// A terminal for indicatif that records what it is sent, as ANSI escapes.
+    #[derive(Debug)]
+    struct Screen(Shared, u16);
+
+    impl Screen {
+        fn put(&self, s: &str) -> std::io::Result<()> {
+            self.0.clone().write_all(s.as_bytes())
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            self.1
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}A"))
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}B"))
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}C"))
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.put(&format!("\x1b[{n}D"))
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.put(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.put(s)
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.put("\r\x1b[2K")
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     impl Write for Shared {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -789,7 +879,7 @@ mod tests {
         assert!(
             lines[2].ends_with(
                 "iteration 1: 262,144 sent, 30,000 dirtied | wire 1.00 GiB | 940 Mbit/s | \
-                 pause now ~1.00 s"
+                 expected pause if stopped now 1.00 s"
             ),
             "{text}"
         );
@@ -801,6 +891,24 @@ mod tests {
             lines[7].contains("completed in 3.20 s: guest paused 95 ms, memory verified"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn iterations_between_two_snapshots_still_get_a_line() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let tl = timeline();
+        p.update(&tl[0]);
+        // Straight to the stop-and-copy after iteration 3: 1 and 2 ended between snapshots.
+        p.update(&tl[4]);
+        let text = out.text();
+        for k in 1..=2 {
+            assert!(
+                text.contains(&format!("iteration {k}: finished between two refreshes")),
+                "{text}"
+            );
+        }
+        assert!(text.contains("iteration 3: 9,000 sent"), "{text}");
     }
 
     #[test]
@@ -833,28 +941,49 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("final copy"));
+        assert!(
+            !text.contains("guest paused"),
+            "the guest was never paused:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_failure_after_the_pause_says_the_guest_paused() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let mut s = status();
+        s.phase = Phase::Failed;
+        s.stop_reason = Some(StopReason::LocalMinimum);
+        s.error = Some("digest mismatch".into());
+        p.finish(&s);
+        let text = out.text();
+        assert!(text.contains("guest paused"), "{text}");
+        assert!(text.contains("failed: digest mismatch"), "{text}");
     }
 
     #[test]
     fn live_redraws_in_place_and_fits_the_width() {
         let out = Shared::default();
-        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Live, 60);
+        let screen = Screen(out.clone(), 60);
+        let mut p = Progress::live(ProgressDrawTarget::term_like(Box::new(screen)), 60);
         let tl = timeline();
         p.update(&tl[1]);
         p.update(&tl[2]);
         let text = out.text();
-        // The second draw goes back up three lines and clears.
-        assert!(text.contains("\r\x1b[3A\x1b[J"), "{text:?}");
-        for line in text.split('\n') {
-            let visible = line.rsplit("\x1b[J").next().unwrap();
-            if visible.starts_with('[') || visible.starts_with("migration") {
-                continue; // log lines may be long
-            }
-            assert!(visible.chars().count() < 60, "{visible:?}");
-        }
+        // A redraw goes back up over the block and clears its lines.
+        assert!(text.contains("\x1b[2K"), "{text:?}");
+        assert!(text.contains("A\r\x1b[2K"), "{text:?}");
+        assert!(text.contains("iteration 1: 262,144 sent"), "{text:?}");
+        // The four-line block goes up three lines to be redrawn; its lines are cut to fit
+        // (indicatif pads each to the width, so the terminal never wraps them).
+        assert!(text.contains("\x1b[3A"), "{text:?}");
+        assert!(
+            text.contains("| sent 262,144 in finished iterat..."),
+            "{text:?}"
+        );
         p.finish(tl.last().unwrap());
         let text = out.text();
-        assert!(text.ends_with("memory verified at both ends\n"), "{text:?}");
+        assert!(text.contains("memory verified at both ends"), "{text:?}");
     }
 
     #[test]

@@ -1,13 +1,11 @@
 //! `skyferry report ID --svg FILE`: a migration's timeline from the daemon's status.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::daemon_cmds::{Socket, statuses};
+use crate::daemon_cmds::statuses;
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    #[command(flatten)]
-    socket: Socket,
     /// Migration id (hex), as `skyferry status` shows it.
     #[arg(value_parser = dataplane::migrate::migration_id::parse)]
     id: u64,
@@ -17,8 +15,8 @@ pub struct ReportArgs {
 }
 
 /// Draws the migration's timeline into the file.
-pub fn run(a: &ReportArgs) -> Result<(), String> {
-    let list = statuses(a.socket.path(), Some(a.id))?;
+pub fn run(socket: &Path, a: &ReportArgs) -> Result<(), String> {
+    let list = statuses(socket, Some(a.id))?;
     let s = list
         .first()
         .ok_or_else(|| format!("no migration {:x} on this host", a.id))?;

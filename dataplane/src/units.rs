@@ -46,6 +46,16 @@
 //! Every parser trims surrounding whitespace, allows spaces between number and unit, and
 //! refuses negative, empty, non-numeric (`NaN`, `inf`, `1e9`) and overflowing input with a
 //! [`UnitError`] that quotes the input and shows an accepted form.
+//!
+//! # Why by hand
+//!
+//! The kept crates were weighed for each job and read these forms differently:
+//! `bytesize` parses `512MB` as 512 x 10^6 bytes (here every size unit is binary, as QEMU and
+//! the kernel read it) and has no rates; `humantime` refuses fractions (`1.5s`) and formats
+//! `14s 950ms` where skyferry's tables print `14.95 s`; neither parses link rates, where the
+//! case of `b`/`B` decides bits or bytes (`100Mb/s` vs `100MB/s`). Their errors would also
+//! lose the quoted input and accepted form every message here carries. The tests below pin
+//! the forms in which they differ.
 
 use std::fmt;
 use std::time::Duration;
@@ -801,5 +811,25 @@ mod tests {
         );
         let bare: Result<Duration, Error> = de::duration("300".into_deserializer());
         assert!(bare.is_err());
+    }
+
+    #[test]
+    fn forms_the_general_crates_read_differently_stay_as_documented() {
+        // Binary whatever the spelling (bytesize would read 512MB as 512,000,000 bytes).
+        assert_eq!(parse_size("512MB"), Ok(512 << 20));
+        assert_eq!(parse_size(" 1.5 GiB "), Ok(3 << 29));
+        // Fractions of a unit (humantime refuses them).
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.5 min"), Ok(Duration::from_secs(30)));
+        // The case of b/B alone decides bits or bytes.
+        assert_eq!(parse_rate("100Mb/s"), Ok(12_500_000));
+        assert_eq!(parse_rate("100MB/s"), Ok(100_000_000));
+        assert_eq!(parse_rate("10Gbps"), Ok(1_250_000_000));
+        // Every error quotes the input and shows an accepted form.
+        let e = parse_duration("5").unwrap_err().to_string();
+        assert!(e.contains("\"5\"") && e.contains("like 300ms"), "{e}");
+        // What the tables print.
+        assert_eq!(format_duration(Duration::from_millis(14_950)), "14.95 s");
+        assert_eq!(format_size(3 << 29), "1.50 GiB");
     }
 }

@@ -167,14 +167,15 @@ impl Daemon {
     }
 
     /// `skyferry start --to TO --quiet ARGS...` against this (source) daemon; panics if the
-    /// start is refused. Returns the migration id.
+    /// start is refused. Returns the migration id, also of one that failed at once (start
+    /// then exits non-zero after printing it; its status says why).
     pub fn start_migration(&self, to: impl std::fmt::Display, args: &[&str]) -> String {
         let to = to.to_string();
         let mut all = vec!["start", "--to", &to, "--quiet"];
         all.extend_from_slice(args);
         let out = self.cli(&all);
         assert!(
-            out.status.success(),
+            out.status.success() || !out.stdout.is_empty(),
             "start: {}",
             String::from_utf8_lossy(&out.stderr)
         );
@@ -243,6 +244,16 @@ impl Daemon {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .expect("VmHWM in kB")
             * 1024
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        self.child.wait().expect("wait for skyferryd")
     }
 
     /// True while the process runs.

@@ -59,16 +59,52 @@ fn writes_an_owner_only_key_that_parses() {
 #[test]
 fn unwritable_place_is_a_clear_error() {
     let out = skyferry()
-        .args(["keygen", "--out", "/nonexistent-dir/psk"])
+        .args(["keygen", "--out", "/dev/null/psk"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot create /nonexistent-dir/psk"), "{err}");
+    assert!(err.contains("cannot create /dev/null/psk"), "{err}");
+
+    // A directory that cannot be made (not even by root: /proc takes no new entries) says
+    // how to make it.
+    let out = skyferry()
+        .args(["keygen", "--out", "/proc/skyferry-keygen-test/psk"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot create the directory /proc/skyferry-keygen-test")
+            && err.contains("install -d -m 0700"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_flags_are_refused() {
     let out = skyferry().args(["keygen", "--bogus"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_missing_directory_is_created_owner_only() {
+    let dir = scratch("newdir");
+    let path = dir.join("etc").join("skyferry").join("psk");
+    let out = skyferry()
+        .args(["keygen", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parent = path.parent().unwrap();
+    let mode = std::fs::metadata(parent).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", parent.display());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created the directory"));
+    PreSharedKey::from_hex(&std::fs::read_to_string(&path).unwrap()).expect("key parses");
+    std::fs::remove_dir_all(dir).unwrap();
 }

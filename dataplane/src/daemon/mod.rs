@@ -6,11 +6,13 @@
 
 pub mod acceptor;
 pub mod admission;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod control_server;
 pub mod metrics;
 pub mod registry;
+pub mod service;
 
 pub use config::{ConfigError, DaemonConfig};
 pub use control::{Request, Response, StartRequest};

@@ -723,11 +723,15 @@ impl Run<'_> {
                 ));
             }
             let secs = began.elapsed().as_secs_f64();
+            // The encoders publish their counters per batch: "saved" moves within an
+            // iteration too, not only at its end.
+            let codec = pipeline.codec_totals();
             self.update(|s| {
                 s.remaining = pages_in_iteration.saturating_sub(done);
                 // Counted as they go, so a long first iteration shows its progress.
                 s.pages_sent = sent_before + done.min(pages_in_iteration);
                 s.wire_bytes = wire;
+                s.set_codec(&codec);
                 if secs > 0.0 {
                     s.job.transfer_rate_bps = (wire - wire_began) as f64 / secs;
                     if done > 0 && s.phase == Phase::Iterating {

@@ -160,10 +160,33 @@ impl QemuTarget {
         let ram_file = PathBuf::from(expand(&config.ram_file, &base));
         let qmp_path = PathBuf::from(expand(&config.qmp, &base));
         let launch = !config.command.is_empty();
+        // What an operator-started QEMU must match, said with every error about it.
+        let expected = |e: GuestError| match e {
+            GuestError::Backend {
+                backend,
+                op,
+                message,
+            } if !launch => GuestError::Backend {
+                backend,
+                op,
+                message: format!(
+                    "{message}; expected a QEMU the operator started for guest {guest:?}, \
+                     waiting with -incoming defer, its RAM in {} (memory-backend-file, \
+                     share=on) and its QMP socket at {}: these paths come from the \
+                     destination's [qemu] ram_file = {:?} and qmp = {:?} ({{guest}} is the \
+                     source's --name); set them there to name others",
+                    ram_file.display(),
+                    qmp_path.display(),
+                    config.ram_file,
+                    config.qmp
+                ),
+            },
+            e => e,
+        };
         let file = if launch {
             create_ram_file(&ram_file, bytes)?
         } else {
-            open_ram_file(&ram_file, bytes)?
+            open_ram_file(&ram_file, bytes).map_err(expected)?
         };
         let mut target_child = None;
         if launch {
@@ -184,7 +207,8 @@ impl QemuTarget {
                 let _ = std::fs::remove_file(&ram_file);
             }
         };
-        let connected = connect_when_up(&qmp_path, timeout, target_child.as_mut());
+        let connected =
+            connect_when_up(&qmp_path, timeout, target_child.as_mut()).map_err(expected);
         let mut qmp = match connected {
             Ok(q) => q,
             Err(e) => {
