@@ -450,6 +450,7 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
             .or_else(|| s.stop_reason.map(|r| format!("stop: {r:?}")))
             .unwrap_or_default();
         for extra in [
+            s.waiting.clone(),
             s.disk.as_ref().map(crate::progress::disk_text),
             s.disk_error
                 .as_ref()

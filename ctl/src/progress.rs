@@ -195,7 +195,7 @@ struct Seen {
 /// Phases in the order a migration passes them.
 fn rank(p: Phase) -> u8 {
     match p {
-        Phase::Connecting | Phase::Preparing => 0,
+        Phase::Connecting | Phase::Waiting | Phase::Preparing => 0,
         Phase::Iterating | Phase::Reconnecting => 1,
         Phase::StopAndCopy => 2,
         Phase::Verifying => 3,
@@ -366,6 +366,11 @@ fn live_block(st: &MigrationStatus, elapsed: Duration, frame: usize) -> Vec<Stri
     let spin = SPIN[frame % SPIN.len()];
     let phase = match st.phase {
         Phase::Connecting => "connecting".to_string(),
+        Phase::Waiting => format!(
+            "waiting: {} ({}; guest running at the source)",
+            st.waiting.as_deref().unwrap_or("destination busy"),
+            st.link_error.as_deref().unwrap_or("-")
+        ),
         Phase::Preparing => "preparing (the disks get in sync; the guest runs)".to_string(),
         Phase::Iterating => format!("iteration {} (pre-copy, guest running)", st.iteration),
         Phase::Reconnecting => format!(
@@ -453,6 +458,7 @@ fn ms_text(ms: u64) -> String {
 pub fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Connecting => "connecting",
+        Phase::Waiting => "waiting",
         Phase::Preparing => "preparing",
         Phase::Iterating => "iterating",
         Phase::Reconnecting => "reconnecting",

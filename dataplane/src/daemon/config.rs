@@ -141,8 +141,12 @@ pub struct SourceSection {
     pub timeout: String,
     /// Reconnections tried when pre-copy loses its link (0: fail at once).
     pub resume_attempts: u32,
-    /// Time allowed for them, from the break on.
+    /// Time in which further reconnections may start, from the break on (the first three
+    /// are made however long each takes).
     pub resume_within: String,
+    /// How long a migration refused because the destination is busy keeps asking again,
+    /// with backoff ("0s": fail at once).
+    pub busy_retry_within: String,
 }
 
 impl Default for SourceSection {
@@ -162,6 +166,7 @@ impl Default for SourceSection {
             timeout: "30s".into(),
             resume_attempts: 8,
             resume_within: "60s".into(),
+            busy_retry_within: "5m".into(),
         }
     }
 }
@@ -497,6 +502,7 @@ impl DaemonConfig {
             resume: crate::migrate::source::ResumePolicy {
                 attempts: c.source.resume_attempts,
                 within: dur("source.resume_within", &c.source.resume_within)?,
+                busy_within: dur("source.busy_retry_within", &c.source.busy_retry_within)?,
             },
             qemu: qemu_settings(c.qemu, &key)?,
             xen: xen_settings(c.xen, &key)?,

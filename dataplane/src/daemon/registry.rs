@@ -536,8 +536,9 @@ impl Registry {
         let factory = Box::new(move |h: &crate::protocol::Hello| {
             if busy {
                 return Err(format!(
-                    "this host is receiving {running} migrations already, its limit \
-                     (listen.max_migrations = {max}); try again later"
+                    "{}: this host is receiving {running} migrations already, its limit \
+                     (listen.max_migrations = {max}); try again later",
+                    crate::migrate::BUSY_REFUSAL
                 ));
             }
             let t = this.dest_guest(h)?;
@@ -557,9 +558,11 @@ impl Registry {
         }
         drop(streams);
         self.incoming.fetch_sub(1, Ordering::AcqRel);
-        // Forget this connection if it never got past the handshake (id 0).
+        // Forget this connection if it never got past the handshake (id 0), or was refused
+        // as busy: its source asks again, and its own row says it waits.
         self.entries.lock().expect("registry lock").retain(|e| {
-            !Arc::ptr_eq(&e.status, &status) || e.status.lock().expect("status lock").id != 0
+            !Arc::ptr_eq(&e.status, &status)
+                || (!busy && e.status.lock().expect("status lock").id != 0)
         });
     }
 }

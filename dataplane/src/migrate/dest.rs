@@ -453,22 +453,39 @@ fn wait_resume(
         st.phase = Phase::Reconnecting;
         st.link_error = Some(cause.to_string());
     }
-    let deadline = Instant::now() + window;
+    // The window counts from the last sign of the source: the break, then each
+    // reconnection that arrives. A source whose attempt failed here (slow to open its
+    // streams on a loaded host, say) is still trying, and gets a whole window again.
+    let mut deadline = Instant::now() + window;
+    let mut failed = 0u32;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(control) = streams.resumed(id, left, abort) else {
             if abort.load(Ordering::Relaxed) {
                 return Err(MigrateError::Aborted);
             }
+            let tries = match failed {
+                0 => String::new(),
+                n => format!(" after {n} failed reconnection(s), see the log"),
+            };
             return Err(MigrateError::LinkLost(format!(
-                "{}; the source did not reconnect within {} s",
+                "{}; the source did not reconnect within {} s{tries}",
                 cause.detail(),
                 window.as_secs()
             )));
         };
+        deadline = Instant::now() + window;
         match resume_link(control, streams, hello, guest, opts) {
             Ok(r) => return Ok(r),
-            Err(e) => tracing::warn!(migration = id, "a reconnection failed: {e}"),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(
+                    migration = id,
+                    "a reconnection failed and was closed: {e}; still holding the migration \
+                     for {} s for the source to try again",
+                    window.as_secs()
+                );
+            }
         }
     }
 }
