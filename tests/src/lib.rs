@@ -131,8 +131,14 @@ impl Daemon {
         std::fs::write(&psk_path, psk(key)).expect("key file");
         std::fs::set_permissions(&psk_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let socket = dir.join("control.sock");
+        // The tests' own budget for reconnecting, unless `extra` sets one.
+        let resume_within = if extra.contains("resume_within") {
+            ""
+        } else {
+            "resume_within = \"10s\"\n"
+        };
         let config = format!(
-            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\nresume_window = \"20s\"\n{listen_extra}\n\n[source]\npin_threads = false\ntimeout = \"10s\"\nresume_within = \"10s\"\nstreams = 2\n{extra}\n",
+            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\nresume_window = \"20s\"\n{listen_extra}\n\n[source]\npin_threads = false\ntimeout = \"10s\"\n{resume_within}streams = 2\n{extra}\n",
             socket,
             psk_path,
             listen.map(|a| a.to_string()).unwrap_or_default(),

@@ -127,3 +127,41 @@ fn a_destination_that_lost_the_migration_refuses_the_reconnection() {
     // (That error is the refusal's: it ended the retries, with attempts to spare.)
     drop(again);
 }
+
+#[test]
+fn a_spent_time_budget_still_leaves_the_first_attempts() {
+    // The budget for reconnecting is spent before the first attempt (as one slow attempt
+    // on a loaded host spent it): the first attempts are made all the same, and resume.
+    let dst = Daemon::start("resume-budget-d", 1, true, "");
+    let release = std::env::temp_dir().join(format!(
+        "skyferry-e2e-{}-resume-budget-release",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&release);
+    let hold = format!("source-iteration-2:{}", release.display());
+    let src = Daemon::start_with_env(
+        "resume-budget-s",
+        1,
+        false,
+        "resume_within = \"0s\"",
+        &[("SKYFERRY_HOLD", Path::new(&hold))],
+    );
+    let relay = Relay::new(dst.listen.unwrap());
+    let id = src.start_migration(relay.addr, GUEST);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(BOUND);
+    while !src.log().contains("holding at source-iteration-2 ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never held: {}",
+            src.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    relay.cut();
+    std::fs::write(&release, b"go").expect("release file");
+    let s = src.wait_for(&id, BOUND, is_final);
+    let _ = std::fs::remove_file(&release);
+    assert_eq!(s["phase"], "completed", "{s}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert!(s["resumes"].as_u64() >= Some(1), "{s}");
+}

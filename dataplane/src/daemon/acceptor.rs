@@ -474,6 +474,27 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_reconnection_replaces_the_one_whose_streams_open() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let router = Arc::new(Router::default());
+        let mut streams = RoutedStreams::new(router.clone());
+        streams.expect(4).unwrap();
+        let never = AtomicBool::new(false);
+        let (_older_peer, older) = pair(&l);
+        assert!(router.route_resume(4, older));
+        let taken = streams.resumed(4, Duration::from_secs(60), &never).unwrap();
+        // Its streams are awaited when the source gives it up and reconnects again.
+        let (newer_peer, newer) = pair(&l);
+        assert!(router.route_resume(4, newer));
+        let e = streams
+            .next(&taken, Duration::from_secs(60), 4, 1)
+            .unwrap_err();
+        assert!(e.to_string().contains("reconnected again"), "{e}");
+        let next = streams.resumed(4, Duration::from_secs(60), &never).unwrap();
+        assert_eq!(next.peer_addr().unwrap(), newer_peer.local_addr().unwrap());
+    }
+
+    #[test]
     fn a_source_that_hangs_up_ends_the_wait() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut streams = RoutedStreams::new(Arc::new(Router::default()));
