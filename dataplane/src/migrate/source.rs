@@ -320,6 +320,7 @@ impl Run<'_> {
                         self.update(|s| {
                             s.phase = Phase::Connecting;
                             s.waiting = None;
+                            s.link_error = None;
                         });
                     }
                     return other;
