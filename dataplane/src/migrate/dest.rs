@@ -256,10 +256,11 @@ pub fn receive_on(
             MigrateError::Peer(format!("refused: {why}")),
         ));
     };
-    let (mut link, first) = match Link::open(control, streams, &hello, &keys, &guest, opts) {
-        Ok(l) => l,
-        Err(e) => return Err(fail(status, started, e)),
-    };
+    let (mut link, first) =
+        match Link::open(control, streams, &hello, &keys, &guest, opts, &mut false) {
+            Ok(l) => l,
+            Err(e) => return Err(fail(status, started, e)),
+        };
     let mut alongside = Alongside::default();
     let mut acked = 0;
     let mut first = Some(first);
@@ -387,8 +388,8 @@ struct Link {
 
 impl Link {
     /// After the Welcome: takes the data streams, opens the control channel, waits for the
-    /// source's first sealed message, and only then (the source proved it holds the key)
-    /// starts the pipeline. Returns the link and that first message.
+    /// source's first sealed message, and only then (the source proved it holds the key:
+    /// `proven` is set) starts the pipeline. Returns the link and that first message.
     fn open(
         control: TcpStream,
         streams: &mut dyn DataStreams,
@@ -396,6 +397,7 @@ impl Link {
         keys: &crate::crypto::MigrationKeys,
         guest: &Arc<dyn DestGuest>,
         opts: &DestOptions,
+        proven: &mut bool,
     ) -> Result<(Link, ToDest), MigrateError> {
         let mut data = Vec::new();
         let mut stream_keys = Vec::new();
@@ -415,6 +417,7 @@ impl Link {
         // key: its first sealed message must open (the Hello and the data streams are
         // cleartext, and anyone could open them to make this host allocate streams x cache).
         let first = first_sealed(&mut rx, opts.timeout)?;
+        *proven = true;
         let frame_size = usize::try_from(hello.frame_size).unwrap_or(usize::MAX);
         let pipeline = SinkPipeline::start(
             guest,
@@ -454,8 +457,9 @@ fn wait_resume(
         st.link_error = Some(cause.to_string());
     }
     // The window counts from the last sign of the source: the break, then each
-    // reconnection that arrives. A source whose attempt failed here (slow to open its
-    // streams on a loaded host, say) is still trying, and gets a whole window again.
+    // reconnection that proved the key (a source whose attempt failed here after that is
+    // still trying, and gets a whole window again). A reconnection that did not prove it
+    // extends nothing: a peer without the key cannot keep the migration held.
     let mut deadline = Instant::now() + window;
     let mut failed = 0u32;
     loop {
@@ -474,16 +478,19 @@ fn wait_resume(
                 window.as_secs()
             )));
         };
-        deadline = Instant::now() + window;
-        match resume_link(control, streams, hello, guest, opts) {
+        let mut proven = false;
+        match resume_link(control, streams, hello, guest, opts, &mut proven) {
             Ok(r) => return Ok(r),
             Err(e) => {
                 failed += 1;
+                if proven {
+                    deadline = Instant::now() + window;
+                }
                 tracing::warn!(
                     migration = id,
                     "a reconnection failed and was closed: {e}; still holding the migration \
                      for {} s for the source to try again",
-                    window.as_secs()
+                    deadline.saturating_duration_since(Instant::now()).as_secs()
                 );
             }
         }
@@ -498,6 +505,7 @@ fn resume_link(
     original: &Hello,
     guest: &Arc<dyn DestGuest>,
     opts: &DestOptions,
+    proven: &mut bool,
 ) -> Result<(Link, u32), MigrateError> {
     let h = tune_and_read_hello(&mut control, opts)?;
     let verdict = check_version(&h).and_then(|()| same_migration(original, &h));
@@ -505,7 +513,7 @@ fn resume_link(
         let why = verdict.err().unwrap_or_default();
         return Err(MigrateError::Peer(format!("refused: {why}")));
     };
-    let (mut link, first) = Link::open(control, streams, &h, &keys, guest, opts)?;
+    let (mut link, first) = Link::open(control, streams, &h, &keys, guest, opts, proven)?;
     match first {
         ToDest::Resume { iteration } => Ok((link, iteration)),
         m => {
