@@ -191,11 +191,10 @@ fn case(at: At, fault: Fault) -> (serde_json::Value, Option<serde_json::Value>) 
         "{name}: source {} ({}); destination {}",
         s["phase"],
         s["error"].as_str().unwrap_or("-"),
-        d.as_ref().map_or("killed".to_string(), |d| format!(
-            "{} ({})",
-            d["phase"],
-            d["error"].as_str().unwrap_or("-")
-        ))
+        d.as_ref().map_or(
+            if never_arrived { "no record" } else { "killed" }.to_string(),
+            |d| format!("{} ({})", d["phase"], d["error"].as_str().unwrap_or("-"))
+        )
     );
     (s, d)
 }
