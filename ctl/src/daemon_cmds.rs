@@ -524,6 +524,7 @@ fn status_row(s: &MigrationStatus) -> String {
         })
         .unwrap_or_default();
     for extra in [
+        s.waiting.clone(),
         s.disk.as_ref().map(crate::progress::disk_text),
         s.disk_error
             .as_ref()

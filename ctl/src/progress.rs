@@ -233,7 +233,7 @@ struct Seen {
 /// Phases in the order a migration passes them.
 fn rank(p: Phase) -> u8 {
     match p {
-        Phase::Queued | Phase::Connecting | Phase::Preparing => 0,
+        Phase::Queued | Phase::Connecting | Phase::Waiting | Phase::Preparing => 0,
         Phase::Iterating | Phase::Reconnecting => 1,
         Phase::StopAndCopy => 2,
         Phase::Verifying => 3,
@@ -416,6 +416,11 @@ pub fn end_line(st: &MigrationStatus) -> String {
 fn live_block(st: &MigrationStatus, elapsed: Duration) -> Vec<String> {
     let phase = match st.phase {
         Phase::Connecting => "connecting".to_string(),
+        Phase::Waiting => format!(
+            "waiting: {} ({}; guest running at the source)",
+            st.waiting.as_deref().unwrap_or("destination busy"),
+            st.link_error.as_deref().unwrap_or("-")
+        ),
         Phase::Preparing => "preparing (the disks get in sync; the guest runs)".to_string(),
         Phase::Iterating => format!("iteration {} (pre-copy, guest running)", st.iteration),
         Phase::Reconnecting => format!(
@@ -504,6 +509,7 @@ pub fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Queued => "queued",
         Phase::Connecting => "connecting",
+        Phase::Waiting => "waiting",
         Phase::Preparing => "preparing",
         Phase::Iterating => "iterating",
         Phase::Reconnecting => "reconnecting",

@@ -77,13 +77,27 @@ impl Daemon {
         extra: &str,
         env: &[(&str, &std::path::Path)],
     ) -> Daemon {
-        Self::launch(name, key, listen.then(free_address), extra, env, None)
+        Self::launch(name, key, listen.then(free_address), "", extra, env, None)
+    }
+
+    /// A destination whose `[listen]` section gets `listen_extra` too (`max_migrations = 1`,
+    /// say); `extra` as in [`start`](Self::start).
+    pub fn start_listening_with(name: &str, key: u8, listen_extra: &str, extra: &str) -> Daemon {
+        Self::launch(
+            name,
+            key,
+            Some(free_address()),
+            listen_extra,
+            extra,
+            &[],
+            None,
+        )
     }
 
     /// [`start`](Self::start) as a destination on `listen` (a daemon restarted where an
     /// earlier one listened).
     pub fn start_at(name: &str, key: u8, listen: std::net::SocketAddr, extra: &str) -> Daemon {
-        Self::launch(name, key, Some(listen), extra, &[], None)
+        Self::launch(name, key, Some(listen), "", extra, &[], None)
     }
 
     /// [`start`](Self::start) inside network namespace `netns` (`ip netns exec`); its
@@ -93,6 +107,7 @@ impl Daemon {
             name,
             key,
             listen.then(free_address),
+            "",
             extra,
             &[],
             Some(netns),
@@ -103,6 +118,7 @@ impl Daemon {
         name: &str,
         key: u8,
         listen: Option<std::net::SocketAddr>,
+        listen_extra: &str,
         extra: &str,
         env: &[(&str, &std::path::Path)],
         netns: Option<&str>,
@@ -115,8 +131,14 @@ impl Daemon {
         std::fs::write(&psk_path, psk(key)).expect("key file");
         std::fs::set_permissions(&psk_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let socket = dir.join("control.sock");
+        // The tests' own budget for reconnecting, unless `extra` sets one.
+        let resume_within = if extra.contains("resume_within") {
+            ""
+        } else {
+            "resume_within = \"10s\"\n"
+        };
         let config = format!(
-            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\nresume_window = \"20s\"\n\n[source]\npin_threads = false\ntimeout = \"10s\"\nresume_within = \"10s\"\nstreams = 2\n{extra}\n",
+            "[daemon]\ncontrol_socket = {:?}\npsk_file = {:?}\nlog = \"info\"\n\n[listen]\naddress = \"{}\"\ntimeout = \"10s\"\nresume_window = \"20s\"\n{listen_extra}\n\n[source]\npin_threads = false\ntimeout = \"10s\"\n{resume_within}streams = 2\n{extra}\n",
             socket,
             psk_path,
             listen.map(|a| a.to_string()).unwrap_or_default(),
@@ -147,8 +169,10 @@ impl Daemon {
             listen,
         };
         // The socket file appears at bind(2), a moment before listen(2): wait until it
-        // takes a connection.
-        for _ in 0..400 {
+        // takes a connection (the bound only catches a daemon that never comes up).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut d = d;
+        while std::time::Instant::now() < deadline && d.alive() {
             if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
                 return d;
             }

@@ -68,6 +68,11 @@ pub struct RoutedStreams {
     rx: Option<Receiver<Routed>>,
     /// Streams that came before their turn.
     early: BTreeMap<u32, TcpStream>,
+    /// A reconnection that arrived while an earlier one's streams opened: the source gave
+    /// that one up, so this one is taken next.
+    newer: Option<TcpStream>,
+    /// The streams being opened are a reconnection's (not the migration's first session's).
+    resuming: bool,
 }
 
 impl RoutedStreams {
@@ -78,6 +83,8 @@ impl RoutedStreams {
             id: None,
             rx: None,
             early: BTreeMap::new(),
+            newer: None,
+            resuming: false,
         }
     }
 }
@@ -118,10 +125,20 @@ impl DataStreams for RoutedStreams {
                 Ok(Routed::Data(n, _)) => {
                     tracing::warn!("migration {id:x}: dropping a second data stream {n}");
                 }
-                Ok(Routed::Resume(_)) => {
+                Ok(Routed::Resume(_)) if !self.resuming => {
                     tracing::warn!(
                         "migration {id:x}: dropping a reconnection while its streams open"
                     );
+                }
+                Ok(Routed::Resume(c)) => {
+                    // The source gave up on the session being opened (it timed out on a
+                    // loaded host, say) and reconnected again: take the newer one.
+                    self.newer = Some(c);
+                    return Err(MigrateError::LinkLost(
+                        "the source reconnected again before this session's streams opened; \
+                         taking its newer reconnection"
+                            .into(),
+                    ));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the route holds a sender"),
@@ -134,6 +151,10 @@ impl DataStreams for RoutedStreams {
         let rx = self.rx.as_ref().expect("expect() comes first");
         // Streams of the broken session that had not been taken are of no use now.
         self.early.clear();
+        self.resuming = true;
+        if let Some(c) = self.newer.take() {
+            return Some(c);
+        }
         let deadline = Instant::now() + window;
         while !abort.load(Ordering::Relaxed) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -450,6 +471,27 @@ mod tests {
             },
             s
         ));
+    }
+
+    #[test]
+    fn a_newer_reconnection_replaces_the_one_whose_streams_open() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let router = Arc::new(Router::default());
+        let mut streams = RoutedStreams::new(router.clone());
+        streams.expect(4).unwrap();
+        let never = AtomicBool::new(false);
+        let (_older_peer, older) = pair(&l);
+        assert!(router.route_resume(4, older));
+        let taken = streams.resumed(4, Duration::from_secs(60), &never).unwrap();
+        // Its streams are awaited when the source gives it up and reconnects again.
+        let (newer_peer, newer) = pair(&l);
+        assert!(router.route_resume(4, newer));
+        let e = streams
+            .next(&taken, Duration::from_secs(60), 4, 1)
+            .unwrap_err();
+        assert!(e.to_string().contains("reconnected again"), "{e}");
+        let next = streams.resumed(4, Duration::from_secs(60), &never).unwrap();
+        assert_eq!(next.peer_addr().unwrap(), newer_peer.local_addr().unwrap());
     }
 
     #[test]

@@ -154,12 +154,16 @@ pub struct SourceSection {
     pub timeout: String,
     /// Reconnections tried when pre-copy loses its link (0: fail at once).
     pub resume_attempts: u32,
-    /// Time allowed for them, from the break on.
+    /// Time in which further reconnections may start, from the break on (the first three
+    /// are made however long each takes).
     pub resume_within: String,
     /// Most migrations sent at once (0: no limit); more wait in the admission queue.
     pub max_migrations: usize,
     /// Most migrations waiting for a slot; beyond, `start` is refused.
     pub queue: usize,
+    /// How long a migration refused because the destination is busy keeps asking again,
+    /// with backoff ("0s": fail at once).
+    pub busy_retry_within: String,
 }
 
 impl Default for SourceSection {
@@ -181,6 +185,7 @@ impl Default for SourceSection {
             resume_within: "60s".into(),
             max_migrations: 0,
             queue: 64,
+            busy_retry_within: "5m".into(),
         }
     }
 }
@@ -542,6 +547,7 @@ impl DaemonConfig {
             resume: crate::migrate::source::ResumePolicy {
                 attempts: c.source.resume_attempts,
                 within: dur("source.resume_within", &c.source.resume_within)?,
+                busy_within: dur("source.busy_retry_within", &c.source.busy_retry_within)?,
             },
             qemu: qemu_settings(c.qemu, &key)?,
             xen: xen_settings(c.xen, &key)?,

@@ -589,12 +589,24 @@ impl Registry {
         // Held while the migration is received here.
         let permit = Arc::new(Mutex::new(None));
         let (held, queued, stop) = (permit.clone(), status.clone(), abort.clone());
+        let busy = Arc::new(AtomicBool::new(false));
+        let busy_flag = busy.clone();
         let factory = Box::new(move |h: &crate::protocol::Hello| {
-            // The source proved the key: beyond this host's limit it waits, in line.
+            // The source proved the key: beyond this host's limit it waits, in line. A full
+            // queue, or a wait that ran out, is a busy refusal: its source asks again later.
             let gate = &this.admission.inbound;
             let p = gate
                 .acquire(&queued, &stop, Some(this.admission.inbound_wait))
-                .map_err(|e| format!("admission: {e}"))?;
+                .map_err(|e| {
+                    busy_flag.store(true, Ordering::Release);
+                    let l = &this.settings.admission.inbound;
+                    format!(
+                        "{}: {e} (listen.max_migrations = {}, listen.queue = {})",
+                        crate::migrate::BUSY_REFUSAL,
+                        l.running,
+                        l.queue
+                    )
+                })?;
             *held.lock().expect("permit lock") = Some(p);
             let t = this.dest_guest(h)?;
             *slot.lock().expect("slot lock") = Some(t.clone());
@@ -617,13 +629,15 @@ impl Registry {
         drop(streams);
         {
             let st = status.lock().expect("status lock");
-            if st.id != 0 && st.phase.is_final() {
+            if st.id != 0 && st.phase.is_final() && !busy.load(Ordering::Acquire) {
                 super::metrics::count_ended(&st);
             }
         }
-        // Forget this connection if it never got past the handshake (id 0).
+        // Forget this connection if it never got past the handshake (id 0), or was refused
+        // as busy: its source asks again, and its own row says it waits.
         self.entries.lock().expect("registry lock").retain(|e| {
-            !Arc::ptr_eq(&e.status, &status) || e.status.lock().expect("status lock").id != 0
+            !Arc::ptr_eq(&e.status, &status)
+                || (!busy.load(Ordering::Acquire) && e.status.lock().expect("status lock").id != 0)
         });
     }
 }

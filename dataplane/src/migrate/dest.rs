@@ -260,10 +260,11 @@ pub fn receive_on(
             MigrateError::Peer(format!("refused: {why}")),
         ));
     };
-    let (mut link, first) = match Link::open(control, streams, &hello, &keys, &guest, opts) {
-        Ok(l) => l,
-        Err(e) => return Err(fail(status, started, e)),
-    };
+    let (mut link, first) =
+        match Link::open(control, streams, &hello, &keys, &guest, opts, &mut false) {
+            Ok(l) => l,
+            Err(e) => return Err(fail(status, started, e)),
+        };
     let mut alongside = Alongside::default();
     let mut acked = 0;
     let mut first = Some(first);
@@ -391,8 +392,8 @@ struct Link {
 
 impl Link {
     /// After the Welcome: takes the data streams, opens the control channel, waits for the
-    /// source's first sealed message, and only then (the source proved it holds the key)
-    /// starts the pipeline. Returns the link and that first message.
+    /// source's first sealed message, and only then (the source proved it holds the key:
+    /// `proven` is set) starts the pipeline. Returns the link and that first message.
     fn open(
         control: TcpStream,
         streams: &mut dyn DataStreams,
@@ -400,6 +401,7 @@ impl Link {
         keys: &crate::crypto::MigrationKeys,
         guest: &Arc<dyn DestGuest>,
         opts: &DestOptions,
+        proven: &mut bool,
     ) -> Result<(Link, ToDest), MigrateError> {
         let mut data = Vec::new();
         let mut stream_keys = Vec::new();
@@ -419,6 +421,7 @@ impl Link {
         // key: its first sealed message must open (the Hello and the data streams are
         // cleartext, and anyone could open them to make this host allocate streams x cache).
         let first = first_sealed(&mut rx, opts.timeout)?;
+        *proven = true;
         let frame_size = usize::try_from(hello.frame_size).unwrap_or(usize::MAX);
         let pipeline = SinkPipeline::start(
             guest,
@@ -457,23 +460,42 @@ fn wait_resume(
         st.phase = Phase::Reconnecting;
         st.link_error = Some(cause.to_string());
     }
-    let deadline = Instant::now() + window;
+    // The window counts from the last sign of the source: the break, then each
+    // reconnection that proved the key (a source whose attempt failed here after that is
+    // still trying, and gets a whole window again). A reconnection that did not prove it
+    // extends nothing: a peer without the key cannot keep the migration held.
+    let mut deadline = Instant::now() + window;
+    let mut failed = 0u32;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(control) = streams.resumed(id, left, abort) else {
             if abort.load(Ordering::Relaxed) {
                 return Err(MigrateError::Aborted);
             }
+            let tries = match failed {
+                0 => String::new(),
+                n => format!(" after {n} failed reconnection(s), see the log"),
+            };
             return Err(MigrateError::LinkLost(format!(
-                "{}; the source did not reconnect within {} s",
+                "{}; the source did not reconnect within {} s{tries}",
                 cause.detail(),
                 window.as_secs()
             )));
         };
-        match resume_link(control, streams, hello, guest, opts) {
+        let mut proven = false;
+        match resume_link(control, streams, hello, guest, opts, &mut proven) {
             Ok(r) => return Ok(r),
             Err(e) => {
-                tracing::warn!(migration = %crate::migrate::MigrationId(id), "a reconnection failed: {e}")
+                failed += 1;
+                if proven {
+                    deadline = Instant::now() + window;
+                }
+                tracing::warn!(
+                    migration = %crate::migrate::MigrationId(id),
+                    "a reconnection failed and was closed: {e}; still holding the migration \
+                     for {} s for the source to try again",
+                    deadline.saturating_duration_since(Instant::now()).as_secs()
+                );
             }
         }
     }
@@ -487,6 +509,7 @@ fn resume_link(
     original: &Hello,
     guest: &Arc<dyn DestGuest>,
     opts: &DestOptions,
+    proven: &mut bool,
 ) -> Result<(Link, u32), MigrateError> {
     let h = tune_and_read_hello(&mut control, opts)?;
     let verdict = check_version(&h).and_then(|()| same_migration(original, &h));
@@ -494,7 +517,7 @@ fn resume_link(
         let why = verdict.err().unwrap_or_default();
         return Err(MigrateError::Peer(format!("refused: {why}")));
     };
-    let (mut link, first) = Link::open(control, streams, &h, &keys, guest, opts)?;
+    let (mut link, first) = Link::open(control, streams, &h, &keys, guest, opts, proven)?;
     match first {
         ToDest::Resume { iteration } => Ok((link, iteration)),
         m => {

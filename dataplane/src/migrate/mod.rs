@@ -16,6 +16,10 @@ pub use migration_id::MigrationId;
 pub use policy::{Decision, IterationReport, Policy, StopDecider, StopReason};
 pub use status::{MigrationStatus, Phase, Role, Saved};
 
+/// How a destination's refusal that means "ask again later" begins (the source then retries
+/// with backoff, see `source::ResumePolicy::busy_within`).
+pub const BUSY_REFUSAL: &str = "destination busy";
+
 impl MigrateError {
     /// The link broke (a closed or reset connection, a stall, a data stream that ended),
     /// as opposed to a refusal, a bad frame or a local failure: pre-copy may resume.
@@ -30,6 +34,16 @@ impl MigrateError {
             MigrateError::Pipeline(PipelineError::Transport(t)) => t.is_disconnect(),
             _ => false,
         }
+    }
+
+    /// The destination refused because it is busy (its `max_migrations` reached): asking
+    /// again later may succeed.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            MigrateError::Protocol(crate::protocol::ProtocolError::Refused(why))
+                if why.starts_with(BUSY_REFUSAL)
+        )
     }
 
     /// The message without the variant's own prefix, for wrapping in another.

@@ -70,13 +70,20 @@ pub struct SourceOptions {
     pub resume: ResumePolicy,
 }
 
-/// How the source reconnects when pre-copy loses its link (DESIGN.md: resume, not restart).
+/// How the source reconnects when pre-copy loses its link (DESIGN.md: resume, not restart),
+/// and how long it waits for a destination that refused it as busy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResumePolicy {
-    /// Reconnections tried per break; 0: a broken link fails the migration.
+    /// Most reconnections tried per break; 0: a broken link fails the migration.
     pub attempts: u32,
-    /// Time allowed for them, backoff included, from the break on.
+    /// Time in which further reconnections may start, backoff included, from the break
+    /// on. The first [`MIN_ATTEMPTS`] (at most `attempts`) are made however long each
+    /// takes: on a loaded host one attempt can take as long as the whole budget, and must
+    /// not be the last.
     pub within: Duration,
+    /// How long a migration the destination refused as busy (`[listen] max_migrations`
+    /// reached) keeps retrying, with backoff; zero: fail at once.
+    pub busy_within: Duration,
 }
 
 impl Default for ResumePolicy {
@@ -84,14 +91,24 @@ impl Default for ResumePolicy {
         ResumePolicy {
             attempts: 8,
             within: Duration::from_secs(60),
+            busy_within: Duration::from_secs(300),
         }
     }
 }
+
+/// Reconnections made after a break whatever time they take (fewer if `attempts` is
+/// lower).
+pub const MIN_ATTEMPTS: u32 = 3;
 
 /// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// The longest wait between two reconnections.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The first wait before asking a busy destination again; it doubles up to
+/// [`MAX_BUSY_BACKOFF`].
+const FIRST_BUSY_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between two questions to a busy destination.
+const MAX_BUSY_BACKOFF: Duration = Duration::from_secs(15);
 
 /// A guest disk replicated by DRBD, and how this host runs DRBD's tools.
 #[derive(Debug, Clone)]
@@ -243,7 +260,7 @@ impl Run<'_> {
     }
 
     fn go(&mut self) -> Result<SourceSummary, MigrateError> {
-        let (mut session, mut pipeline) = self.connect(0)?;
+        let (mut session, mut pipeline) = self.connect_when_free()?;
         self.guest.start_dirty_log()?;
         let result = self
             .prepare(&mut session)
@@ -292,6 +309,62 @@ impl Run<'_> {
                     (MigrateError::Peer(_) | MigrateError::Timeout(..), Err(p)) => Err(p.into()),
                     (e, _) => Err(e),
                 }
+            }
+        }
+    }
+
+    /// Opens the first session; while the destination refuses it as busy, asks again with
+    /// backoff (phase `waiting`, the status saying when) for up to the policy's
+    /// `busy_within`.
+    fn connect_when_free(&self) -> Result<(Session, SourcePipeline), MigrateError> {
+        let bound = self.opts.resume.busy_within;
+        let first = Instant::now();
+        let mut backoff = FIRST_BUSY_BACKOFF;
+        let mut retry = 0u32;
+        loop {
+            let refusal = match self.connect(0) {
+                Err(e) if e.is_busy() => e,
+                other => {
+                    if retry > 0 {
+                        self.update(|s| {
+                            s.phase = Phase::Connecting;
+                            s.waiting = None;
+                            s.link_error = None;
+                        });
+                    }
+                    return other;
+                }
+            };
+            let left = bound.saturating_sub(first.elapsed());
+            if left.is_zero() {
+                return Err(MigrateError::Peer(format!(
+                    "{}; gave up after {retry} retries in {} s ([source] busy_retry_within)",
+                    refusal.detail(),
+                    first.elapsed().as_secs()
+                )));
+            }
+            retry += 1;
+            let wait = backoff.min(left);
+            backoff = (backoff * 2).min(MAX_BUSY_BACKOFF);
+            tracing::info!(
+                migration = %crate::migrate::MigrationId(self.id),
+                retry,
+                "{refusal}; asking again in {} ms",
+                wait.as_millis()
+            );
+            let until = Instant::now() + wait;
+            loop {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                let secs = until.duration_since(now).as_secs_f64().ceil();
+                self.update(|s| {
+                    s.phase = Phase::Waiting;
+                    s.waiting = Some(format!("destination busy, retry {retry} in {secs:.0}s"));
+                    s.link_error = Some(refusal.detail());
+                });
+                self.sleep(until.duration_since(now).min(Duration::from_millis(500)))?;
             }
         }
     }
@@ -705,6 +778,7 @@ impl Run<'_> {
         pipeline
             .send_pages(it, pages)
             .map_err(|_| MigrateError::LinkLost("the data plane stopped".into()))?;
+        super::hold::at(&format!("source-iteration-{it}"), self.id);
         // A destination that stops taking data (or a link that stops carrying it) blocks
         // the sends: no byte moving for the timeout fails the iteration.
         let (mut last_wire, mut moved) =
@@ -917,12 +991,20 @@ impl Run<'_> {
         let mut backoff = FIRST_BACKOFF;
         let mut tried = 0;
         let mut last = why.clone();
+        let sure = policy.attempts.min(MIN_ATTEMPTS);
         while tried < policy.attempts {
+            // The time budget decides whether a further attempt starts, never the first
+            // few: each can last as long as the budget (its waits are bounded by the
+            // timeout), so on a loaded host one slow attempt would otherwise be the last.
             let left = policy.within.saturating_sub(broke.elapsed());
-            if left.is_zero() {
+            if left.is_zero() && tried >= sure {
                 break;
             }
-            self.sleep(backoff.min(left))?;
+            self.sleep(if left.is_zero() {
+                backoff
+            } else {
+                backoff.min(left)
+            })?;
             backoff = (backoff * 2).min(MAX_BACKOFF);
             tried += 1;
             match self.reconnect(tried, it + 1) {
@@ -950,8 +1032,13 @@ impl Run<'_> {
                     );
                     return Ok(());
                 }
-                // The destination is unreachable, or the link broke again: try again.
-                Err(e) if e.is_link_lost() || matches!(e, MigrateError::Connect(..)) => {
+                // The destination is unreachable, the link broke again, or it asked us to
+                // come back (busy, or still setting up an earlier attempt): try again.
+                Err(e)
+                    if e.is_link_lost()
+                        || e.is_busy()
+                        || matches!(e, MigrateError::Connect(..)) =>
+                {
                     tracing::warn!(migration = %crate::migrate::MigrationId(self.id), attempt = tried, "reconnecting: {e}");
                     last = e.to_string();
                 }

@@ -24,6 +24,9 @@ pub enum Phase {
     Queued,
     /// Handshake and stream set-up.
     Connecting,
+    /// At the source: the destination refused the migration as busy (its `max_migrations`
+    /// reached); it is asked again with backoff (`waiting` says when). The guest runs here.
+    Waiting,
     /// Before iteration 1: the guest's disk is brought in sync (DRBD's bulk copy) and made
     /// synchronous, at both ends.
     Preparing,
@@ -145,9 +148,13 @@ pub struct MigrationStatus {
     /// Times pre-copy resumed after its link broke.
     #[serde(default)]
     pub resumes: u32,
-    /// Why the link last broke (kept after it resumed).
+    /// Why the link last broke (kept after it resumed), or why the destination refused
+    /// while the source waits.
     #[serde(default)]
     pub link_error: Option<String>,
+    /// While the phase is `waiting`: "destination busy, retry n in Xs".
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// What a guest that checks itself (the `kvm` backend's) says: at the source as it
     /// paused, at the destination as it runs there.
     #[serde(default)]
@@ -195,6 +202,7 @@ impl MigrationStatus {
             network: None,
             resumes: 0,
             link_error: None,
+            waiting: None,
             guest_check: None,
             verified: None,
             error: None,
