@@ -217,6 +217,17 @@ pub trait SourceGuest: Send + Sync {
     fn self_check(&self) -> Option<GuestCheck> {
         None
     }
+
+    /// Auto-converge: takes `percent` (1..=99) of the guest's vCPU time away, or gives it all
+    /// back (0). The default cannot.
+    fn throttle(&self, percent: u8) -> Result<(), GuestError> {
+        let _ = percent;
+        Err(GuestError::Backend {
+            backend: self.backend(),
+            op: "throttle",
+            message: "this backend cannot throttle its guest".into(),
+        })
+    }
 }
 
 /// Writes one stream's pages into the destination guest's memory.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::announcer::Announcer;
+use super::converge::{CompletionAction, CompletionCause, ConvergeOptions};
 use super::disk::{DrbdHost, SyncTask};
 use super::{
     Decision, IterationReport, MigrateError, MigrationStatus, Phase, Policy, Role, StopDecider,
@@ -45,8 +46,11 @@ pub struct SourceOptions {
     pub codec: CodecConfig,
     /// Stop policy.
     pub policy: Policy,
-    /// Stop as soon as what remains fits in this pause.
-    pub downtime_limit: Option<Duration>,
+    /// The pause ceiling: stop as soon as the predicted pause fits under it, and never pause
+    /// over it (but see `converge`).
+    pub max_downtime: Option<Duration>,
+    /// Completion timeout, its action, auto-converge.
+    pub converge: ConvergeOptions,
     /// Send-side rate limit, bytes per second.
     pub max_bandwidth: Option<u64>,
     /// Socket tuning.
@@ -164,6 +168,8 @@ pub fn migrate(
         disk: None,
         told_paused: false,
         acked: Cell::new(0),
+        throttle: Cell::new(0),
+        deadline: None,
     };
     let result = run.join_group().and_then(|()| run.go());
     run.leave_group(&result);
@@ -208,6 +214,10 @@ struct Run<'a> {
     told_paused: bool,
     /// The last iteration the destination acknowledged.
     acked: Cell<u32>,
+    /// Auto-converge's throttle as applied to the guest, percent.
+    throttle: Cell<u8>,
+    /// When the completion timeout falls due.
+    deadline: Option<Instant>,
 }
 
 /// Everything to undo if the migration fails before the commit.
@@ -267,6 +277,7 @@ impl Run<'_> {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
                 let tail = pipeline.finish();
+                self.set_throttle(0);
                 if self.paused.is_some() && !self.committed {
                     self.guest.resume()?;
                     if self.told_paused {
@@ -537,6 +548,10 @@ impl Run<'_> {
         iteration_took: Duration,
     ) -> Result<Decision, MigrateError> {
         let opts = self.opts;
+        // The completion action is this migration's own; the group hears of it as a failure.
+        if let Decision::GiveUp(_) = own {
+            return Ok(own);
+        }
         let (Some(mut m), Some(g)) = (self.member.take(), &opts.group) else {
             return Ok(own);
         };
@@ -545,6 +560,7 @@ impl Run<'_> {
             |e: std::io::Error| MigrateError::Group(group.clone(), format!("coordinator: {e}"));
         let go = |own: Decision| match own {
             Decision::Stop(r) => Decision::Stop(r),
+            Decision::GiveUp(c) => Decision::GiveUp(c),
             Decision::Continue => Decision::Stop(super::StopReason::Requested),
         };
         let mut verdict = m.report(progress).map_err(&lost)?;
@@ -706,8 +722,18 @@ impl Run<'_> {
                     "taking data: nothing was sent",
                 ));
             }
+            self.abort_when_due()?;
             let elapsed = self.started.elapsed().as_secs_f64();
+            let left = self
+                .deadline
+                .map(|d| millis(d.saturating_duration_since(Instant::now())));
             self.update(|s| {
+                if let Some(n) = s.completion.as_mut()
+                    && n.cause == CompletionCause::Timeout
+                    && !n.applied
+                {
+                    n.in_ms = left;
+                }
                 s.remaining = pages_in_iteration.saturating_sub(done);
                 s.wire_bytes = wire;
                 if elapsed > 0.0 {
@@ -763,8 +789,10 @@ impl Run<'_> {
             dirtied,
             wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed) - wire_before,
             duration: t.elapsed(),
+            elapsed: self.started.elapsed(),
         };
         let own = decider.after_iteration(&report);
+        self.follow_throttle(decider);
         let decision = self.group_decision(
             own,
             Progress {
@@ -794,8 +822,9 @@ impl Run<'_> {
             s.remaining = dirtied;
             s.wire_bytes = pipeline.wire_bytes.load(Ordering::Relaxed);
             s.rate_bps = decider.rate();
-            s.expected_downtime_ms = decider.estimate(dirtied).map(millis);
-            s.eta_ms = s.expected_downtime_ms;
+            s.expected_downtime_ms = decider.predicted_pause(dirtied).map(millis);
+            s.eta_ms = decider.estimate(dirtied).map(millis);
+            s.completion = decider.notice(self.started.elapsed());
             s.set_codec(&codec);
         });
         tracing::info!(
@@ -806,11 +835,87 @@ impl Run<'_> {
             ?decision,
             "iteration done"
         );
-        if let Decision::Stop(reason) = decision {
-            return Ok(Some(reason));
+        match decision {
+            Decision::Stop(reason) => {
+                if reason == super::StopReason::Forced {
+                    tracing::warn!(
+                        migration = self.id,
+                        "completion action force: pausing whatever the ceiling"
+                    );
+                }
+                return Ok(Some(reason));
+            }
+            Decision::GiveUp(_) => {
+                let notice = decider.notice(self.started.elapsed());
+                let why = notice.map_or_else(|| "completion action".into(), |n| n.to_string());
+                tracing::warn!(migration = self.id, "{why}; the guest stays here");
+                return Err(MigrateError::NotConverged(why));
+            }
+            Decision::Continue => {}
         }
         self.poll(session)?;
         Ok(None)
+    }
+
+    /// The completion timeout with action `abort` also ends an iteration midway: a long one
+    /// (a large guest on a slow link) would otherwise run far past it.
+    fn abort_when_due(&self) -> Result<(), MigrateError> {
+        let o = &self.opts.converge;
+        if o.completion_action != CompletionAction::Abort
+            || self.paused.is_some()
+            || self.deadline.is_none_or(|d| Instant::now() < d)
+        {
+            return Ok(());
+        }
+        let notice = super::converge::CompletionNotice {
+            action: CompletionAction::Abort,
+            cause: CompletionCause::Timeout,
+            in_ms: None,
+            iterations_left: None,
+            applied: true,
+        };
+        tracing::warn!(migration = self.id, "{notice}; the guest stays here");
+        self.update(|s| s.completion = Some(notice));
+        Err(MigrateError::NotConverged(notice.to_string()))
+    }
+
+    /// Applies the decider's throttle to the guest if it changed; a backend that cannot
+    /// throttle turns auto-converge off for this migration.
+    fn follow_throttle(&self, decider: &mut StopDecider) {
+        let want = decider.throttle_percent();
+        if want == self.throttle.get() {
+            return;
+        }
+        if let Err(e) = self.guest.throttle(want) {
+            tracing::warn!(migration = self.id, "auto-converge off: {e}");
+            decider.disable_throttle();
+            return;
+        }
+        tracing::info!(
+            migration = self.id,
+            percent = want,
+            "auto-converge: guest throttled"
+        );
+        self.throttle.set(want);
+        self.update(|s| {
+            s.throttle_percent = want;
+            s.throttle_peak_percent = s.throttle_peak_percent.max(want);
+        });
+    }
+
+    /// Sets the guest's throttle (0 releases it), if it differs; failures are logged.
+    fn set_throttle(&self, percent: u8) {
+        if self.throttle.get() == percent {
+            return;
+        }
+        match self.guest.throttle(percent) {
+            Ok(()) => {
+                tracing::info!(migration = self.id, percent, "auto-converge: throttle set");
+                self.throttle.set(percent);
+                self.update(|s| s.throttle_percent = percent);
+            }
+            Err(e) => tracing::error!(migration = self.id, "releasing the throttle: {e}"),
+        }
     }
 
     /// Pre-copy lost its link in iteration `it` (`cause`): reconnects, with backoff, within
@@ -948,7 +1053,16 @@ impl Run<'_> {
     ) -> Result<Vec<IterationRecord>, MigrateError> {
         let o = self.opts;
         let pages = self.guest.page_count();
-        let mut decider = StopDecider::new(o.policy, o.downtime_limit, pages);
+        let mut decider =
+            StopDecider::new(o.policy, o.max_downtime, pages).with_converge(o.converge);
+        self.deadline = o
+            .converge
+            .completion_timeout(pages)
+            .map(|t| self.started + t);
+        if let Some(n) = decider.notice(self.started.elapsed()) {
+            tracing::info!(migration = self.id, "{n}");
+            self.update(|s| s.completion = Some(n));
+        }
         let mut next = DirtyBitmap::full(pages);
         let mut reports = Vec::new();
         // Pages sent in iterations the destination has not acknowledged yet: resent if the
@@ -987,6 +1101,8 @@ impl Run<'_> {
         let pausing = Instant::now();
         self.guest.pause()?;
         self.paused = Some(pausing);
+        // Paused: the throttle has nothing left to slow (and must not outlive the migration).
+        self.set_throttle(0);
         tracing::info!(
             migration = self.id,
             ms = millis(pausing.elapsed()),
