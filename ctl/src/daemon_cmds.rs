@@ -477,6 +477,8 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
             s.guest_check
                 .as_ref()
                 .map(crate::progress::guest_check_text),
+            s.completion.filter(|n| !n.applied).map(|n| n.to_string()),
+            (s.throttle_percent > 0).then(|| format!("vCPUs throttled {} %", s.throttle_percent)),
         ]
         .into_iter()
         .flatten()

@@ -14,9 +14,13 @@ pub const THROTTLE_INITIAL: u8 = 20;
 pub const THROTTLE_STEP: u8 = 10;
 /// The most taken away (QEMU's `max-cpu-throttle`).
 pub const THROTTLE_MAX: u8 = 99;
-/// Iterations in a row that must dirty at least what they sent before the throttle engages
-/// or steps up (QEMU looks at two sync periods too).
+/// Iterations in a row that must fall behind before the throttle engages or steps up (QEMU
+/// looks at two sync periods too).
 pub const THROTTLE_WINDOW: u32 = 2;
+/// An iteration falls behind when it dirtied at least this percentage of what it sent (QEMU's
+/// `throttle-trigger-threshold`, 50): pre-copy then shrinks by half at best per iteration,
+/// too slowly to bring a saturated working set under a ceiling.
+pub const THROTTLE_TRIGGER_PERCENT: u64 = 50;
 /// Iterations allowed after the stop policy's own search ended with a predicted pause over
 /// the ceiling: then the completion action applies, so a ceiling never makes pre-copy
 /// unbounded, with or without a completion timeout.
@@ -140,12 +144,12 @@ impl std::fmt::Display for CompletionNotice {
     }
 }
 
-/// Auto-converge's throttle: steps up while iterations keep dirtying at least what they
-/// sent, never steps down until released (as QEMU's).
+/// Auto-converge's throttle: steps up while iterations keep falling behind, never steps down
+/// until released (as QEMU's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Throttle {
     percent: u8,
-    /// Iterations in a row that dirtied at least what they sent.
+    /// Iterations in a row that fell behind.
     behind: u32,
 }
 
@@ -158,7 +162,7 @@ impl Throttle {
     /// Takes one iteration (`sent`, `dirtied` pages; iteration 1 excluded by the caller) and
     /// returns the new percentage if it changed.
     pub fn after_iteration(&mut self, sent: u64, dirtied: u64) -> Option<u8> {
-        if dirtied < sent {
+        if dirtied * 100 < sent * THROTTLE_TRIGGER_PERCENT {
             self.behind = 0;
             return None;
         }
@@ -192,12 +196,12 @@ mod tests {
         );
         assert_eq!(t.after_iteration(100, 150), Some(20));
         assert_eq!(
-            t.after_iteration(100, 50),
+            t.after_iteration(100, 40),
             None,
             "converging resets the count"
         );
         assert_eq!(t.after_iteration(100, 100), None);
-        assert_eq!(t.after_iteration(100, 100), Some(30));
+        assert_eq!(t.after_iteration(100, 50), Some(30), "half of it is behind");
         let mut seen = vec![];
         for _ in 0..40 {
             seen.extend(t.after_iteration(1, 1));

@@ -77,6 +77,20 @@ impl FromStr for Policy {
     }
 }
 
+/// What the pause costs besides the measured rate, as the driver estimates it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PauseCosts {
+    /// Wire bytes per remaining page. The pages left are the guest's hottest, often
+    /// rewritten whole, so the average so far (iteration 1's zero pages, the deltas of
+    /// cold pages) says too little; `None`: that average.
+    pub page_bytes: Option<f64>,
+    /// Bytes sealed but still queued before the link, and the state blob: they go out in
+    /// the pause too.
+    pub queued_bytes: u64,
+    /// Time the pause costs besides sending (verification).
+    pub time: Duration,
+}
+
 /// What one iteration did, as the driver measured it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IterationReport {
@@ -86,7 +100,7 @@ pub struct IterationReport {
     pub sent: u64,
     /// Pages dirtied while it ran: what the next iteration (or the final copy) must send.
     pub dirtied: u64,
-    /// Bytes that went on the wire for it.
+    /// Bytes that went on the wire while it ran (the measured rate's numerator).
     pub wire_bytes: u64,
     /// How long it took.
     pub duration: Duration,
@@ -132,8 +146,8 @@ pub enum Decision {
 pub struct StopDecider {
     policy: Policy,
     max_downtime: Option<Duration>,
-    /// What the pause costs beyond sending the pages (state blob, verification).
-    pause_overhead: Duration,
+    /// What the pause costs, as the driver estimates it.
+    pause: PauseCosts,
     converge: ConvergeOptions,
     completion_timeout: Option<Duration>,
     /// The iteration whose stop the ceiling first refused.
@@ -160,7 +174,7 @@ impl StopDecider {
         StopDecider {
             policy,
             max_downtime,
-            pause_overhead: Duration::ZERO,
+            pause: PauseCosts::default(),
             converge: ConvergeOptions::default(),
             completion_timeout: None,
             refused_at: None,
@@ -184,15 +198,24 @@ impl StopDecider {
         self
     }
 
-    /// What the pause costs beyond sending the remaining pages, as the driver estimates it.
-    pub fn set_pause_overhead(&mut self, overhead: Duration) {
-        self.pause_overhead = overhead;
+    /// What the pause will cost, as the driver now estimates it.
+    pub fn set_pause_costs(&mut self, costs: PauseCosts) {
+        self.pause = costs;
     }
 
-    /// The pause predicted if the guest stopped with `pages` left: sending them at the
-    /// measured rate, plus the overhead. `None` before anything was measured.
+    /// The pause predicted if the guest stopped with `pages` left: sending them (at
+    /// [`PauseCosts::page_bytes`] each, else the average so far) and the queued bytes at the
+    /// measured rate, plus the time besides. `None` before anything was measured.
     pub fn predicted_pause(&self, pages: u64) -> Option<Duration> {
-        self.estimate(pages).map(|t| t + self.pause_overhead)
+        let rate = self.rate();
+        let per_page = self
+            .pause
+            .page_bytes
+            .unwrap_or_else(|| self.bytes_per_page());
+        (rate > 0.0).then(|| {
+            let bytes = pages as f64 * per_page + self.pause.queued_bytes as f64;
+            Duration::from_secs_f64(bytes / rate) + self.pause.time
+        })
     }
 
     /// Auto-converge's throttle now, percent (0: none).
@@ -533,9 +556,14 @@ mod tests {
             feed(&mut d, &seq, Duration::ZERO),
             (8, Decision::Stop(StopReason::DowntimeFits))
         );
-        // The pause overhead counts: 150 ms of pages and 60 ms of state do not fit.
+        // The pause overhead counts: 150 ms of pages, 30 ms of queued bytes and 30 ms of
+        // verification do not fit.
         let mut d = with(Some(200), None, CompletionAction::Abort, GIB);
-        d.set_pause_overhead(Duration::from_millis(60));
+        d.set_pause_costs(PauseCosts {
+            page_bytes: None,
+            queued_bytes: 4096 * 30,
+            time: Duration::from_millis(30),
+        });
         assert_eq!(feed(&mut d, &seq, Duration::ZERO), (0, Decision::Continue));
         assert_eq!(
             d.notice(Duration::ZERO).map(|n| n.cause),

@@ -193,6 +193,25 @@ pub fn migrate(
     result
 }
 
+/// The pause's costs as far as the counters tell: the frames sealed but not yet on the wire
+/// (their headers and tags left out: a little short), and a remaining page at its worst for
+/// the codec, a whole page, shrunk by the compression measured so far. The pause ceiling
+/// rests on this, so it errs long: the pages left are the guest's hottest, often rewritten
+/// whole, however cheap the earlier ones were.
+fn pause_costs(codec: &CodecStats, wire: u64) -> super::policy::PauseCosts {
+    let encoded = codec.bytes_out.saturating_sub(codec.saved_compress);
+    let kept = if codec.bytes_out > 0 {
+        encoded as f64 / codec.bytes_out as f64
+    } else {
+        1.0
+    };
+    super::policy::PauseCosts {
+        page_bytes: Some(crate::page::PAGE_SIZE as f64 * kept),
+        queued_bytes: encoded.saturating_sub(wire),
+        time: Duration::ZERO,
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -277,7 +296,7 @@ impl Run<'_> {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
                 let tail = pipeline.finish();
-                self.set_throttle(0);
+                self.release_throttle();
                 if self.paused.is_some() && !self.committed {
                     self.guest.resume()?;
                     if self.told_paused {
@@ -783,6 +802,7 @@ impl Run<'_> {
         self.guest.collect_dirty(next)?;
         pipeline.digests.invalidate_dirty(next);
         let dirtied = next.count();
+        let codec = pipeline.codec_totals();
         let report = IterationReport {
             iteration: it,
             sent,
@@ -791,6 +811,10 @@ impl Run<'_> {
             duration: t.elapsed(),
             elapsed: self.started.elapsed(),
         };
+        decider.set_pause_costs(pause_costs(
+            &codec,
+            pipeline.wire_bytes.load(Ordering::Relaxed),
+        ));
         let own = decider.after_iteration(&report);
         self.follow_throttle(decider);
         let decision = self.group_decision(
@@ -814,7 +838,6 @@ impl Run<'_> {
             wire_bytes: report.wire_bytes,
             ms: millis(report.duration),
         });
-        let codec = pipeline.codec_totals();
         self.update(|s| {
             s.pages_sent += sent;
             s.last_sent = sent;
@@ -903,16 +926,17 @@ impl Run<'_> {
         });
     }
 
-    /// Sets the guest's throttle (0 releases it), if it differs; failures are logged.
-    fn set_throttle(&self, percent: u8) {
-        if self.throttle.get() == percent {
+    /// Gives the guest back all its vCPU time, if auto-converge took some; failures are
+    /// logged.
+    fn release_throttle(&self) {
+        if self.throttle.get() == 0 {
             return;
         }
-        match self.guest.throttle(percent) {
+        match self.guest.throttle(0) {
             Ok(()) => {
-                tracing::info!(migration = self.id, percent, "auto-converge: throttle set");
-                self.throttle.set(percent);
-                self.update(|s| s.throttle_percent = percent);
+                tracing::info!(migration = self.id, "auto-converge: throttle released");
+                self.throttle.set(0);
+                self.update(|s| s.throttle_percent = 0);
             }
             Err(e) => tracing::error!(migration = self.id, "releasing the throttle: {e}"),
         }
@@ -1101,13 +1125,13 @@ impl Run<'_> {
         let pausing = Instant::now();
         self.guest.pause()?;
         self.paused = Some(pausing);
-        // Paused: the throttle has nothing left to slow (and must not outlive the migration).
-        self.set_throttle(0);
         tracing::info!(
             migration = self.id,
             ms = millis(pausing.elapsed()),
             "guest paused"
         );
+        // Paused: the throttle has nothing left to slow (and must not outlive the migration).
+        self.release_throttle();
         // The destination announces the guest now, while the final pages travel.
         self.told_paused = true;
         session.tx.send(&ToDest::Paused)?;
