@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::fingerprint::{Fingerprints, Sweeper};
+use super::migration_settings;
 use super::qmp::Qmp;
 use super::ram_file::RamFile;
 use super::{BACKEND, device_state, qmp_err};
@@ -46,6 +47,8 @@ pub struct QemuGuest {
     was_running: AtomicBool,
     handed_over: AtomicBool,
     device_state_bytes: AtomicU64,
+    /// The operator's migration settings skyferry changed, put back when it lets go.
+    changed_settings: Mutex<migration_settings::Changed>,
 }
 
 fn err(op: &'static str, message: impl Into<String>) -> GuestError {
@@ -75,6 +78,9 @@ impl QemuGuest {
             ));
         }
         check_ram_backend(&mut qmp, &config.ram_file, ram.bytes())?;
+        // Before pre-copy: a setting that breaks the device-state migration fails now, not
+        // at the switchover.
+        let changed = migration_settings::apply(&mut qmp)?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| err("seed fingerprints", e.to_string()))?;
         Ok(QemuGuest {
@@ -86,6 +92,7 @@ impl QemuGuest {
             was_running: AtomicBool::new(status.running),
             handed_over: AtomicBool::new(false),
             device_state_bytes: AtomicU64::new(0),
+            changed_settings: Mutex::new(changed),
             config,
         })
     }
@@ -326,13 +333,18 @@ impl SourceGuest for QemuGuest {
 
     fn release(&self) {
         self.stop_sweeper();
-        lock(&self.qmp).take();
+        if let Some(mut q) = lock(&self.qmp).take() {
+            migration_settings::restore(&mut q, &lock(&self.changed_settings));
+        }
     }
 
     fn hand_over(&self) -> Result<(), GuestError> {
         self.handed_over.store(true, Ordering::Release);
         self.stop_sweeper();
-        let qmp = lock(&self.qmp).take();
+        let mut qmp = lock(&self.qmp).take();
+        if let (false, Some(q)) = (self.config.quit_after_handover, qmp.as_mut()) {
+            migration_settings::restore(q, &lock(&self.changed_settings));
+        }
         if let (true, Some(mut q)) = (self.config.quit_after_handover, qmp) {
             // The guest runs at the destination now; a source QEMU left in postmigrate could
             // be `cont`ed by hand into a second copy. Its RAM file stays for the operator.
