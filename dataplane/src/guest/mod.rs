@@ -8,6 +8,7 @@
 
 pub mod chunk_digest;
 pub mod claims;
+pub mod cpu_cgroup;
 pub mod dirty;
 pub mod image;
 pub mod kvm;
