@@ -4,7 +4,10 @@
 //! on release the process moved back where it was and the cgroup removed.
 //!
 //! The cap is for the whole process: `vcpus` CPUs' worth of time less the throttle, so
-//! `percent` of each vCPU's time is taken away when the vCPUs are what runs.
+//! `percent` of each vCPU's time is taken away when the vCPUs are what runs. A guest whose
+//! vCPU is a thread of skyferryd itself (the KVM micro-VM) has only that thread moved, which
+//! cgroup v1 allows (`tasks`); cgroup v2 keeps a process's threads together outside threaded
+//! subtrees, so there it is refused.
 
 use std::path::{Path, PathBuf};
 
@@ -24,11 +27,35 @@ enum Version {
     V2,
 }
 
-/// A process held in a CPU-capped cgroup until released (or dropped).
+/// What is moved into the cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Member {
+    /// A whole process.
+    Process(u32),
+    /// One thread (a kernel thread id) of this process.
+    Thread(u32),
+}
+
+impl Member {
+    fn proc_dir(self) -> String {
+        match self {
+            Member::Process(pid) => format!("/proc/{pid}"),
+            Member::Thread(tid) => format!("/proc/{}/task/{tid}", std::process::id()),
+        }
+    }
+
+    fn id(self) -> u32 {
+        match self {
+            Member::Process(id) | Member::Thread(id) => id,
+        }
+    }
+}
+
+/// A process (or a thread) held in a CPU-capped cgroup until released (or dropped).
 #[derive(Debug)]
 pub struct CpuCgroup {
     version: Version,
-    pid: u32,
+    member: Member,
     vcpus: u32,
     /// The cgroup made for it.
     dir: PathBuf,
@@ -40,10 +67,10 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
-/// The cgroup `pid` is in under `version`'s CPU controller, as a path below the mount.
-fn current(pid: u32, version: Version) -> Result<String, String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(io(format!("reading /proc/{pid}/cgroup")))?;
+/// The cgroup `member` is in under `version`'s CPU controller, as a path below the mount.
+fn current(member: Member, version: Version) -> Result<String, String> {
+    let file = format!("{}/cgroup", member.proc_dir());
+    let text = std::fs::read_to_string(&file).map_err(io(format!("reading {file}")))?;
     text.lines()
         .find_map(|l| {
             let mut f = l.splitn(3, ':');
@@ -54,7 +81,7 @@ fn current(pid: u32, version: Version) -> Result<String, String> {
             };
             hit.then(|| path.to_string())
         })
-        .ok_or_else(|| format!("process {pid} is in no {version:?} CPU cgroup"))
+        .ok_or_else(|| format!("{member:?} is in no {version:?} CPU cgroup"))
 }
 
 /// The CPU controller's mount: cgroup v1's `cpu`, else a v2 hierarchy offering `cpu`.
@@ -83,8 +110,25 @@ impl CpuCgroup {
     /// Moves `pid` (a guest with `vcpus` vCPUs) into a new cgroup named after `name`, not
     /// yet capped.
     pub fn create(name: &str, pid: u32, vcpus: u32) -> Result<Self, String> {
+        Self::make(name, Member::Process(pid), vcpus)
+    }
+
+    /// Moves the thread `tid` of this process (one vCPU) into a new cgroup named after
+    /// `name`, not yet capped.
+    pub fn create_for_thread(name: &str, tid: u32) -> Result<Self, String> {
+        Self::make(name, Member::Thread(tid), 1)
+    }
+
+    fn make(name: &str, member: Member, vcpus: u32) -> Result<Self, String> {
         let (version, mount) = controller()?;
-        let home = mount.join(current(pid, version)?.trim_start_matches('/'));
+        if version == Version::V2 && matches!(member, Member::Thread(_)) {
+            return Err(
+                "cgroup v2 cannot hold one thread of a process apart from the others \
+                        outside a threaded subtree; this host has no cgroup v1 cpu controller"
+                    .into(),
+            );
+        }
+        let home = mount.join(current(member, version)?.trim_start_matches('/'));
         let dir = mount.join(format!("skyferry-{name}"));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -94,7 +138,7 @@ impl CpuCgroup {
         }
         let g = CpuCgroup {
             version,
-            pid,
+            member,
             vcpus,
             dir,
             home,
@@ -104,11 +148,14 @@ impl CpuCgroup {
     }
 
     fn move_to(&self, cgroup: &Path) -> Result<(), String> {
-        let procs = cgroup.join("cgroup.procs");
-        std::fs::write(&procs, self.pid.to_string()).map_err(io(format!(
-            "moving process {} to {}",
-            self.pid,
-            procs.display()
+        let file = cgroup.join(match self.member {
+            Member::Process(_) => "cgroup.procs",
+            Member::Thread(_) => "tasks",
+        });
+        std::fs::write(&file, self.member.id().to_string()).map_err(io(format!(
+            "moving {:?} to {}",
+            self.member,
+            file.display()
         )))
     }
 
@@ -143,9 +190,9 @@ impl CpuCgroup {
     }
 
     fn undo(&self) -> Result<(), String> {
-        // A process that ended meanwhile has nothing to move back.
+        // A process (or thread) that ended meanwhile has nothing to move back.
         let moved = match self.move_to(&self.home) {
-            Err(e) if Path::new(&format!("/proc/{}", self.pid)).exists() => Err(e),
+            Err(e) if Path::new(&self.member.proc_dir()).exists() => Err(e),
             _ => Ok(()),
         };
         let removed =
@@ -189,7 +236,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let before = current(pid, version).unwrap();
+        let before = current(Member::Process(pid), version).unwrap();
         let g = match CpuCgroup::create(&format!("test-{pid}"), pid, 2) {
             Ok(g) => g,
             Err(e) => {
@@ -201,7 +248,7 @@ mod tests {
         };
         let dir = g.path().to_owned();
         assert!(
-            current(pid, version)
+            current(Member::Process(pid), version)
                 .unwrap()
                 .ends_with(&format!("skyferry-test-{pid}")),
             "moved in"
@@ -216,9 +263,54 @@ mod tests {
             want
         );
         g.release().unwrap();
-        assert_eq!(current(pid, version).unwrap(), before, "moved back");
+        assert_eq!(
+            current(Member::Process(pid), version).unwrap(),
+            before,
+            "moved back"
+        );
         assert!(!dir.exists(), "removed");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Where cgroup v1 is writable: one thread of this process is capped and given back,
+    /// the others stay where they were.
+    #[test]
+    fn a_thread_of_this_process_is_capped_alone() {
+        let Ok((Version::V1, _)) = controller() else {
+            eprintln!("no cgroup v1 cpu controller here; skipped");
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(u32::try_from(nix::unistd::gettid().as_raw()).unwrap())
+                .unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let me = Member::Process(std::process::id());
+        let mine = current(me, Version::V1).unwrap();
+        let g = match CpuCgroup::create_for_thread(&format!("test-thread-{tid}"), tid) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("cannot make CPU cgroups here ({e}); skipped");
+                drop(stop_tx);
+                t.join().unwrap();
+                return;
+            }
+        };
+        let thread = Member::Thread(tid);
+        assert!(
+            current(thread, Version::V1)
+                .unwrap()
+                .contains("skyferry-test-thread")
+        );
+        assert_eq!(current(me, Version::V1).unwrap(), mine, "the process stays");
+        g.set(50).unwrap();
+        g.release().unwrap();
+        assert_eq!(current(thread, Version::V1).unwrap(), mine, "moved back");
+        drop(stop_tx);
+        t.join().unwrap();
     }
 }
