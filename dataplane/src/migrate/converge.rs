@@ -162,7 +162,8 @@ impl Throttle {
     /// Takes one iteration (`sent`, `dirtied` pages; iteration 1 excluded by the caller) and
     /// returns the new percentage if it changed.
     pub fn after_iteration(&mut self, sent: u64, dirtied: u64) -> Option<u8> {
-        if dirtied * 100 < sent * THROTTLE_TRIGGER_PERCENT {
+        // An iteration that sent nothing says nothing of the race.
+        if sent == 0 || dirtied * 100 < sent * THROTTLE_TRIGGER_PERCENT {
             self.behind = 0;
             return None;
         }
@@ -202,6 +203,8 @@ mod tests {
         );
         assert_eq!(t.after_iteration(100, 100), None);
         assert_eq!(t.after_iteration(100, 50), Some(30), "half of it is behind");
+        assert_eq!(t.after_iteration(0, 0), None, "nothing sent: no step");
+        assert_eq!(t.after_iteration(0, 3), None);
         let mut seen = vec![];
         for _ in 0..40 {
             seen.extend(t.after_iteration(1, 1));
