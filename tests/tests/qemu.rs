@@ -727,3 +727,76 @@ fn a_link_cut_in_pre_copy_resumes_and_the_qemu_guest_moves_once() {
         "source QEMU gone"
     );
 }
+
+/// An operator tuned the source QEMU for QEMU's own migrations (`multifd`, `return-path`
+/// on): skyferry sets them aside for its device-state migration before pre-copy and gives
+/// them back. An aborted migration leaves the guest running with the operator's settings;
+/// a second one completes and the guest runs on at the destination.
+#[test]
+fn an_operators_multifd_is_set_aside_for_the_migration_and_given_back() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-multifd");
+    let _quit = QuitOnDrop(vec![dir.path("m2.qmp")]);
+    let src = source_daemon("qemu-multifd-src");
+    let dest = dest_daemon("qemu-multifd-dst", &dir);
+    let a = Vm::start(&dir, "m1", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+    let operators = [("multifd", true), ("return-path", true)];
+    let on = |q: &mut Qmp| -> Vec<bool> {
+        let caps = q.execute("query-migrate-capabilities", None).unwrap();
+        operators
+            .iter()
+            .map(|(name, _)| {
+                caps.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["capability"] == *name && c["state"] == true)
+            })
+            .collect()
+    };
+    {
+        let mut q = a.qmp();
+        q.set_capabilities(&operators).unwrap();
+        assert_eq!(on(&mut q), vec![true, true]);
+    }
+
+    // Aborted in pre-copy: the operator's settings are back, the guest runs here.
+    let to = dest.listen.unwrap().to_string();
+    let out = src.cli(&[
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+        "--name",
+        "m-aborted",
+        "--max-bandwidth",
+        "20Mbit",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    src.wait_for(&id, 120, |s| s["phase"] == "iterating" || is_final(s));
+    assert!(src.cli(&["abort", &id]).status.success());
+    let s = src.wait_for(&id, 120, is_final);
+    assert_eq!(s["phase"], "aborted", "{s}\n{}", src.log());
+    assert_eq!(on(&mut a.qmp()), vec![true, true], "given back");
+    still_running(&a);
+
+    // With multifd still on, a migration now completes and the guest runs on there.
+    let (_, status) = skyferry_migrate(&src, &dest, &a, "m2", &[]);
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let after = wait_heartbeat(&dir.path("m2.serial"), Some(at_pause), 60);
+    eprintln!(
+        "multifd on beforehand: heartbeat {at_pause} at the pause, {after} at the destination; {status}"
+    );
+    assert!(qmp_at(&dir.path("m2.qmp")).status().unwrap().running);
+}
