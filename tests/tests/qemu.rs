@@ -800,3 +800,69 @@ fn an_operators_multifd_is_set_aside_for_the_migration_and_given_back() {
     );
     assert!(qmp_at(&dir.path("m2.qmp")).status().unwrap().running);
 }
+
+/// Auto-converge on the QEMU guest: its QEMU process goes into a CPU cgroup of skyferryd's,
+/// capped step by step, under a ceiling no pause meets (1 ms), until the ceiling's iteration
+/// bound forces the pause; the throttle is released and the guest runs on at the
+/// destination. Skipped where skyferryd may not make CPU cgroups (it then turns
+/// auto-converge off and says so in its log).
+#[test]
+fn auto_converge_throttles_the_qemu_process_and_the_guest_runs_on() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-autoconv");
+    let _quit = QuitOnDrop(vec![dir.path("t2.qmp")]);
+    let src = source_daemon("qemu-autoconv-src");
+    let dest = dest_daemon("qemu-autoconv-dst", &dir);
+    let a = Vm::start(&dir, "t1", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+    let to = dest.listen.unwrap().to_string();
+    let out = src.cli(&[
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+        "--name",
+        "t2",
+        "--max-bandwidth",
+        "40Mbit",
+        "--max-downtime",
+        "1ms",
+        "--completion-action",
+        "force",
+        "--auto-converge",
+        "on",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let s = src.wait_for(&id, 600, is_final);
+    let log = src.log();
+    if log.contains("auto-converge off") {
+        eprintln!("skipped: skyferryd could not throttle here:\n{log}");
+        return;
+    }
+    assert_eq!(s["phase"], "completed", "{s}\n{log}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["stop_reason"], "forced", "{s}");
+    assert!(
+        s["throttle_peak_percent"].as_u64() >= Some(20),
+        "{s}\n{log}"
+    );
+    assert_eq!(s["throttle_percent"], 0, "released: {s}");
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let after = wait_heartbeat(&dir.path("t2.serial"), Some(at_pause), 60);
+    eprintln!(
+        "QEMU auto-converge: peak throttle {} %, {} iterations, pause {} ms; heartbeat {at_pause} \
+         at the pause, {after} at the destination",
+        s["throttle_peak_percent"], s["iteration"], s["pause_ms"]
+    );
+}
