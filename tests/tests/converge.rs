@@ -238,9 +238,10 @@ fn a_converging_guest_stops_once_its_predicted_pause_fits_the_ceiling() {
 }
 
 /// The KVM micro-VM: its vCPU is a thread of skyferryd, throttled alone through a cgroup v1
-/// `cpu` group. A ceiling no pause can meet (1 ms: at 2 Mbit/s the frames already queued
-/// before the link take seconds) keeps pre-copy going until the ceiling's iteration bound
-/// forces the pause, so the throttle steps up on iteration counts, not on time. Needs
+/// `cpu` group. A 1 ms ceiling keeps pre-copy going while the guest dirties (at 2 Mbit/s
+/// the frames queued before the link take seconds), so the throttle steps up on iteration
+/// counts, not on time, until the guest is quiet and the link drained (the predicted pause
+/// then fits) or the ceiling's iteration bound forces the pause. Needs
 /// /dev/kvm and a cgroup v1 `cpu` controller skyferryd may write; without them it says why
 /// and checks nothing.
 #[test]
@@ -285,8 +286,6 @@ fn auto_converge_throttles_a_kvm_vcpu_thread_and_the_guest_arrives_intact() {
     }
     assert_eq!(s["phase"], "completed", "{s}\nsource log:\n{log}");
     assert_eq!(s["verified"], true, "{s}");
-    assert_eq!(s["stop_reason"], "forced", "{s}");
-    assert_eq!(s["completion"]["cause"], "over-ceiling", "{s}");
     assert!(
         s["throttle_peak_percent"].as_u64() >= Some(20),
         "{s}\n{log}"

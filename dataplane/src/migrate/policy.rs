@@ -300,6 +300,12 @@ impl StopDecider {
         (rate > 0.0).then(|| Duration::from_secs_f64(pages as f64 * self.bytes_per_page() / rate))
     }
 
+    /// True once the ceiling has refused a stop: pre-copy goes on only to bring the pause
+    /// under it.
+    pub fn over_ceiling(&self) -> bool {
+        self.refused_at.is_some() && self.applied.is_none()
+    }
+
     /// The iteration at which the dirtied-at-least-sent phase began, if it has.
     pub fn crossed_at(&self) -> Option<u32> {
         self.crossed_at

@@ -876,8 +876,41 @@ impl Run<'_> {
             }
             Decision::Continue => {}
         }
+        if decider.over_ceiling() {
+            self.let_the_link_drain(session, pipeline, decider.rate())?;
+        }
         self.poll(session)?;
         Ok(None)
+    }
+
+    /// Over the ceiling, the frames queued before the link are often what keeps the pause
+    /// long, and the guest dirties little: iterations would follow each other at once, each
+    /// refused, spending the ceiling's iteration bound in moments (and a core). So the next
+    /// iteration waits until the queue has drained (at most 1 s; at least 20 ms).
+    fn let_the_link_drain(
+        &self,
+        session: &Session,
+        pipeline: &SourcePipeline,
+        rate: f64,
+    ) -> Result<(), MigrateError> {
+        let queued = |p: &SourcePipeline| {
+            pause_costs(&p.codec_totals(), p.wire_bytes.load(Ordering::Relaxed)).queued_bytes
+        };
+        let expected = if rate > 0.0 {
+            Duration::from_secs_f64(queued(pipeline) as f64 / rate)
+        } else {
+            Duration::ZERO
+        };
+        let most = expected.clamp(HELD_ITERATION_FLOOR, Duration::from_secs(1));
+        let start = Instant::now();
+        loop {
+            self.poll(session)?;
+            let waited = start.elapsed();
+            if waited >= most || (waited >= HELD_ITERATION_FLOOR && queued(pipeline) == 0) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The completion timeout with action `abort` also ends an iteration midway: a long one
