@@ -86,9 +86,23 @@ pub struct StartArgs {
     /// Send-side limit (100Mbit, 1Gbit, 500MB/s; "none" for unlimited).
     #[arg(long, value_parser = rate_or_none)]
     max_bandwidth: Option<u64>,
-    /// Stop pre-copy once what remains fits in this pause (300ms, 1s).
-    #[arg(long, value_parser = duration)]
-    downtime_limit: Option<Duration>,
+    /// The pause ceiling (300ms, 1s): stop as soon as the predicted pause fits under it,
+    /// never pause over it (the completion action decides instead). --downtime-limit is its
+    /// old name.
+    #[arg(long, alias = "downtime-limit", value_parser = duration)]
+    max_downtime: Option<Duration>,
+    /// Completion timeout per GiB of guest (800s, 2s; "0s": none): then the completion
+    /// action applies. Default: the daemon's config.
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    completion_timeout_per_gib: Option<Duration>,
+    /// At the completion timeout: abort (the guest stays here) or force (pause whatever the
+    /// ceiling). Default: the daemon's config.
+    #[arg(long, value_parser = ["abort", "force"])]
+    completion_action: Option<String>,
+    /// Throttle the guest's vCPUs while its dirtying outpaces the link (on or off; default:
+    /// the daemon's config).
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
+    auto_converge: Option<bool>,
     /// Print the migration id only (first, also when the migration then fails at once).
     #[arg(long)]
     quiet: bool,
@@ -293,9 +307,14 @@ pub fn start(socket: &Path, a: &StartArgs) -> Result<(), String> {
         optimizations: a.optimizations.clone(),
         compression: a.compression.clone(),
         max_bandwidth: a.max_bandwidth,
-        downtime_limit_ms: a
-            .downtime_limit
+        max_downtime_ms: a
+            .max_downtime
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        completion_timeout_per_gib_ms: a
+            .completion_timeout_per_gib
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        completion_action: a.completion_action.clone(),
+        auto_converge: a.auto_converge,
     }));
     let id = match call(socket, &req)? {
         Response::Started { id } => id,
@@ -533,6 +552,8 @@ fn status_row(s: &MigrationStatus) -> String {
         s.guest_check
             .as_ref()
             .map(crate::progress::guest_check_text),
+        s.completion.filter(|n| !n.applied).map(|n| n.to_string()),
+        (s.throttle_percent > 0).then(|| format!("vCPUs throttled {} %", s.throttle_percent)),
     ]
     .into_iter()
     .flatten()

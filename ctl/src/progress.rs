@@ -377,6 +377,12 @@ fn iteration_line(k: u32, st: &MigrationStatus) -> String {
         // The policy's own estimate (what it weighs when deciding to stop), not a promise.
         let _ = write!(s, " | expected pause if stopped now {}", ms_text(ms));
     }
+    if st.throttle_percent > 0 {
+        let _ = write!(s, " | throttled {} %", st.throttle_percent);
+    }
+    if let Some(n) = st.completion.filter(|n| !n.applied) {
+        let _ = write!(s, " | {n}");
+    }
     s
 }
 
@@ -462,6 +468,15 @@ fn live_block(st: &MigrationStatus, elapsed: Duration) -> Vec<String> {
             st.expected_downtime_ms.map_or("-".into(), ms_text)
         ),
     ];
+    if let Some(n) = &st.completion {
+        lines.push(format!("  until  {n}"));
+    }
+    if st.throttle_peak_percent > 0 {
+        lines.push(format!(
+            "  vcpus  auto-converge throttle {} % now, {} % at most",
+            st.throttle_percent, st.throttle_peak_percent
+        ));
+    }
     if let Some(d) = &st.disk {
         lines.push(format!("  disk   {}", disk_text(d)));
     }
@@ -539,8 +554,9 @@ pub fn stop_reason_text(r: StopReason) -> &'static str {
         StopReason::MaxData => "3x guest memory was sent",
         StopReason::LocalMinimum => "Smart Stop found a local minimum of remaining pages",
         StopReason::WindowExhausted => "Smart Stop searched a whole window without a new minimum",
-        StopReason::DowntimeFits => "what remained fit in the downtime limit",
+        StopReason::DowntimeFits => "the predicted pause fit under max_downtime",
         StopReason::Requested => "the coordinator or the operator asked",
+        StopReason::Forced => "the completion action force paused it, whatever the ceiling",
     }
 }
 

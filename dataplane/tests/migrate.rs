@@ -40,7 +40,8 @@ fn source_opts(port: u16, psk: u8, policy: Policy, codec: CodecConfig) -> Source
         streams: 2,
         codec,
         policy,
-        downtime_limit: None,
+        max_downtime: None,
+        converge: Default::default(),
         // Slow enough that the guest's writers matter, fast enough for a quick test.
         max_bandwidth: Some(200 << 20),
         socket: SocketOptions::default(),

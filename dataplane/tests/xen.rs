@@ -122,7 +122,8 @@ fn source_opts(port: u16, policy: Policy, codec: CodecConfig) -> SourceOptions {
         streams: 2,
         codec,
         policy,
-        downtime_limit: None,
+        max_downtime: None,
+        converge: Default::default(),
         // 16 MiB in about 100 ms: long enough for the guest's writes to matter.
         max_bandwidth: Some(160 << 20),
         socket: SocketOptions::default(),

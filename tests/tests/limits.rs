@@ -33,7 +33,10 @@ fn synthetic(to: &str, mem: u64) -> Request {
         optimizations: None,
         compression: None,
         max_bandwidth: None,
-        downtime_limit_ms: None,
+        max_downtime_ms: None,
+        completion_timeout_per_gib_ms: None,
+        completion_action: None,
+        auto_converge: None,
     }))
 }
 

@@ -728,3 +728,223 @@ fn a_link_cut_in_pre_copy_resumes_and_the_qemu_guest_moves_once() {
         "source QEMU gone"
     );
 }
+
+/// An operator tuned the source QEMU for QEMU's own migrations (`multifd`, `return-path`
+/// on): skyferry sets them aside for its device-state migration before pre-copy and gives
+/// them back. An aborted migration leaves the guest running with the operator's settings;
+/// a second one completes and the guest runs on at the destination.
+#[test]
+fn an_operators_multifd_is_set_aside_for_the_migration_and_given_back() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-multifd");
+    let _quit = QuitOnDrop(vec![dir.path("m2.qmp")]);
+    let src = source_daemon("qemu-multifd-src");
+    let dest = dest_daemon("qemu-multifd-dst", &dir);
+    let a = Vm::start(&dir, "m1", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+    let operators = [("multifd", true), ("return-path", true)];
+    let on = |q: &mut Qmp| -> Vec<bool> {
+        let caps = q.execute("query-migrate-capabilities", None).unwrap();
+        operators
+            .iter()
+            .map(|(name, _)| {
+                caps.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["capability"] == *name && c["state"] == true)
+            })
+            .collect()
+    };
+    {
+        let mut q = a.qmp();
+        q.set_capabilities(&operators).unwrap();
+        assert_eq!(on(&mut q), vec![true, true]);
+    }
+
+    // Aborted in pre-copy: the operator's settings are back, the guest runs here.
+    let to = dest.listen.unwrap().to_string();
+    let out = src.cli(&[
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+        "--name",
+        "m-aborted",
+        "--max-bandwidth",
+        "20Mbit",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    src.wait_for(&id, 120, |s| s["phase"] == "iterating" || is_final(s));
+    assert!(src.cli(&["abort", &id]).status.success());
+    let s = src.wait_for(&id, 120, is_final);
+    assert_eq!(s["phase"], "aborted", "{s}\n{}", src.log());
+    assert_eq!(on(&mut a.qmp()), vec![true, true], "given back");
+    still_running(&a);
+
+    // With multifd still on, a migration now completes and the guest runs on there.
+    let (_, status) = skyferry_migrate(&src, &dest, &a, "m2", &[]);
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let after = wait_heartbeat(&dir.path("m2.serial"), Some(at_pause), 60);
+    eprintln!(
+        "multifd on beforehand: heartbeat {at_pause} at the pause, {after} at the destination; {status}"
+    );
+    assert!(qmp_at(&dir.path("m2.qmp")).status().unwrap().running);
+}
+
+/// Auto-converge on the QEMU guest: its QEMU process goes into a CPU cgroup of skyferryd's,
+/// capped step by step, under a ceiling no pause meets (1 ms) until the pause fits or the
+/// ceiling's iteration bound forces it; the throttle is released and the guest runs on at
+/// the destination. Whether the throttle engages rests on the dirty counts of the QEMU
+/// backend's background fingerprint pass, which lag the guest's writes, so it is printed,
+/// not asserted (the cgroup itself is tested in `guest/cpu_cgroup.rs`). Skipped where
+/// skyferryd may not make CPU cgroups (it then turns auto-converge off and says so).
+#[test]
+fn auto_converge_throttles_the_qemu_process_and_the_guest_runs_on() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-autoconv");
+    let _quit = QuitOnDrop(vec![dir.path("t2.qmp")]);
+    let src = source_daemon("qemu-autoconv-src");
+    let dest = dest_daemon("qemu-autoconv-dst", &dir);
+    let a = Vm::start(&dir, "t1", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+    let to = dest.listen.unwrap().to_string();
+    let out = src.cli(&[
+        "start",
+        "--to",
+        &to,
+        "--guest",
+        &format!("qemu:{}", a.qmp.display()),
+        "--ram-file",
+        a.ram.to_str().unwrap(),
+        "--name",
+        "t2",
+        "--max-bandwidth",
+        "40Mbit",
+        "--max-downtime",
+        "1ms",
+        "--completion-action",
+        "force",
+        "--auto-converge",
+        "on",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let s = src.wait_for(&id, 600, is_final);
+    let log = src.log();
+    if log.contains("auto-converge off") {
+        eprintln!("skipped: skyferryd could not throttle here:\n{log}");
+        return;
+    }
+    assert_eq!(s["phase"], "completed", "{s}\n{log}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["throttle_percent"], 0, "released: {s}");
+    if s["throttle_peak_percent"].as_u64() > Some(0) {
+        let throttled = log.find("auto-converge: guest throttled");
+        let released = log.find("auto-converge: throttle released");
+        assert!(throttled < released, "released after:\n{log}");
+    }
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let after = wait_heartbeat(&dir.path("t2.serial"), Some(at_pause), 60);
+    eprintln!(
+        "QEMU auto-converge: peak throttle {} %, {} iterations, stop {}, pause {} ms; heartbeat \
+         {at_pause} at the pause, {after} at the destination",
+        s["throttle_peak_percent"], s["iteration"], s["stop_reason"], s["pause_ms"]
+    );
+}
+
+/// The completion timeout on the QEMU guest, both actions. A 1 ms ceiling no pause meets
+/// keeps pre-copy going; 0.5 s per GiB (125 ms for this guest) runs out during the first
+/// iteration. `abort`: the migration fails saying why, announced first, and the guest runs
+/// on at the source; `force`: the guest pauses whatever the ceiling, the migration
+/// completes verified and the guest runs on at the destination.
+#[test]
+fn completion_timeout_abort_keeps_the_qemu_guest_and_force_moves_it() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = Scratch::new("qemu-timeout");
+    let _quit = QuitOnDrop(vec![dir.path("ct2.qmp")]);
+    let src = source_daemon("qemu-timeout-src");
+    let dest = dest_daemon("qemu-timeout-dst", &dir);
+    let a = Vm::start(&dir, "ct1", RAM_MIB, false);
+    wait_heartbeat(&a.serial, None, 120);
+    let to = dest.listen.unwrap().to_string();
+    let start = |name: &str, action: &str| {
+        let out = src.cli(&[
+            "start",
+            "--to",
+            &to,
+            "--guest",
+            &format!("qemu:{}", a.qmp.display()),
+            "--ram-file",
+            a.ram.to_str().unwrap(),
+            "--name",
+            name,
+            "--max-bandwidth",
+            "100Mbit",
+            "--max-downtime",
+            "1ms",
+            "--completion-timeout-per-gib",
+            "500ms",
+            "--completion-action",
+            action,
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    let id = start("ct-aborted", "abort");
+    let s = src.wait_for(&id, 300, is_final);
+    assert_eq!(s["phase"], "failed", "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("completion timeout reached")),
+        "{s}"
+    );
+    assert_eq!(s["completion"]["applied"], true, "{s}");
+    let log = src.log();
+    let announced = log.find("completion timeout in");
+    let applied = log.find("completion timeout reached: aborted");
+    assert!(
+        announced.is_some() && applied.is_some() && announced < applied,
+        "announced before it applied:\n{log}"
+    );
+    still_running(&a);
+
+    let id = start("ct2", "force");
+    let s = src.wait_for(&id, 300, is_final);
+    assert_eq!(s["phase"], "completed", "{s}\n{}", src.log());
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["stop_reason"], "forced", "{s}");
+    let at_pause = last_heartbeat(&a.serial).expect("heartbeats before the pause");
+    let after = wait_heartbeat(&dir.path("ct2.serial"), Some(at_pause), 60);
+    eprintln!(
+        "QEMU completion timeout, force: {} iterations, pause {} ms, {} bytes while paused; \
+         heartbeat {at_pause} at the pause, {after} at the destination",
+        s["iteration"], s["pause_ms"], s["paused_bytes"]
+    );
+}

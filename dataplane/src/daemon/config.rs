@@ -132,8 +132,15 @@ pub struct SourceSection {
     pub streams: u32,
     /// `smart` or `xen-default`.
     pub policy: String,
-    /// Stop pre-copy once what remains fits in this pause (`""`: no limit).
-    pub downtime_limit: String,
+    /// The pause ceiling (`""`: none); `downtime_limit` is its old name.
+    #[serde(alias = "downtime_limit")]
+    pub max_downtime: String,
+    /// Completion timeout per GiB of guest (`""`: none).
+    pub completion_timeout_per_gib: String,
+    /// `abort` or `force`.
+    pub completion_action: String,
+    /// Throttle a guest whose dirtying outpaces the link.
+    pub auto_converge: bool,
     /// Send-side rate limit (`""`: none).
     pub max_bandwidth: String,
     /// Data frame size.
@@ -171,7 +178,10 @@ impl Default for SourceSection {
         SourceSection {
             streams: 4,
             policy: "smart".into(),
-            downtime_limit: String::new(),
+            max_downtime: String::new(),
+            completion_timeout_per_gib: String::new(),
+            completion_action: "abort".into(),
+            auto_converge: false,
             max_bandwidth: String::new(),
             frame_size: "64KiB".into(),
             cache: "100MiB".into(),
@@ -403,8 +413,10 @@ pub struct Settings {
     pub streams: u32,
     /// Default policy.
     pub policy: Policy,
-    /// Default downtime limit.
-    pub downtime_limit: Option<Duration>,
+    /// Default pause ceiling.
+    pub max_downtime: Option<Duration>,
+    /// Default completion timeout, its action, auto-converge.
+    pub converge: crate::migrate::converge::ConvergeOptions,
     /// Default rate limit, bytes/s.
     pub max_bandwidth: Option<u64>,
     /// Data frame size.
@@ -534,9 +546,20 @@ impl DaemonConfig {
                 .policy
                 .parse()
                 .map_err(|e| key("source.policy", e))?,
-            downtime_limit: opt(&c.source.downtime_limit)
-                .map(|v| dur("source.downtime_limit", &v))
+            max_downtime: opt(&c.source.max_downtime)
+                .map(|v| dur("source.max_downtime", &v))
                 .transpose()?,
+            converge: crate::migrate::converge::ConvergeOptions {
+                completion_timeout_per_gib: opt(&c.source.completion_timeout_per_gib)
+                    .map(|v| dur("source.completion_timeout_per_gib", &v))
+                    .transpose()?,
+                completion_action: c
+                    .source
+                    .completion_action
+                    .parse()
+                    .map_err(|e| key("source.completion_action", e))?,
+                auto_converge: c.source.auto_converge,
+            },
             max_bandwidth: opt(&c.source.max_bandwidth)
                 .map(|v| parse_rate(&v).map_err(|e| key("source.max_bandwidth", e.to_string())))
                 .transpose()?,

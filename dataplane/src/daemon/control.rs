@@ -89,8 +89,18 @@ pub struct StartRequest {
     pub compression: Option<String>,
     /// Bytes per second; 0 means unlimited.
     pub max_bandwidth: Option<u64>,
-    /// Milliseconds.
-    pub downtime_limit_ms: Option<u64>,
+    /// The pause ceiling, milliseconds (`downtime_limit_ms`: its old name).
+    #[serde(alias = "downtime_limit_ms")]
+    pub max_downtime_ms: Option<u64>,
+    /// Completion timeout per GiB of guest, milliseconds; 0: none.
+    #[serde(default)]
+    pub completion_timeout_per_gib_ms: Option<u64>,
+    /// `abort` or `force`.
+    #[serde(default)]
+    pub completion_action: Option<String>,
+    /// Throttle a guest whose dirtying outpaces the link.
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
 }
 
 /// A control request.

@@ -270,10 +270,22 @@ impl Registry {
             streams,
             codec,
             policy,
-            downtime_limit: r
-                .downtime_limit_ms
+            max_downtime: r
+                .max_downtime_ms
                 .map(std::time::Duration::from_millis)
-                .or(s.downtime_limit),
+                .or(s.max_downtime),
+            converge: crate::migrate::converge::ConvergeOptions {
+                completion_timeout_per_gib: match r.completion_timeout_per_gib_ms {
+                    Some(0) => None,
+                    Some(ms) => Some(std::time::Duration::from_millis(ms)),
+                    None => s.converge.completion_timeout_per_gib,
+                },
+                completion_action: match &r.completion_action {
+                    Some(a) => a.parse()?,
+                    None => s.converge.completion_action,
+                },
+                auto_converge: r.auto_converge.unwrap_or(s.converge.auto_converge),
+            },
             max_bandwidth: match r.max_bandwidth {
                 Some(0) => None,
                 Some(b) => Some(b),

@@ -8,6 +8,7 @@
 
 pub mod chunk_digest;
 pub mod claims;
+pub mod cpu_cgroup;
 pub mod dirty;
 pub mod image;
 pub mod kvm;
@@ -216,6 +217,17 @@ pub trait SourceGuest: Send + Sync {
     /// What the guest says of itself, if it checks itself.
     fn self_check(&self) -> Option<GuestCheck> {
         None
+    }
+
+    /// Auto-converge: takes `percent` (1..=99) of the guest's vCPU time away, or gives it all
+    /// back (0). The default cannot.
+    fn throttle(&self, percent: u8) -> Result<(), GuestError> {
+        let _ = percent;
+        Err(GuestError::Backend {
+            backend: self.backend(),
+            op: "throttle",
+            message: "this backend cannot throttle its guest".into(),
+        })
     }
 }
 

@@ -22,7 +22,7 @@
 //! Writer threads own disjoint pages (a slice of every tier each), so memory content after
 //! `n` writes per writer depends on the seed alone, not on thread timing.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -257,6 +257,8 @@ struct EngineShared {
     dirty: DirtyLog,
     layout: Arc<Layout>,
     speed: f64,
+    /// Auto-converge: percent of the write rate taken away.
+    throttle: AtomicU8,
     /// Set while a pause or stop is requested: writers check it between page writes.
     attention: AtomicBool,
     /// Page writes so far.
@@ -306,6 +308,7 @@ impl Engine {
                 dirty: DirtyLog::new(pages),
                 layout,
                 speed,
+                throttle: AtomicU8::new(0),
                 attention: AtomicBool::new(false),
                 writes: AtomicU64::new(0),
                 ctl: Mutex::new(Control {
@@ -484,7 +487,8 @@ fn run_writer(shared: &EngineShared, index: usize, mut core: WriterCore) {
         let now = Instant::now();
         let dt = now.duration_since(last).min(MAX_CATCH_UP).as_secs_f64();
         last = now;
-        let r = rate * phases.multiplier(now);
+        let kept = f64::from(100 - shared.throttle.load(Ordering::Relaxed).min(100)) / 100.0;
+        let r = rate * phases.multiplier(now) * kept;
         budget = (budget + r * dt).min(r * MAX_CATCH_UP.as_secs_f64() + 1.0);
         while budget >= 1.0 && !shared.attention.load(Ordering::Relaxed) {
             if let Some(pfn) = core.step(&*shared.mem) {
@@ -823,6 +827,15 @@ impl SourceGuest for SyntheticGuest {
 
     fn resume(&self) -> Result<(), GuestError> {
         self.engine.resume()
+    }
+
+    /// Scales the writers' rate: the synthetic guest's vCPU time is its write rate.
+    fn throttle(&self, percent: u8) -> Result<(), GuestError> {
+        self.engine
+            .shared
+            .throttle
+            .store(percent.min(99), Ordering::Relaxed);
+        Ok(())
     }
 
     fn state(&self) -> Result<Vec<u8>, GuestError> {

@@ -2,6 +2,7 @@
 //! policies that decide when to stop.
 
 pub mod announcer;
+pub mod converge;
 pub mod dest;
 pub mod disk;
 pub mod hold;
@@ -81,6 +82,9 @@ pub enum MigrateError {
         /// The destination's.
         dest: u64,
     },
+    /// the completion action `abort` applied: the guest did not converge in time
+    #[error("not converged: {0}; the guest keeps running at the source")]
+    NotConverged(String),
     /// the operator aborted the migration
     #[error("aborted by the operator")]
     Aborted,

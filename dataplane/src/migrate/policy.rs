@@ -8,12 +8,26 @@
 //!   rewritten faster than it can be sent), look for a local minimum: stop at the first
 //!   iteration whose remaining pages are fewer than in every earlier iteration of the sliding
 //!   window. Xen's limits stay as a backstop, and the search gives up after one window.
-//! - `--downtime-limit` (either policy): stop as soon as what remains, at the effective rate
-//!   measured so far, can be sent within the limit.
+//! - `max_downtime` (either policy; `downtime_limit` is its old name): a ceiling on the
+//!   pause. Pre-copy stops as soon as the predicted pause (what remains at the effective rate
+//!   measured so far, plus the pause overhead the driver reports: state blob, verification)
+//!   fits under it, and any other stop whose predicted pause exceeds it is refused: the
+//!   guest keeps running, iterations go on (auto-converge throttles it, if on) until the
+//!   pause fits, the completion timeout applies its action, or
+//!   [`MAX_ITERATIONS_OVER_CEILING`] iterations after the first refused stop have passed (then
+//!   the completion action applies too). So the ceiling wins over Smart Stop's choice of
+//!   moment, and the bound on iterations still holds.
+//! - The completion timeout (per GiB of guest) applies its action, `abort` or `force`,
+//!   whatever the policy and the ceiling say; `force` pauses over the ceiling.
 
 use std::collections::VecDeque;
 use std::str::FromStr;
 use std::time::Duration;
+
+use super::converge::{
+    CompletionAction, CompletionCause, CompletionNotice, ConvergeOptions,
+    MAX_ITERATIONS_OVER_CEILING, Throttle,
+};
 
 /// Xen: maximum iterations.
 pub const XEN_MAX_ITERATIONS: u32 = 30;
@@ -63,6 +77,20 @@ impl FromStr for Policy {
     }
 }
 
+/// What the pause costs besides the measured rate, as the driver estimates it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PauseCosts {
+    /// Wire bytes per remaining page. The pages left are the guest's hottest, often
+    /// rewritten whole, so the average so far (iteration 1's zero pages, the deltas of
+    /// cold pages) says too little; `None`: that average.
+    pub page_bytes: Option<f64>,
+    /// Bytes sealed but still queued before the link, and the state blob: they go out in
+    /// the pause too.
+    pub queued_bytes: u64,
+    /// Time the pause costs besides sending (verification).
+    pub time: Duration,
+}
+
 /// What one iteration did, as the driver measured it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IterationReport {
@@ -72,10 +100,12 @@ pub struct IterationReport {
     pub sent: u64,
     /// Pages dirtied while it ran: what the next iteration (or the final copy) must send.
     pub dirtied: u64,
-    /// Bytes that went on the wire for it.
+    /// Bytes that went on the wire while it ran (the measured rate's numerator).
     pub wire_bytes: u64,
     /// How long it took.
     pub duration: Duration,
+    /// Time since the migration started, at its end.
+    pub elapsed: Duration,
 }
 
 /// Why pre-copy ends.
@@ -96,6 +126,8 @@ pub enum StopReason {
     DowntimeFits,
     /// The coordinator or operator asked to stop now.
     Requested,
+    /// The completion action `force` paused the guest, whatever the ceiling.
+    Forced,
 }
 
 /// The decision after an iteration.
@@ -105,13 +137,24 @@ pub enum Decision {
     Continue,
     /// Pause the guest and send what remains.
     Stop(StopReason),
+    /// The completion action `abort` applies: the guest stays at the source.
+    GiveUp(CompletionCause),
 }
 
 /// Stop policy state for one migration.
 #[derive(Debug, Clone)]
 pub struct StopDecider {
     policy: Policy,
-    downtime_limit: Option<Duration>,
+    max_downtime: Option<Duration>,
+    /// What the pause costs, as the driver estimates it.
+    pause: PauseCosts,
+    converge: ConvergeOptions,
+    completion_timeout: Option<Duration>,
+    /// The iteration whose stop the ceiling first refused.
+    refused_at: Option<u32>,
+    throttle: Throttle,
+    /// The completion action, once it applied.
+    applied: Option<CompletionNotice>,
     window: usize,
     guest_pages: u64,
     sent_total: u64,
@@ -121,14 +164,22 @@ pub struct StopDecider {
     crossed_at: Option<u32>,
     /// Remaining pages of the last `window` iterations.
     recent: VecDeque<u64>,
+    /// The last iteration reported.
+    last_iteration: u32,
 }
 
 impl StopDecider {
     /// A decider for a guest of `guest_pages` pages.
-    pub fn new(policy: Policy, downtime_limit: Option<Duration>, guest_pages: u64) -> Self {
+    pub fn new(policy: Policy, max_downtime: Option<Duration>, guest_pages: u64) -> Self {
         StopDecider {
             policy,
-            downtime_limit,
+            max_downtime,
+            pause: PauseCosts::default(),
+            converge: ConvergeOptions::default(),
+            completion_timeout: None,
+            refused_at: None,
+            throttle: Throttle::default(),
+            applied: None,
             window: SMART_WINDOW,
             guest_pages,
             sent_total: 0,
@@ -136,6 +187,91 @@ impl StopDecider {
             time_total: Duration::ZERO,
             crossed_at: None,
             recent: VecDeque::new(),
+            last_iteration: 0,
+        }
+    }
+
+    /// With the operator's choices for a migration that does not converge.
+    pub fn with_converge(mut self, converge: ConvergeOptions) -> Self {
+        self.completion_timeout = converge.completion_timeout(self.guest_pages);
+        self.converge = converge;
+        self
+    }
+
+    /// What the pause will cost, as the driver now estimates it.
+    pub fn set_pause_costs(&mut self, costs: PauseCosts) {
+        self.pause = costs;
+    }
+
+    /// The pause predicted if the guest stopped with `pages` left: sending them (at
+    /// [`PauseCosts::page_bytes`] each, else the average so far) and the queued bytes at the
+    /// measured rate, plus the time besides. `None` before anything was measured.
+    pub fn predicted_pause(&self, pages: u64) -> Option<Duration> {
+        let rate = self.rate();
+        let per_page = self
+            .pause
+            .page_bytes
+            .unwrap_or_else(|| self.bytes_per_page());
+        (rate > 0.0).then(|| {
+            let bytes = pages as f64 * per_page + self.pause.queued_bytes as f64;
+            Duration::from_secs_f64(bytes / rate) + self.pause.time
+        })
+    }
+
+    /// Auto-converge's throttle now, percent (0: none).
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle.percent()
+    }
+
+    /// Stops throttling for good (the backend cannot).
+    pub fn disable_throttle(&mut self) {
+        self.converge.auto_converge = false;
+        self.throttle = Throttle::default();
+    }
+
+    /// What `status` announces of the completion action at `elapsed` into the migration:
+    /// the timeout's countdown, or the iterations left over the ceiling; after it applied,
+    /// what it did.
+    pub fn notice(&self, elapsed: Duration) -> Option<CompletionNotice> {
+        if self.applied.is_some() {
+            return self.applied;
+        }
+        let action = self.converge.completion_action;
+        let over = self.refused_at.map(|_| CompletionNotice {
+            action,
+            cause: CompletionCause::OverCeiling,
+            in_ms: None,
+            iterations_left: Some(self.iterations_left_over_ceiling()),
+            applied: false,
+        });
+        let timeout = self.completion_timeout.map(|t| CompletionNotice {
+            action,
+            cause: CompletionCause::Timeout,
+            in_ms: Some(u64::try_from(t.saturating_sub(elapsed).as_millis()).unwrap_or(u64::MAX)),
+            iterations_left: None,
+            applied: false,
+        });
+        over.or(timeout)
+    }
+
+    fn iterations_left_over_ceiling(&self) -> u32 {
+        self.refused_at.map_or(MAX_ITERATIONS_OVER_CEILING, |at| {
+            (at + MAX_ITERATIONS_OVER_CEILING).saturating_sub(self.last_iteration)
+        })
+    }
+
+    fn apply(&mut self, cause: CompletionCause) -> Decision {
+        let action = self.converge.completion_action;
+        self.applied = Some(CompletionNotice {
+            action,
+            cause,
+            in_ms: None,
+            iterations_left: None,
+            applied: true,
+        });
+        match action {
+            CompletionAction::Abort => Decision::GiveUp(cause),
+            CompletionAction::Force => Decision::Stop(StopReason::Forced),
         }
     }
 
@@ -164,6 +300,12 @@ impl StopDecider {
         (rate > 0.0).then(|| Duration::from_secs_f64(pages as f64 * self.bytes_per_page() / rate))
     }
 
+    /// True once the ceiling has refused a stop: pre-copy goes on only to bring the pause
+    /// under it.
+    pub fn over_ceiling(&self) -> bool {
+        self.refused_at.is_some() && self.applied.is_none()
+    }
+
     /// The iteration at which the dirtied-at-least-sent phase began, if it has.
     pub fn crossed_at(&self) -> Option<u32> {
         self.crossed_at
@@ -174,13 +316,43 @@ impl StopDecider {
         self.sent_total += r.sent;
         self.wire_total += r.wire_bytes;
         self.time_total += r.duration;
-        let remaining = r.dirtied;
+        self.last_iteration = r.iteration;
+        // Iteration 1 sends everything, so it says nothing about the dirtying rate.
+        if self.converge.auto_converge && r.iteration > 1 {
+            self.throttle.after_iteration(r.sent, r.dirtied);
+        }
+        if self.completion_timeout.is_some_and(|t| r.elapsed >= t) {
+            return self.apply(CompletionCause::Timeout);
+        }
+        let own = self.own_decision(r);
+        let Some(ceiling) = self.max_downtime else {
+            return own;
+        };
+        if let Decision::Stop(_) = own {
+            if self
+                .predicted_pause(r.dirtied)
+                .is_some_and(|t| t <= ceiling)
+            {
+                return own;
+            }
+            self.refused_at.get_or_insert(r.iteration);
+        }
+        match self.refused_at {
+            Some(first) if r.iteration >= first + MAX_ITERATIONS_OVER_CEILING => {
+                self.apply(CompletionCause::OverCeiling)
+            }
+            _ => Decision::Continue,
+        }
+    }
 
+    /// The policy's own decision, before the ceiling's say.
+    fn own_decision(&mut self, r: &IterationReport) -> Decision {
+        let remaining = r.dirtied;
         if remaining < XEN_MIN_REMAINING {
             return Decision::Stop(StopReason::FewPagesLeft);
         }
-        if let Some(limit) = self.downtime_limit
-            && self.estimate(remaining).is_some_and(|t| t <= limit)
+        if let Some(limit) = self.max_downtime
+            && self.predicted_pause(remaining).is_some_and(|t| t <= limit)
         {
             return Decision::Stop(StopReason::DowntimeFits);
         }
@@ -238,6 +410,7 @@ mod tests {
                 dirtied,
                 wire_bytes: sent * 4096,
                 duration: Duration::from_millis(sent),
+                elapsed: Duration::ZERO,
             };
             match d.after_iteration(&r) {
                 Decision::Continue => {}
@@ -319,6 +492,159 @@ mod tests {
             ),
             (0, Decision::Continue)
         );
+    }
+
+    /// Feeds `seq` (sent, dirtied) with 1 page per ms, `step` of wall time per iteration.
+    fn feed(d: &mut StopDecider, seq: &[(u64, u64)], step: Duration) -> (u32, Decision) {
+        feed_from(d, 1, seq, step)
+    }
+
+    /// [`feed`], numbering iterations from `first`.
+    fn feed_from(
+        d: &mut StopDecider,
+        first: u32,
+        seq: &[(u64, u64)],
+        step: Duration,
+    ) -> (u32, Decision) {
+        for (i, &(sent, dirtied)) in seq.iter().enumerate() {
+            let iteration = first + u32::try_from(i).unwrap();
+            let r = IterationReport {
+                iteration,
+                sent,
+                dirtied,
+                wire_bytes: sent * 4096,
+                duration: Duration::from_millis(sent),
+                elapsed: step * iteration,
+            };
+            match d.after_iteration(&r) {
+                Decision::Continue => {}
+                stop => return (iteration, stop),
+            }
+        }
+        (0, Decision::Continue)
+    }
+
+    fn with(
+        ceiling: Option<u64>,
+        timeout_per_gib: Option<u64>,
+        action: CompletionAction,
+        pages: u64,
+    ) -> StopDecider {
+        StopDecider::new(Policy::Smart, ceiling.map(Duration::from_millis), pages).with_converge(
+            ConvergeOptions {
+                completion_timeout_per_gib: timeout_per_gib.map(Duration::from_secs),
+                completion_action: action,
+                auto_converge: true,
+            },
+        )
+    }
+
+    /// 1 GiB of pages.
+    const GIB: u64 = (1 << 30) / 4096;
+
+    #[test]
+    fn the_ceiling_refuses_smart_stops_that_do_not_fit_then_stops_when_one_does() {
+        // Smart Stop alone stops at 6 with 280 pages (280 ms at 1 page per ms).
+        let mut seq = vec![
+            (10_000, 2000),
+            (2000, 800),
+            (800, 400),
+            (400, 420),
+            (420, 430),
+            (430, 280),
+        ];
+        let mut d = with(Some(200), None, CompletionAction::Abort, GIB);
+        assert_eq!(feed(&mut d, &seq, Duration::ZERO), (0, Decision::Continue));
+        // Still over at 7, then 150 pages fit under 200 ms.
+        seq.extend([(280, 260), (260, 150)]);
+        let mut d = with(Some(200), None, CompletionAction::Abort, GIB);
+        assert_eq!(
+            feed(&mut d, &seq, Duration::ZERO),
+            (8, Decision::Stop(StopReason::DowntimeFits))
+        );
+        // The pause overhead counts: 150 ms of pages, 30 ms of queued bytes and 30 ms of
+        // verification do not fit.
+        let mut d = with(Some(200), None, CompletionAction::Abort, GIB);
+        d.set_pause_costs(PauseCosts {
+            page_bytes: None,
+            queued_bytes: 4096 * 30,
+            time: Duration::from_millis(30),
+        });
+        assert_eq!(feed(&mut d, &seq, Duration::ZERO), (0, Decision::Continue));
+        assert_eq!(
+            d.notice(Duration::ZERO).map(|n| n.cause),
+            Some(CompletionCause::OverCeiling)
+        );
+    }
+
+    #[test]
+    fn the_ceiling_keeps_the_bound_on_iterations_by_applying_the_action() {
+        // Never converges; Smart Stop gives up after its window at iteration 2 + 5 = 7, the
+        // ceiling refuses, and 30 iterations later the completion action applies.
+        let mut seq = vec![(10_000, 2000), (2000, 2100)];
+        seq.extend([(2100, 2200); 100]);
+        let refused = 2 + u32::try_from(SMART_WINDOW).unwrap();
+        let bound = refused + MAX_ITERATIONS_OVER_CEILING;
+        let mut d = with(Some(100), None, CompletionAction::Abort, GIB);
+        assert_eq!(
+            feed(&mut d, &seq, Duration::ZERO),
+            (bound, Decision::GiveUp(CompletionCause::OverCeiling))
+        );
+        assert!(d.notice(Duration::ZERO).unwrap().applied);
+        let mut d = with(Some(100), None, CompletionAction::Force, GIB);
+        assert_eq!(
+            feed(&mut d, &seq, Duration::ZERO),
+            (bound, Decision::Stop(StopReason::Forced))
+        );
+        // Without a ceiling Smart Stop's own bound stands.
+        assert_eq!(
+            run(Policy::Smart, None, GIB, &seq),
+            (refused, Decision::Stop(StopReason::WindowExhausted))
+        );
+    }
+
+    #[test]
+    fn the_completion_timeout_is_announced_then_applies_its_action() {
+        // 2 s per GiB on a quarter-GiB guest: 500 ms; 100 ms per iteration.
+        let seq = vec![(10_000, 9000); 20];
+        let mut d = with(Some(1), Some(2), CompletionAction::Abort, GIB / 4);
+        let before = d.notice(Duration::from_millis(100)).unwrap();
+        assert_eq!(before.cause, CompletionCause::Timeout);
+        assert_eq!(before.in_ms, Some(400));
+        assert!(!before.applied);
+        assert_eq!(
+            feed(&mut d, &seq, Duration::from_millis(100)),
+            (5, Decision::GiveUp(CompletionCause::Timeout))
+        );
+        assert!(d.notice(Duration::from_secs(1)).unwrap().applied);
+        let mut d = with(Some(1), Some(2), CompletionAction::Force, GIB / 4);
+        assert_eq!(
+            feed(&mut d, &seq, Duration::from_millis(100)),
+            (5, Decision::Stop(StopReason::Forced))
+        );
+        // No ceiling and no timeout: Xen's 3x memory bound still ends it.
+        let mut d = with(None, None, CompletionAction::Abort, 10_000);
+        assert_eq!(
+            feed(&mut d, &seq, Duration::from_millis(100)),
+            (3, Decision::Stop(StopReason::MaxData))
+        );
+        assert_eq!(d.notice(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn auto_converge_throttles_while_dirtying_outpaces_sending() {
+        let mut d = with(Some(1), None, CompletionAction::Abort, GIB);
+        let seq = [(10_000, 3000), (3000, 3000), (3000, 3100), (3100, 3000)];
+        feed(&mut d, &seq, Duration::ZERO);
+        assert_eq!(d.throttle_percent(), 20);
+        feed_from(&mut d, 5, &[(3000, 3000); 2], Duration::ZERO);
+        assert_eq!(d.throttle_percent(), 30);
+        d.disable_throttle();
+        assert_eq!(d.throttle_percent(), 0);
+        // Off: never.
+        let mut d = StopDecider::new(Policy::Smart, None, GIB);
+        feed(&mut d, &seq, Duration::ZERO);
+        assert_eq!(d.throttle_percent(), 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::announcer::Announcer;
+use super::converge::{CompletionAction, CompletionCause, ConvergeOptions};
 use super::disk::{DrbdHost, SyncTask};
 use super::{
     Decision, IterationReport, MigrateError, MigrationStatus, Phase, Policy, Role, StopDecider,
@@ -46,8 +47,11 @@ pub struct SourceOptions {
     pub codec: CodecConfig,
     /// Stop policy.
     pub policy: Policy,
-    /// Stop as soon as what remains fits in this pause.
-    pub downtime_limit: Option<Duration>,
+    /// The pause ceiling: stop as soon as the predicted pause fits under it, and never pause
+    /// over it (but see `converge`).
+    pub max_downtime: Option<Duration>,
+    /// Completion timeout, its action, auto-converge.
+    pub converge: ConvergeOptions,
     /// Send-side rate limit, bytes per second.
     pub max_bandwidth: Option<u64>,
     /// Socket tuning.
@@ -182,6 +186,8 @@ pub fn migrate(
         disk: None,
         told_paused: false,
         acked: Cell::new(0),
+        throttle: Cell::new(0),
+        deadline: None,
     };
     let result = run.join_group().and_then(|()| run.go());
     run.leave_group(&result);
@@ -208,6 +214,25 @@ pub fn migrate(
     result
 }
 
+/// The pause's costs as far as the counters tell: the frames sealed but not yet on the wire
+/// (their headers and tags left out: a little short), and a remaining page at its worst for
+/// the codec, a whole page, shrunk by the compression measured so far. The pause ceiling
+/// rests on this, so it errs long: the pages left are the guest's hottest, often rewritten
+/// whole, however cheap the earlier ones were.
+fn pause_costs(codec: &CodecStats, wire: u64) -> super::policy::PauseCosts {
+    let encoded = codec.bytes_out.saturating_sub(codec.saved_compress);
+    let kept = if codec.bytes_out > 0 {
+        encoded as f64 / codec.bytes_out as f64
+    } else {
+        1.0
+    };
+    super::policy::PauseCosts {
+        page_bytes: Some(crate::page::PAGE_SIZE as f64 * kept),
+        queued_bytes: encoded.saturating_sub(wire),
+        time: Duration::ZERO,
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -229,6 +254,10 @@ struct Run<'a> {
     told_paused: bool,
     /// The last iteration the destination acknowledged.
     acked: Cell<u32>,
+    /// Auto-converge's throttle as applied to the guest, percent.
+    throttle: Cell<u8>,
+    /// When the completion timeout falls due.
+    deadline: Option<Instant>,
 }
 
 /// Everything to undo if the migration fails before the commit.
@@ -293,6 +322,7 @@ impl Run<'_> {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
                 let tail = pipeline.finish();
+                self.release_throttle();
                 if self.paused.is_some() && !self.committed {
                     self.guest.resume()?;
                     if self.told_paused {
@@ -621,6 +651,10 @@ impl Run<'_> {
         iteration_took: Duration,
     ) -> Result<Decision, MigrateError> {
         let opts = self.opts;
+        // The completion action is this migration's own; the group hears of it as a failure.
+        if let Decision::GiveUp(_) = own {
+            return Ok(own);
+        }
         let (Some(mut m), Some(g)) = (self.member.take(), &opts.group) else {
             return Ok(own);
         };
@@ -629,6 +663,7 @@ impl Run<'_> {
             |e: std::io::Error| MigrateError::Group(group.clone(), format!("coordinator: {e}"));
         let go = |own: Decision| match own {
             Decision::Stop(r) => Decision::Stop(r),
+            Decision::GiveUp(c) => Decision::GiveUp(c),
             Decision::Continue => Decision::Stop(super::StopReason::Requested),
         };
         let mut verdict = m.report(progress).map_err(&lost)?;
@@ -796,11 +831,21 @@ impl Run<'_> {
                     "taking data: nothing was sent",
                 ));
             }
+            self.abort_when_due()?;
             let secs = began.elapsed().as_secs_f64();
+            let left = self
+                .deadline
+                .map(|d| millis(d.saturating_duration_since(Instant::now())));
             // The encoders publish their counters per batch: "saved" moves within an
             // iteration too, not only at its end.
             let codec = pipeline.codec_totals();
             self.update(|s| {
+                if let Some(n) = s.completion.as_mut()
+                    && n.cause == CompletionCause::Timeout
+                    && !n.applied
+                {
+                    n.in_ms = left;
+                }
                 s.remaining = pages_in_iteration.saturating_sub(done);
                 // Counted as they go, so a long first iteration shows its progress.
                 s.pages_sent = sent_before + done.min(pages_in_iteration);
@@ -872,14 +917,21 @@ impl Run<'_> {
         self.guest.collect_dirty(next)?;
         pipeline.digests.invalidate_dirty(next);
         let dirtied = next.count();
+        let codec = pipeline.codec_totals();
         let report = IterationReport {
             iteration: it,
             sent,
             dirtied,
             wire_bytes: pipeline.wire_bytes.load(Ordering::Relaxed) - wire_before,
             duration: t.elapsed(),
+            elapsed: self.started.elapsed(),
         };
+        decider.set_pause_costs(pause_costs(
+            &codec,
+            pipeline.wire_bytes.load(Ordering::Relaxed),
+        ));
         let own = decider.after_iteration(&report);
+        self.follow_throttle(decider);
         let decision = self.group_decision(
             own,
             Progress {
@@ -915,7 +967,8 @@ impl Run<'_> {
                 s.job.transfer_rate_bps = report.wire_bytes as f64 / secs;
                 s.job.dirty_rate_bps = dirtied as f64 * PAGE_SIZE as f64 / secs;
             }
-            s.expected_downtime_ms = decider.estimate(dirtied).map(millis);
+            s.expected_downtime_ms = decider.predicted_pause(dirtied).map(millis);
+            s.completion = decider.notice(self.started.elapsed());
             s.eta_ms = if secs > 0.0 && sent > 0 {
                 super::job_stats::estimate_completion_ms(
                     dirtied,
@@ -947,11 +1000,121 @@ impl Run<'_> {
             ?decision,
             "iteration done"
         );
-        if let Decision::Stop(reason) = decision {
-            return Ok(Some(reason));
+        match decision {
+            Decision::Stop(reason) => {
+                if reason == super::StopReason::Forced {
+                    tracing::warn!(
+                        migration = self.id,
+                        "completion action force: pausing whatever the ceiling"
+                    );
+                }
+                return Ok(Some(reason));
+            }
+            Decision::GiveUp(_) => {
+                let notice = decider.notice(self.started.elapsed());
+                let why = notice.map_or_else(|| "completion action".into(), |n| n.to_string());
+                tracing::warn!(migration = self.id, "{why}; the guest stays here");
+                return Err(MigrateError::NotConverged(why));
+            }
+            Decision::Continue => {}
+        }
+        if decider.over_ceiling() {
+            self.let_the_link_drain(session, pipeline, decider.rate())?;
         }
         self.poll(session)?;
         Ok(None)
+    }
+
+    /// Over the ceiling, the frames queued before the link are often what keeps the pause
+    /// long, and the guest dirties little: iterations would follow each other at once, each
+    /// refused, spending the ceiling's iteration bound in moments (and a core). So the next
+    /// iteration waits until the queue has drained (at most 1 s; at least 20 ms).
+    fn let_the_link_drain(
+        &self,
+        session: &Session,
+        pipeline: &SourcePipeline,
+        rate: f64,
+    ) -> Result<(), MigrateError> {
+        let queued = |p: &SourcePipeline| {
+            pause_costs(&p.codec_totals(), p.wire_bytes.load(Ordering::Relaxed)).queued_bytes
+        };
+        let expected = if rate > 0.0 {
+            Duration::from_secs_f64(queued(pipeline) as f64 / rate)
+        } else {
+            Duration::ZERO
+        };
+        let most = expected.clamp(HELD_ITERATION_FLOOR, Duration::from_secs(1));
+        let start = Instant::now();
+        loop {
+            self.poll(session)?;
+            let waited = start.elapsed();
+            if waited >= most || (waited >= HELD_ITERATION_FLOOR && queued(pipeline) == 0) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The completion timeout with action `abort` also ends an iteration midway: a long one
+    /// (a large guest on a slow link) would otherwise run far past it.
+    fn abort_when_due(&self) -> Result<(), MigrateError> {
+        let o = &self.opts.converge;
+        if o.completion_action != CompletionAction::Abort
+            || self.paused.is_some()
+            || self.deadline.is_none_or(|d| Instant::now() < d)
+        {
+            return Ok(());
+        }
+        let notice = super::converge::CompletionNotice {
+            action: CompletionAction::Abort,
+            cause: CompletionCause::Timeout,
+            in_ms: None,
+            iterations_left: None,
+            applied: true,
+        };
+        tracing::warn!(migration = self.id, "{notice}; the guest stays here");
+        self.update(|s| s.completion = Some(notice));
+        Err(MigrateError::NotConverged(notice.to_string()))
+    }
+
+    /// Applies the decider's throttle to the guest if it changed; a backend that cannot
+    /// throttle turns auto-converge off for this migration.
+    fn follow_throttle(&self, decider: &mut StopDecider) {
+        let want = decider.throttle_percent();
+        if want == self.throttle.get() {
+            return;
+        }
+        if let Err(e) = self.guest.throttle(want) {
+            tracing::warn!(migration = self.id, "auto-converge off: {e}");
+            decider.disable_throttle();
+            return;
+        }
+        tracing::info!(
+            migration = self.id,
+            percent = want,
+            "auto-converge: guest throttled"
+        );
+        self.throttle.set(want);
+        self.update(|s| {
+            s.throttle_percent = want;
+            s.throttle_peak_percent = s.throttle_peak_percent.max(want);
+        });
+    }
+
+    /// Gives the guest back all its vCPU time, if auto-converge took some; failures are
+    /// logged.
+    fn release_throttle(&self) {
+        if self.throttle.get() == 0 {
+            return;
+        }
+        match self.guest.throttle(0) {
+            Ok(()) => {
+                tracing::info!(migration = self.id, "auto-converge: throttle released");
+                self.throttle.set(0);
+                self.update(|s| s.throttle_percent = 0);
+            }
+            Err(e) => tracing::error!(migration = self.id, "releasing the throttle: {e}"),
+        }
     }
 
     /// Pre-copy lost its link in iteration `it` (`cause`): reconnects, with backoff, within
@@ -1102,7 +1265,16 @@ impl Run<'_> {
     ) -> Result<Vec<IterationRecord>, MigrateError> {
         let o = self.opts;
         let pages = self.guest.page_count();
-        let mut decider = StopDecider::new(o.policy, o.downtime_limit, pages);
+        let mut decider =
+            StopDecider::new(o.policy, o.max_downtime, pages).with_converge(o.converge);
+        self.deadline = o
+            .converge
+            .completion_timeout(pages)
+            .map(|t| self.started + t);
+        if let Some(n) = decider.notice(self.started.elapsed()) {
+            tracing::info!(migration = self.id, "{n}");
+            self.update(|s| s.completion = Some(n));
+        }
         let mut next = DirtyBitmap::full(pages);
         let mut reports = Vec::new();
         // Pages sent in iterations the destination has not acknowledged yet: resent if the
@@ -1146,6 +1318,8 @@ impl Run<'_> {
             ms = millis(pausing.elapsed()),
             "guest paused"
         );
+        // Paused: the throttle has nothing left to slow (and must not outlive the migration).
+        self.release_throttle();
         // The destination announces the guest now, while the final pages travel.
         self.told_paused = true;
         session.tx.send(&ToDest::Paused)?;

@@ -159,6 +159,17 @@ pub struct MigrationStatus {
     /// paused, at the destination as it runs there.
     #[serde(default)]
     pub guest_check: Option<crate::guest::GuestCheck>,
+    /// Auto-converge: how much of the guest's vCPU time is taken away now, percent (0 once
+    /// released at the pause or on failure).
+    #[serde(default)]
+    pub throttle_percent: u8,
+    /// The most auto-converge took away during this migration, percent.
+    #[serde(default)]
+    pub throttle_peak_percent: u8,
+    /// The completion action: announced (a countdown, or iterations left over the
+    /// ceiling) before it applies, kept after.
+    #[serde(default)]
+    pub completion: Option<super::converge::CompletionNotice>,
     /// Memory digests matched at both ends.
     pub verified: Option<bool>,
     /// What went wrong, for failed and aborted migrations.
@@ -204,6 +215,9 @@ impl MigrationStatus {
             link_error: None,
             waiting: None,
             guest_check: None,
+            throttle_percent: 0,
+            throttle_peak_percent: 0,
+            completion: None,
             verified: None,
             error: None,
             job: super::job_stats::JobStats {

@@ -254,7 +254,8 @@ pub fn run(spec: &RunSpec, id: u64) -> Result<RunResult, String> {
         streams: spec.streams,
         codec: spec.codec(),
         policy: spec.setup.policy,
-        downtime_limit: None,
+        max_downtime: None,
+        converge: Default::default(),
         // The emulated link is the limit.
         max_bandwidth: None,
         socket: SocketOptions {

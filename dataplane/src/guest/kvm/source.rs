@@ -32,6 +32,8 @@ pub struct KvmGuest {
     /// The progress counter when the guest last paused.
     paused_at: Mutex<Option<u64>>,
     handed_over: AtomicBool,
+    /// Auto-converge's cgroup, while it throttles the vCPU thread.
+    cgroup: Mutex<Option<crate::guest::cpu_cgroup::CpuCgroup>>,
 }
 
 impl std::fmt::Debug for KvmGuest {
@@ -64,6 +66,7 @@ impl KvmGuest {
             host,
             paused_at: Mutex::new(None),
             handed_over: AtomicBool::new(false),
+            cgroup: Mutex::new(None),
         })
     }
 
@@ -184,6 +187,43 @@ impl SourceGuest for KvmGuest {
             unsafe { self.vm.ram().as_slice() },
             known,
         ))
+    }
+
+    /// Caps the vCPU thread (a thread of skyferryd) through a cgroup v1 `cpu` group of its
+    /// own; 0 moves it back.
+    fn throttle(&self, percent: u8) -> Result<(), GuestError> {
+        let mut cgroup = self.cgroup.lock().expect("cgroup lock");
+        if percent == 0 {
+            return match cgroup.take() {
+                Some(g) => g.release().map_err(|e| err("release the throttle", e)),
+                None => Ok(()),
+            };
+        }
+        if cgroup.is_none() {
+            let tid = self
+                .vm
+                .vcpu_tid()
+                .ok_or_else(|| err("throttle", "the vCPU thread has not started"))?;
+            let g = crate::guest::cpu_cgroup::CpuCgroup::create_for_thread(
+                &format!("kvm-vcpu-{tid}"),
+                tid,
+            )
+            .map_err(|e| err("throttle", e))?;
+            *cgroup = Some(g);
+        }
+        cgroup
+            .as_ref()
+            .expect("created above")
+            .set(percent)
+            .map_err(|e| err("throttle", e))
+    }
+
+    fn release(&self) {
+        if let Some(g) = self.cgroup.lock().expect("cgroup lock").take()
+            && let Err(e) = g.release()
+        {
+            tracing::warn!("releasing the vCPU thread's CPU cgroup: {e}");
+        }
     }
 
     fn hand_over(&self) -> Result<(), GuestError> {

@@ -190,6 +190,8 @@ struct Control {
     failed: Option<String>,
     /// Set by [`MicroVm::wake`]: a `port_in` wait should end and look again.
     woken: bool,
+    /// The vCPU thread's kernel thread id, once it runs.
+    tid: Option<u32>,
 }
 
 struct Shared {
@@ -314,6 +316,7 @@ impl MicroVm {
                     vcpu: None,
                     failed: None,
                     woken: false,
+                    tid: None,
                 }),
                 cv: Condvar::new(),
             }),
@@ -387,6 +390,11 @@ impl MicroVm {
             (Some(v), true) => f(v),
             _ => Err(err(op, "the vCPU is running; pause it first")),
         }
+    }
+
+    /// The vCPU thread's kernel thread id, once it has started.
+    pub fn vcpu_tid(&self) -> Option<u32> {
+        self.shared.lock().tid
     }
 
     /// Why the vCPU stopped for good, if it did.
@@ -491,6 +499,7 @@ impl Drop for MicroVm {
 /// The vCPU thread: runs the guest while wanted, parks when asked.
 fn vcpu_thread(shared: &Shared, io: &dyn PortIo, mut vcpu: VcpuFd) {
     let waiter = Waiter { shared };
+    shared.lock().tid = u32::try_from(nix::unistd::gettid().as_raw()).ok();
     loop {
         {
             let want = shared.lock().want;

@@ -138,6 +138,14 @@ pub fn load(qmp: &mut Qmp, blob: &[u8], within: Duration) -> Result<(), GuestErr
     }
     qmp.execute("stop", None)
         .map_err(qmp_err("keep the destination paused after the load"))?;
+    let changed = super::migration_settings::apply(qmp)?;
+    let loaded = load_with(qmp, blob, within);
+    super::migration_settings::restore(qmp, &changed);
+    loaded
+}
+
+/// [`load`] once the settings are right.
+fn load_with(qmp: &mut Qmp, blob: &[u8], within: Duration) -> Result<(), GuestError> {
     qmp.set_capabilities(&[("x-ignore-shared", true)])
         .map_err(qmp_err("enable x-ignore-shared"))?;
     let (mut ours, theirs) =

@@ -10,6 +10,7 @@
 
 pub mod device_state;
 pub mod fingerprint;
+pub mod migration_settings;
 pub mod qmp;
 pub mod ram_file;
 pub mod source;

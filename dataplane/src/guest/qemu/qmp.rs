@@ -101,6 +101,20 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The process id of the QEMU at the other end (SO_PEERCRED).
+    pub fn peer_pid(&self) -> Result<u32, QmpError> {
+        let cred =
+            nix::sys::socket::getsockopt(&self.writer, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| QmpError::Io {
+                    context: "reading QEMU's credentials".into(),
+                    message: e.to_string(),
+                })?;
+        u32::try_from(cred.pid()).map_err(|_| QmpError::Io {
+            context: "reading QEMU's credentials".into(),
+            message: format!("pid {}", cred.pid()),
+        })
+    }
+
     /// Runs `command` with `arguments` and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });

@@ -8,9 +8,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::fingerprint::{Fingerprints, Sweeper};
+use super::migration_settings;
 use super::qmp::Qmp;
 use super::ram_file::RamFile;
 use super::{BACKEND, device_state, qmp_err};
+use crate::guest::cpu_cgroup::CpuCgroup;
 use crate::guest::{DirtyBitmap, GuestError, SourceGuest};
 use crate::page::{PageBatch, Pfn};
 
@@ -46,6 +48,10 @@ pub struct QemuGuest {
     was_running: AtomicBool,
     handed_over: AtomicBool,
     device_state_bytes: AtomicU64,
+    /// The operator's migration settings skyferry changed, put back when it lets go.
+    changed_settings: Mutex<migration_settings::Changed>,
+    /// Auto-converge's cgroup, while it throttles the QEMU process.
+    cgroup: Mutex<Option<CpuCgroup>>,
 }
 
 fn err(op: &'static str, message: impl Into<String>) -> GuestError {
@@ -75,6 +81,9 @@ impl QemuGuest {
             ));
         }
         check_ram_backend(&mut qmp, &config.ram_file, ram.bytes())?;
+        // Before pre-copy: a setting that breaks the device-state migration fails now, not
+        // at the switchover.
+        let changed = migration_settings::apply(&mut qmp)?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| err("seed fingerprints", e.to_string()))?;
         Ok(QemuGuest {
@@ -86,6 +95,8 @@ impl QemuGuest {
             was_running: AtomicBool::new(status.running),
             handed_over: AtomicBool::new(false),
             device_state_bytes: AtomicU64::new(0),
+            changed_settings: Mutex::new(changed),
+            cgroup: Mutex::new(None),
             config,
         })
     }
@@ -324,15 +335,55 @@ impl SourceGuest for QemuGuest {
         self.ram.digest(known)
     }
 
+    /// Caps the QEMU process's CPU time through a cgroup of skyferryd's own (QEMU's own
+    /// `cpu-throttle` works only inside its own RAM migration); 0 moves it back.
+    fn throttle(&self, percent: u8) -> Result<(), GuestError> {
+        let mut cgroup = lock(&self.cgroup);
+        if percent == 0 {
+            return match cgroup.take() {
+                Some(g) => g.release().map_err(|e| err("release the throttle", e)),
+                None => Ok(()),
+            };
+        }
+        if cgroup.is_none() {
+            let (pid, vcpus) = self.with_qmp("throttle", |q| {
+                let pid = q.peer_pid().map_err(qmp_err("find the QEMU process"))?;
+                let cpus = q
+                    .execute("query-cpus-fast", None)
+                    .map_err(qmp_err("count the vCPUs"))?;
+                let n = cpus.as_array().map_or(1, Vec::len);
+                Ok((pid, u32::try_from(n).unwrap_or(u32::MAX)))
+            })?;
+            let g = CpuCgroup::create(&format!("qemu-{pid}"), pid, vcpus)
+                .map_err(|e| err("throttle", e))?;
+            *cgroup = Some(g);
+        }
+        cgroup
+            .as_ref()
+            .expect("created above")
+            .set(percent)
+            .map_err(|e| err("throttle", e))
+    }
+
     fn release(&self) {
+        if let Some(g) = lock(&self.cgroup).take()
+            && let Err(e) = g.release()
+        {
+            tracing::warn!("releasing the QEMU process's CPU cgroup: {e}");
+        }
         self.stop_sweeper();
-        lock(&self.qmp).take();
+        if let Some(mut q) = lock(&self.qmp).take() {
+            migration_settings::restore(&mut q, &lock(&self.changed_settings));
+        }
     }
 
     fn hand_over(&self) -> Result<(), GuestError> {
         self.handed_over.store(true, Ordering::Release);
         self.stop_sweeper();
-        let qmp = lock(&self.qmp).take();
+        let mut qmp = lock(&self.qmp).take();
+        if let (false, Some(q)) = (self.config.quit_after_handover, qmp.as_mut()) {
+            migration_settings::restore(q, &lock(&self.changed_settings));
+        }
         if let (true, Some(mut q)) = (self.config.quit_after_handover, qmp) {
             // The guest runs at the destination now; a source QEMU left in postmigrate could
             // be `cont`ed by hand into a second copy. Its RAM file stays for the operator.
