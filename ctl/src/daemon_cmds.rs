@@ -7,6 +7,7 @@ use dataplane::daemon::control::{
     QemuGuestSpec, Request, Response, StartRequest, XenGuestSpec, request,
 };
 use dataplane::migrate::{MigrationStatus, Phase};
+use dataplane::protocol::text::escape;
 use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
 /// Where the daemon listens (`--socket`, or `SKYFERRY_SOCKET`).
@@ -303,12 +304,12 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
     let ms = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| format!("{v}"));
     println!(
         "group {} ({} members, on failure: {:?}){}",
-        g.name,
+        escape(&g.name),
         g.members.len(),
         g.on_failure,
         g.broken
             .as_ref()
-            .map_or_else(String::new, |b| format!(", broken: {b}"))
+            .map_or_else(String::new, |b| format!(", broken: {}", escape(b)))
     );
     println!(
         "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
@@ -328,7 +329,7 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
     for m in g.members.values() {
         println!(
             "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
-            m.name,
+            escape(&m.name),
             (m.pages * 4096) >> 20,
             match &m.state {
                 dataplane::coordinator::MemberState::Failed(_) => "failed".to_string(),
@@ -378,7 +379,7 @@ fn describe_end(s: &MigrationStatus) -> String {
         }
         Phase::Failed => format!(
             "failed: the guest runs at the source ({})",
-            s.error.as_deref().unwrap_or("no detail")
+            escape(s.error.as_deref().unwrap_or("no detail"))
         ),
         Phase::CommittedUnconfirmed => format!(
             "committed but unconfirmed: the guest belongs to the destination; if it is held in \
@@ -471,14 +472,16 @@ pub fn status(a: &StatusArgs) -> Result<(), String> {
             "{:<16x} {:<11} {:<14} {:<22} {:>4} {:>10} {:>10} {:>10} {:>14}  {}",
             s.id,
             format!("{:?}", s.role).to_lowercase(),
-            s.guest,
+            escape(&s.guest),
             format!("{:?}", s.phase).to_lowercase(),
             s.iteration,
             s.pages_sent,
             s.remaining,
             format_size(s.wire_bytes),
             format_rate(s.rate_bps),
-            note
+            // Every field of a row is escaped: a string from a peer (a label, an error
+            // text) cannot start a line of its own or drive the terminal.
+            escape(&note)
         );
     }
     Ok(())
