@@ -210,17 +210,21 @@ pub fn receive(
     status: &Arc<Mutex<MigrationStatus>>,
     abort: &AtomicBool,
 ) -> Result<DestSummary, MigrateError> {
-    let (mut control, auth) = loop {
-        let (mut c, peer) = listener
-            .accept()
-            .map_err(|e| MigrateError::Connect("accepting the control connection".into(), e))?;
-        match prove(&mut c, &opts.psk, opts.timeout) {
-            Ok(Proven::Control(auth)) => break (c, auth),
-            Ok(Proven::Data(s)) => {
-                tracing::warn!(%peer, "dropping data stream {} before its migration", s.stream)
-            }
-            Err(e) => tracing::warn!(%peer, "dropping a connection: {e}"),
+    // One migration: the first connection must be its control connection and prove the key.
+    let started = Instant::now();
+    let (mut control, _) = listener
+        .accept()
+        .map_err(|e| MigrateError::Connect("accepting the control connection".into(), e))?;
+    let auth = match prove(&mut control, &opts.psk, opts.timeout) {
+        Ok(Proven::Control(auth)) => auth,
+        Ok(Proven::Data(s)) => {
+            let e = MigrateError::Peer(format!(
+                "data stream {} came before its migration's control connection",
+                s.stream
+            ));
+            return Err(fail(status, started, e));
         }
+        Err(e) => return Err(fail(status, started, e.into())),
     };
     tune(&mut control, opts)?;
     receive_on(
