@@ -7,6 +7,7 @@ use dataplane::daemon::control::{
     QemuGuestSpec, Request, Response, StartRequest, XenGuestSpec, request,
 };
 use dataplane::migrate::{MigrationStatus, Phase};
+use dataplane::protocol::text::escape;
 use dataplane::units::{format_rate, format_size, parse_duration, parse_rate_limit, parse_size};
 
 #[derive(clap::Args, Debug)]
@@ -377,12 +378,12 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
     let ms = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| format!("{v}"));
     println!(
         "group {} ({} members, on failure: {:?}){}",
-        g.name,
+        escape(&g.name),
         g.members.len(),
         g.on_failure,
         g.broken
             .as_ref()
-            .map_or_else(String::new, |b| format!(", broken: {b}"))
+            .map_or_else(String::new, |b| format!(", broken: {}", escape(b)))
     );
     println!(
         "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
@@ -402,7 +403,7 @@ fn group_status(socket: &Path, group: &str, json: bool) -> Result<(), String> {
     for m in g.members.values() {
         println!(
             "{:<16} {:>8} {:<10} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6} {:>12}",
-            m.name,
+            escape(&m.name),
             (m.pages * 4096) >> 20,
             match &m.state {
                 dataplane::coordinator::MemberState::Failed(_) => "failed".to_string(),
@@ -452,7 +453,7 @@ fn describe_end(s: &MigrationStatus) -> String {
         }
         Phase::Failed => format!(
             "failed: the guest runs at the source ({})",
-            s.error.as_deref().unwrap_or("no detail")
+            escape(s.error.as_deref().unwrap_or("no detail"))
         ),
         Phase::CommittedUnconfirmed => format!(
             "committed but unconfirmed: the guest belongs to the destination; if it is held in \
@@ -570,7 +571,7 @@ fn status_row(s: &MigrationStatus) -> String {
         "{:<16x} {:<11} {:<14} {:<21} {:>4} {:>10} {:>10} {:>10} {:>12} {:>8} {:<8}  {}",
         s.id,
         format!("{:?}", s.role).to_lowercase(),
-        s.guest,
+        escape(&s.guest),
         phase_name(s.phase),
         s.iteration,
         s.pages_sent,
@@ -583,7 +584,9 @@ fn status_row(s: &MigrationStatus) -> String {
             Some(false) => "NO",
             None => "-",
         },
-        note
+        // Every text of a row is escaped: a string from a peer (a label, an error text)
+        // cannot start a line of its own or drive the terminal.
+        escape(&note)
     )
 }
 

@@ -26,6 +26,7 @@ use dataplane::codec::CodecStats;
 use dataplane::migrate::source::IterationRecord;
 use dataplane::migrate::{MigrationStatus, Phase, Role, StopReason};
 use dataplane::page::PAGE_SIZE;
+use dataplane::protocol::text::escape;
 use dataplane::units::{format_duration, format_rate, format_size};
 
 /// How progress is shown.
@@ -277,7 +278,11 @@ impl Seen {
             out.push(Event::Start(format!(
                 "migration {:016x}: guest {} ({}, {} pages) {role}",
                 st.id,
-                if st.guest.is_empty() { "-" } else { &st.guest },
+                if st.guest.is_empty() {
+                    "-".into()
+                } else {
+                    escape(&st.guest)
+                },
                 format_size(st.guest_pages.saturating_mul(PAGE_SIZE as u64)),
                 group(st.guest_pages),
             )));
@@ -388,7 +393,7 @@ fn iteration_line(k: u32, st: &MigrationStatus) -> String {
 
 /// The closing line for a finished migration.
 pub fn end_line(st: &MigrationStatus) -> String {
-    let err = st.error.as_deref().unwrap_or("no reason given");
+    let err = escape(st.error.as_deref().unwrap_or("no reason given"));
     match st.phase {
         Phase::Completed => format!(
             "completed in {}: guest paused {}, memory {}{}",
@@ -591,7 +596,11 @@ pub fn summary_table(
             Role::Source => "source",
             Role::Destination => "destination",
         },
-        if st.guest.is_empty() { "-" } else { &st.guest },
+        if st.guest.is_empty() {
+            "-".into()
+        } else {
+            escape(&st.guest)
+        },
         format_size(guest_bytes),
         group(st.guest_pages),
         phase_name(st.phase)
@@ -744,7 +753,7 @@ pub fn summary_table(
         },
     ));
     if let Some(e) = &st.error {
-        kv.push(("error", e.clone()));
+        kv.push(("error", escape(e).into_owned()));
     }
     let key_w = kv.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let _ = writeln!(t);

@@ -260,7 +260,7 @@ fn idle_control_clients_are_bounded_and_cost_no_thread_each() {
 fn a_destination_refuses_a_guest_larger_than_the_host_and_keeps_serving() {
     use dataplane::codec::CodecConfig;
     use dataplane::crypto::PreSharedKey;
-    use dataplane::protocol::{Hello, ProtocolError, VERSION, send_hello};
+    use dataplane::protocol::{Hello, ProtocolError, send_hello};
 
     let mut dst = Daemon::start("hello-dst", 1, true, "");
     let src = Daemon::start("hello-src", 1, false, "");
@@ -268,7 +268,6 @@ fn a_destination_refuses_a_guest_larger_than_the_host_and_keeps_serving() {
     // One GiB more than this host has in all (under listen.max_guest, 256 GiB by default).
     let pages = (host_memory().total >> 12) + (1 << 18);
     let hello = Hello {
-        version: VERSION,
         migration_id: 0x0b16,
         source_nonce: [5; 32],
         guest_pages: pages,

@@ -153,6 +153,35 @@ pub fn coordinator_proof(
     out
 }
 
+/// HMAC-SHA256 over a connection's opening (protocol 7), keyed by HKDF of the pre-shared key
+/// under its own label (so it is never a frame or key-id key), fed `parts` in order: the
+/// destination's greeting with its fresh challenge, then the opening message.
+fn opening_hmac(psk: &PreSharedKey, parts: &[&[u8]]) -> hmac::Hmac<Sha256> {
+    use hmac::{KeyInit, Mac};
+    let mut key = Zeroizing::new([0u8; 32]);
+    Hkdf::<Sha256>::new(Some(b"skyferry/7 opening"), &psk.0[..])
+        .expand(b"opening mac key", &mut key[..])
+        .expect("32 bytes of HKDF output is always valid");
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes a key of any length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac
+}
+
+/// The MAC that proves a connection's opening comes from a holder of the pre-shared key.
+pub fn opening_mac(psk: &PreSharedKey, parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    opening_hmac(psk, parts).finalize().into_bytes().into()
+}
+
+/// Whether `tag` is [`opening_mac`] of `parts` (compared in constant time).
+pub fn opening_mac_matches(psk: &PreSharedKey, parts: &[&[u8]], tag: &[u8]) -> bool {
+    use hmac::Mac;
+    opening_hmac(psk, parts).verify_slice(tag).is_ok()
+}
+
 impl MigrationKeys {
     /// Derives a migration's key material from the pre-shared key, the Hello's `transcript`
     /// (a hash of it as sent, which names the migration) and both ends' nonces.

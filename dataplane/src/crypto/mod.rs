@@ -8,5 +8,6 @@ pub mod seal;
 pub use aead::{AeadImpl, default_impl, set_default_impl};
 pub use keys::{
     Direction, HandshakeNonce, KeyError, MigrationKeys, PreSharedKey, StreamKey, coordinator_proof,
+    opening_mac, opening_mac_matches,
 };
 pub use seal::{HeaderChecker, OpenError, OpenedFrame, Opener, Sealer};

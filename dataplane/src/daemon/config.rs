@@ -82,6 +82,13 @@ pub struct ListenSection {
     /// How long a migration whose link broke in pre-copy is held for its source to
     /// reconnect; then it is discarded.
     pub resume_window: String,
+    /// How long a new connection has to prove it holds the key (its Hello or StreamHello,
+    /// answering the greeting); then it is closed.
+    pub handshake_timeout: String,
+    /// Connections that have not proven the key, at once; when full, the oldest is closed.
+    pub max_unauthenticated: usize,
+    /// Of those, from one address; when full, that address's oldest is closed.
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for ListenSection {
@@ -95,6 +102,28 @@ impl Default for ListenSection {
             queue_wait: "20s".into(),
             timeout: "30s".into(),
             resume_window: "120s".into(),
+            handshake_timeout: "5s".into(),
+            max_unauthenticated: 4096,
+            max_unauthenticated_per_address: 1024,
+        }
+    }
+}
+
+/// `[status]`: how long `skyferry status` remembers migrations that ended.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusSection {
+    /// Most ended migrations kept (the oldest go first).
+    pub max_finished: usize,
+    /// How long an ended migration is kept.
+    pub finished_ttl: String,
+}
+
+impl Default for StatusSection {
+    fn default() -> Self {
+        StatusSection {
+            max_finished: 256,
+            finished_ttl: "24h".into(),
         }
     }
 }
@@ -358,6 +387,8 @@ pub struct DaemonConfig {
     pub daemon: DaemonSection,
     /// `[listen]`
     pub listen: ListenSection,
+    /// `[status]`
+    pub status: StatusSection,
     /// `[network]`
     pub network: NetworkSection,
     /// `[source]`
@@ -407,6 +438,16 @@ pub struct Settings {
     pub listen_timeout: Duration,
     /// How long a broken pre-copy is held for its source to come back.
     pub resume_window: Duration,
+    /// How long a new connection has to prove the key.
+    pub handshake_timeout: Duration,
+    /// Unauthenticated connections at once.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated connections at once from one address.
+    pub max_unauthenticated_per_address: usize,
+    /// Ended migrations kept for `status`.
+    pub status_max_finished: usize,
+    /// How long an ended migration is kept for `status`.
+    pub status_finished_ttl: Duration,
     /// Socket tuning.
     pub socket: SocketOptions,
     /// Default streams.
@@ -515,6 +556,12 @@ impl DaemonConfig {
         let max_guest = size("listen.max_guest", &c.listen.max_guest)?;
         crate::limits::check_guest_size(max_guest)
             .map_err(|e| key("listen.max_guest", e.to_string()))?;
+        if c.listen.max_unauthenticated == 0 || c.listen.max_unauthenticated_per_address == 0 {
+            return Err(key(
+                "listen.max_unauthenticated",
+                "both it and max_unauthenticated_per_address must be at least 1".into(),
+            ));
+        }
         Ok(Settings {
             control_socket: c.daemon.control_socket,
             control_clients: crate::daemon::control_server::ClientLimits {
@@ -528,6 +575,11 @@ impl DaemonConfig {
             max_streams: c.listen.max_streams,
             listen_timeout: dur("listen.timeout", &c.listen.timeout)?,
             resume_window: dur("listen.resume_window", &c.listen.resume_window)?,
+            handshake_timeout: dur("listen.handshake_timeout", &c.listen.handshake_timeout)?,
+            max_unauthenticated: c.listen.max_unauthenticated,
+            max_unauthenticated_per_address: c.listen.max_unauthenticated_per_address,
+            status_max_finished: c.status.max_finished,
+            status_finished_ttl: dur("status.finished_ttl", &c.status.finished_ttl)?,
             socket: SocketOptions {
                 send_buffer: usize::try_from(size("network.send_buffer", &c.network.send_buffer)?)
                     .unwrap_or(usize::MAX),

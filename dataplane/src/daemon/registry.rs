@@ -4,7 +4,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::acceptor::{self, RoutedStreams, Router};
+use super::acceptor::{self, Limits, Receive, RoutedStreams, Router};
 use super::config::Settings;
 use super::control::{Request, Response, StartRequest};
 use crate::coordinator::{Coordinator, GroupOptions};
@@ -15,11 +15,12 @@ use crate::guest::synthetic::{SyntheticGuest, SyntheticOptions, SyntheticTarget}
 use crate::guest::workload::Workload;
 use crate::guest::xen::{XenGuest, XenSourceConfig, XenTarget};
 use crate::guest::{DestGuest, SourceGuest};
-use crate::migrate::dest::{DestOptions, receive_on};
+use crate::migrate::dest::{DestOptions, check_hello_text, receive_on, tune};
 use crate::migrate::source::{SourceDisk, SourceNetwork, SourceOptions, migrate};
 use crate::migrate::{MigrationStatus, Phase, Role};
 use crate::network::GuestIdentity;
 use crate::page::PAGE_SIZE;
+use crate::protocol::{AuthHello, send_welcome, text};
 
 struct Entry {
     status: Arc<Mutex<MigrationStatus>>,
@@ -29,6 +30,53 @@ struct Entry {
     /// migration completes.
     source: Arc<Mutex<Option<Arc<dyn SourceGuest>>>>,
     target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
+    /// When its thread ended (then its phase is final, in doubt, or held by a guest).
+    ended: Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+impl Entry {
+    fn new(
+        status: Arc<Mutex<MigrationStatus>>,
+        abort: Arc<AtomicBool>,
+        source: Arc<Mutex<Option<Arc<dyn SourceGuest>>>>,
+        target: Arc<Mutex<Option<Arc<dyn DestGuest>>>>,
+    ) -> Self {
+        Entry {
+            status,
+            abort,
+            source,
+            target,
+            ended: Arc::default(),
+        }
+    }
+
+    /// When this row may go: its migration ended for good and it holds no guest (a guest
+    /// that runs here, or waits here in doubt, keeps its row).
+    fn expirable_since(&self) -> Option<std::time::Instant> {
+        let ended = (*self.ended.lock().expect("entry lock"))?;
+        let final_ = self.status.lock().expect("status lock").phase.is_final();
+        let holds = self.source.lock().expect("slot lock").is_some()
+            || self.target.lock().expect("slot lock").is_some();
+        (final_ && !holds).then_some(ended)
+    }
+}
+
+/// Ends a migration's row on its thread's end, so the row never contradicts the log: a
+/// migration that ended with `result` is not left in a phase that says it goes on.
+fn settle(
+    status: &Mutex<MigrationStatus>,
+    ended: &Mutex<Option<std::time::Instant>>,
+    result: Result<(), String>,
+) {
+    let mut st = status.lock().expect("status lock");
+    if let Err(why) = result
+        && !st.phase.is_final()
+        && st.phase != Phase::InDoubt
+    {
+        st.phase = Phase::Failed;
+        st.error = Some(why);
+    }
+    *ended.lock().expect("entry lock") = Some(std::time::Instant::now());
 }
 
 /// Migration `id` among `entries`, or the error response that says it is not here.
@@ -145,6 +193,10 @@ impl Registry {
             Request::Resolve { id, start } => self.resolve(id, start),
             Request::GroupStatus { group } => self.group_status(&group),
             Request::Status { id } => {
+                {
+                    let mut entries = self.entries.lock().expect("registry lock");
+                    self.expire(&mut entries);
+                }
                 let migrations = self
                     .snapshot()
                     .into_iter()
@@ -160,6 +212,42 @@ impl Registry {
                 Response::Status { migrations }
             }
         }
+    }
+
+    /// Forgets ended rows beyond `[status] max_finished` (the oldest first) or older than
+    /// `[status] finished_ttl`.
+    fn expire(&self, entries: &mut Vec<Entry>) {
+        let now = std::time::Instant::now();
+        let ttl = self.settings.status_finished_ttl;
+        entries.retain(|e| {
+            e.expirable_since()
+                .is_none_or(|t| now.saturating_duration_since(t) < ttl)
+        });
+        let mut ended: Vec<(std::time::Instant, usize)> = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.expirable_since().map(|t| (t, i)))
+            .collect();
+        let max = self.settings.status_max_finished;
+        if ended.len() > max {
+            ended.sort_unstable();
+            let mut gone = vec![false; entries.len()];
+            for &(_, i) in &ended[..ended.len() - max] {
+                gone[i] = true;
+            }
+            let mut i = 0;
+            entries.retain(|_| {
+                i += 1;
+                !gone[i - 1]
+            });
+        }
+    }
+
+    /// Adds a row, forgetting expired ones.
+    fn add(&self, entry: Entry) {
+        let mut entries = self.entries.lock().expect("registry lock");
+        self.expire(&mut entries);
+        entries.push(entry);
     }
 
     /// Starts or discards a guest held in doubt.
@@ -264,6 +352,7 @@ impl Registry {
             (None, None) if r.kvm => format!("kvm-{}-{:x}", r.workload, id & 0xffff),
             (None, None) => format!("{}-{:x}", r.workload, id & 0xffff),
         });
+        text::check_name("the guest label", &label, text::MAX_LABEL)?;
         let opts = SourceOptions {
             peer,
             psk: self.psk.clone(),
@@ -315,27 +404,28 @@ impl Registry {
         let abort = Arc::new(AtomicBool::new(false));
         let kept = Arc::new(Mutex::new(Some(guest.clone())));
         let gate = self.admission.outbound.clone();
-        self.entries.lock().expect("registry lock").push(Entry {
-            status: status.clone(),
-            abort: abort.clone(),
-            source: kept.clone(),
-            target: Arc::default(),
-        });
+        let entry = Entry::new(status.clone(), abort.clone(), kept.clone(), Arc::default());
+        let ended = entry.ended.clone();
+        self.add(entry);
         std::thread::Builder::new()
             .name(format!("sf-migrate-{:x}", id & 0xffff))
             .spawn(move || {
+                let mid = crate::migrate::MigrationId(id);
                 // Waits here, queued, while this host sends its limit of migrations.
                 let permit = gate.acquire(&status, &abort, None);
                 let result = match &permit {
-                    Ok(_) => migrate(guest, &opts, id, &status, &abort).map_err(|e| e.to_string()),
+                    Ok(_) => match migrate(guest, &opts, id, &status, &abort) {
+                        Ok(s) => {
+                            tracing::info!(migration = %mid, phase = ?s.status.phase, "migration ended");
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::warn!(migration = %mid, "migration failed: {e}");
+                            Err(e.to_string())
+                        }
+                    },
                     Err(refused) => Err(super::admission::not_admitted(refused, &status)),
                 };
-                match result {
-                    Ok(s) => {
-                        tracing::info!(migration = %crate::migrate::MigrationId(id), phase = ?s.status.phase, "migration ended");
-                    }
-                    Err(e) => tracing::warn!(migration = %crate::migrate::MigrationId(id), "migration failed: {e}"),
-                }
                 drop(permit);
                 let check = kept
                     .lock()
@@ -347,12 +437,13 @@ impl Registry {
                     st.guest_check = check;
                 }
                 let phase = st.phase;
-                super::metrics::count_ended(&st);
                 drop(st);
                 if matches!(phase, Phase::Completed | Phase::CommittedUnconfirmed) {
                     // It runs at the destination now and never again here: free its memory.
                     kept.lock().expect("registry lock").take();
                 }
+                settle(&status, &ended, result);
+                super::metrics::count_ended(&status.lock().expect("status lock"));
             })
             .map_err(|e| e.to_string())?;
         Ok(id)
@@ -563,13 +654,26 @@ impl Registry {
     pub fn listen(self: &Arc<Self>, listener: &TcpListener) {
         let router = Arc::new(Router::default());
         let (this, routes) = (self.clone(), router.clone());
-        let receive: Arc<dyn Fn(TcpStream) + Send + Sync> =
-            Arc::new(move |control| this.receive_one(control, &routes));
-        acceptor::serve(listener, &router, &receive);
+        let receive: Receive =
+            Arc::new(move |control, auth| this.receive_one(control, &auth, &routes));
+        let s = &self.settings;
+        let limits = Limits {
+            psk: self.psk.clone(),
+            handshake_timeout: s.handshake_timeout,
+            max_unauthenticated: s.max_unauthenticated,
+            max_per_address: s.max_unauthenticated_per_address,
+        };
+        acceptor::serve(listener, &router, &receive, limits);
     }
 
-    /// Receives the migration whose control connection is `control`, on this thread.
-    fn receive_one(self: &Arc<Self>, control: TcpStream, router: &Arc<Router>) {
+    /// Receives the migration whose control connection is `control`, on this thread. Its
+    /// Hello proved the key: only now does it take a slot and a status row.
+    fn receive_one(
+        self: &Arc<Self>,
+        mut control: TcpStream,
+        auth: &AuthHello,
+        router: &Arc<Router>,
+    ) {
         let s = &self.settings;
         let opts = DestOptions {
             psk: self.psk.clone(),
@@ -582,20 +686,40 @@ impl Registry {
             announce: s.announce.clone(),
             resume_window: s.resume_window,
         };
+        let h = &auth.hello;
+        let peer = control
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        if let Err(e) = tune(&mut control, &opts) {
+            tracing::warn!(%peer, "incoming migration: {e}");
+            return;
+        }
+        // Strings are checked before any is kept or shown: a bad one gets a refusal, no row.
+        if let Err(why) = check_hello_text(h) {
+            tracing::warn!(%peer, migration = %crate::migrate::MigrationId(h.migration_id), "refused a migration: {why}");
+            let _ = send_welcome(&mut control, &self.psk, auth, Err(why));
+            return;
+        }
         let status = Arc::new(Mutex::new(MigrationStatus::new(
-            0,
+            h.migration_id,
             Role::Destination,
-            "",
-            0,
+            &h.guest,
+            h.guest_pages,
         )));
         let abort = Arc::new(AtomicBool::new(false));
         let target: Arc<Mutex<Option<Arc<dyn DestGuest>>>> = Arc::default();
-        self.entries.lock().expect("registry lock").push(Entry {
-            status: status.clone(),
-            abort: abort.clone(),
-            source: Arc::default(),
-            target: target.clone(),
-        });
+        let entry = Entry::new(
+            status.clone(),
+            abort.clone(),
+            Arc::default(),
+            target.clone(),
+        );
+        let ended = entry.ended.clone();
+        // A reconnection that reached this thread names no migration held here: it is
+        // refused, and leaves no row.
+        if h.resume == 0 {
+            self.add(entry);
+        }
         let slot = target.clone();
         let this = self.clone();
         // Held while the migration is received here.
@@ -625,31 +749,40 @@ impl Registry {
             Ok(t)
         });
         let mut streams = RoutedStreams::new(router.clone());
-        let result = receive_on(control, &mut streams, &opts, factory, &status, &abort);
-        permit.lock().expect("permit lock").take();
-        let id = crate::migrate::MigrationId(status.lock().expect("status lock").id);
-        match result {
-            Ok(_) => tracing::info!(migration = %id, "migration received; the guest runs here"),
+        let id = crate::migrate::MigrationId(h.migration_id);
+        let result = match receive_on(control, auth, &mut streams, &opts, factory, &status, &abort)
+        {
+            Ok(_) => {
+                tracing::info!(migration = %id, "migration received; the guest runs here");
+                Ok(())
+            }
             // Held, paused, until the operator resolves it.
-            Err(e @ crate::migrate::MigrateError::InDoubt(_)) => tracing::error!("{e}"),
+            Err(e @ crate::migrate::MigrateError::InDoubt(_)) => {
+                tracing::error!("{e}");
+                Err(e.to_string())
+            }
             Err(e) => {
                 tracing::warn!(migration = %id, "incoming migration failed: {e}");
                 // Discard the half-built guest.
                 target.lock().expect("slot lock").take();
+                Err(e.to_string())
             }
-        }
+        };
         drop(streams);
-        {
+        permit.lock().expect("permit lock").take();
+        let busy = busy.load(Ordering::Acquire);
+        settle(&status, &ended, result);
+        if busy {
+            // Refused as busy: its source asks again, and its own row says it waits.
+            self.entries
+                .lock()
+                .expect("registry lock")
+                .retain(|e| !Arc::ptr_eq(&e.status, &status));
+        } else if h.resume == 0 {
             let st = status.lock().expect("status lock");
-            if st.id != 0 && st.phase.is_final() && !busy.load(Ordering::Acquire) {
+            if st.phase.is_final() {
                 super::metrics::count_ended(&st);
             }
         }
-        // Forget this connection if it never got past the handshake (id 0), or was refused
-        // as busy: its source asks again, and its own row says it waits.
-        self.entries.lock().expect("registry lock").retain(|e| {
-            !Arc::ptr_eq(&e.status, &status)
-                || (!busy.load(Ordering::Acquire) && e.status.lock().expect("status lock").id != 0)
-        });
     }
 }

@@ -18,10 +18,9 @@ use crate::disk::drbd::{DrbdDisk, Side, Steer};
 use crate::guest::DestGuest;
 use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::pipeline::sink::SinkPipeline;
-use crate::protocol::handshake::check_version;
 use crate::protocol::{
-    ControlRx, ControlTx, Hello, MAX_CACHE_BYTES, MAX_STATE, ProtocolError, ToDest, ToSource,
-    accept_stream, control_channel, read_hello, send_welcome,
+    AuthHello, ControlRx, ControlTx, Hello, MAX_CACHE_BYTES, MAX_STATE, ProtocolError, Proven,
+    ToDest, ToSource, accept_opening, control_channel, send_welcome, text,
 };
 use crate::transport::SocketOptions;
 
@@ -133,16 +132,26 @@ pub trait DataStreams {
         want: u32,
     ) -> Result<TcpStream, MigrateError>;
 
-    /// After pre-copy lost its link: the next control connection that may be the source
-    /// reconnecting to migration `id` (its Hello not yet read), within `window`. None when
-    /// the window has passed or `abort` is set.
-    fn resumed(&mut self, id: u64, window: Duration, abort: &AtomicBool) -> Option<TcpStream>;
+    /// After pre-copy lost its link: the next control connection that proved the key with
+    /// a Hello to resume migration `id`, within `window`. None when the window has passed or
+    /// `abort` is set.
+    fn resumed(
+        &mut self,
+        id: u64,
+        window: Duration,
+        abort: &AtomicBool,
+    ) -> Option<(TcpStream, Box<AuthHello>)>;
 }
 
 /// Data streams accepted on the migration's own listener, one migration at a time (the
 /// demo and the benchmarks; the daemon routes them, see `daemon::acceptor`).
 #[derive(Debug)]
-pub struct ListenerStreams<'a>(pub &'a TcpListener);
+pub struct ListenerStreams<'a> {
+    /// The listener.
+    pub listener: &'a TcpListener,
+    /// The key each stream proves it holds.
+    pub psk: PreSharedKey,
+}
 
 impl DataStreams for ListenerStreams<'_> {
     fn expect(&mut self, _id: u64) -> Result<(), String> {
@@ -156,19 +165,29 @@ impl DataStreams for ListenerStreams<'_> {
         id: u64,
         want: u32,
     ) -> Result<TcpStream, MigrateError> {
-        accept_data(self.0, control, timeout, id, want)
+        accept_data(self.listener, &self.psk, control, timeout, id, want)
     }
 
-    fn resumed(&mut self, id: u64, window: Duration, abort: &AtomicBool) -> Option<TcpStream> {
+    fn resumed(
+        &mut self,
+        id: u64,
+        window: Duration,
+        abort: &AtomicBool,
+    ) -> Option<(TcpStream, Box<AuthHello>)> {
         let deadline = Instant::now() + window;
-        self.0.set_nonblocking(true).ok()?;
+        self.listener.set_nonblocking(true).ok()?;
         let found = loop {
             if abort.load(Ordering::Relaxed) || Instant::now() >= deadline {
                 break None;
             }
-            match self.0.accept() {
-                Ok((c, _)) if c.set_nonblocking(false).is_ok() => break Some(c),
-                Ok(_) => {}
+            match self.listener.accept() {
+                Ok((mut c, peer)) => match prove(&mut c, &self.psk, window) {
+                    Ok(Proven::Control(auth)) => break Some((c, auth)),
+                    Ok(Proven::Data(_)) => {
+                        tracing::warn!(%peer, "migration {id:x}: dropping a data stream while waiting for the source to reconnect");
+                    }
+                    Err(e) => tracing::warn!(%peer, "dropping a connection: {e}"),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -178,7 +197,7 @@ impl DataStreams for ListenerStreams<'_> {
                 }
             }
         };
-        self.0.set_nonblocking(false).ok()?;
+        self.listener.set_nonblocking(false).ok()?;
         found
     }
 }
@@ -191,12 +210,30 @@ pub fn receive(
     status: &Arc<Mutex<MigrationStatus>>,
     abort: &AtomicBool,
 ) -> Result<DestSummary, MigrateError> {
-    let (control, _) = listener
+    // One migration: the first connection must be its control connection and prove the key.
+    let started = Instant::now();
+    let (mut control, _) = listener
         .accept()
         .map_err(|e| MigrateError::Connect("accepting the control connection".into(), e))?;
+    let auth = match prove(&mut control, &opts.psk, opts.timeout) {
+        Ok(Proven::Control(auth)) => auth,
+        Ok(Proven::Data(s)) => {
+            let e = MigrateError::Peer(format!(
+                "data stream {} came before its migration's control connection",
+                s.stream
+            ));
+            return Err(fail(status, started, e));
+        }
+        Err(e) => return Err(fail(status, started, e.into())),
+    };
+    tune(&mut control, opts)?;
     receive_on(
         control,
-        &mut ListenerStreams(listener),
+        &auth,
+        &mut ListenerStreams {
+            listener,
+            psk: opts.psk.clone(),
+        },
         opts,
         make_guest,
         status,
@@ -204,10 +241,11 @@ pub fn receive(
     )
 }
 
-/// Carries the migration whose control connection is `control` to its end, its data
-/// streams coming from `streams`.
+/// Carries the migration whose control connection is `control` (its Hello `auth` proved the
+/// key; the socket is tuned, see [`tune`]) to its end, its data streams coming from `streams`.
 pub fn receive_on(
     mut control: TcpStream,
+    auth: &AuthHello,
     streams: &mut dyn DataStreams,
     opts: &DestOptions,
     make_guest: Box<GuestFactory<'_>>,
@@ -215,7 +253,7 @@ pub fn receive_on(
     abort: &AtomicBool,
 ) -> Result<DestSummary, MigrateError> {
     let started = Instant::now();
-    let hello = tune_and_read_hello(&mut control, opts)?;
+    let hello = &auth.hello;
     // Every line this migration logs here from now on names it.
     let _span =
         tracing::info_span!("migration", id = %super::MigrationId(hello.migration_id)).entered();
@@ -227,7 +265,7 @@ pub fn receive_on(
              passed, or this daemon restarted)",
             hello.migration_id
         );
-        send_welcome(&mut control, &opts.psk, &hello, Err(why.clone()))?;
+        send_welcome(&mut control, &opts.psk, auth, Err(why.clone()))?;
         return Err(MigrateError::Peer(format!("refused a reconnection: {why}")));
     }
     *status.lock().expect("status lock") = MigrationStatus::new(
@@ -237,15 +275,14 @@ pub fn receive_on(
         hello.guest_pages,
     );
 
-    let verdict = check_version(&hello)
-        .and_then(|()| check_hello(&hello, opts))
-        .and_then(|()| crate::limits::check_incoming(&hello))
+    let verdict = check_hello(hello, opts)
+        .and_then(|()| crate::limits::check_incoming(hello))
         .and_then(|()| streams.expect(hello.migration_id));
-    let guest = verdict.clone().and_then(|()| make_guest(&hello));
+    let guest = verdict.clone().and_then(|()| make_guest(hello));
     let keys = send_welcome(
         &mut control,
         &opts.psk,
-        &hello,
+        auth,
         guest.as_ref().map(|_| ()).map_err(Clone::clone),
     )?;
     let refusal = match (&verdict, &guest) {
@@ -261,7 +298,7 @@ pub fn receive_on(
         ));
     };
     let (mut link, first) =
-        match Link::open(control, streams, &hello, &keys, &guest, opts, &mut false) {
+        match Link::open(control, streams, hello, &keys, &guest, opts, &mut false) {
             Ok(l) => l,
             Err(e) => return Err(fail(status, started, e)),
         };
@@ -290,7 +327,7 @@ pub fn receive_on(
                         break Err(p);
                     }
                 }
-                match wait_resume(streams, &hello, &guest, opts, status, abort, &e) {
+                match wait_resume(streams, hello, &guest, opts, status, abort, &e) {
                     Ok((mut resumed, iteration)) => {
                         resumed.pipeline.carry_over(&link.pipeline);
                         link = resumed;
@@ -468,7 +505,7 @@ fn wait_resume(
     let mut failed = 0u32;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let Some(control) = streams.resumed(id, left, abort) else {
+        let Some((control, auth)) = streams.resumed(id, left, abort) else {
             if abort.load(Ordering::Relaxed) {
                 return Err(MigrateError::Aborted);
             }
@@ -483,7 +520,7 @@ fn wait_resume(
             )));
         };
         let mut proven = false;
-        match resume_link(control, streams, hello, guest, opts, &mut proven) {
+        match resume_link(control, &auth, streams, hello, guest, opts, &mut proven) {
             Ok(r) => return Ok(r),
             Err(e) => {
                 failed += 1;
@@ -505,19 +542,21 @@ fn wait_resume(
 /// codec and frame size), hold the key, and open with `Resume`.
 fn resume_link(
     mut control: TcpStream,
+    auth: &AuthHello,
     streams: &mut dyn DataStreams,
     original: &Hello,
     guest: &Arc<dyn DestGuest>,
     opts: &DestOptions,
     proven: &mut bool,
 ) -> Result<(Link, u32), MigrateError> {
-    let h = tune_and_read_hello(&mut control, opts)?;
-    let verdict = check_version(&h).and_then(|()| same_migration(original, &h));
-    let Some(keys) = send_welcome(&mut control, &opts.psk, &h, verdict.clone())? else {
+    tune(&mut control, opts)?;
+    let h = &auth.hello;
+    let verdict = same_migration(original, h);
+    let Some(keys) = send_welcome(&mut control, &opts.psk, auth, verdict.clone())? else {
         let why = verdict.err().unwrap_or_default();
         return Err(MigrateError::Peer(format!("refused: {why}")));
     };
-    let (mut link, first) = Link::open(control, streams, &h, &keys, guest, opts, proven)?;
+    let (mut link, first) = Link::open(control, streams, h, &keys, guest, opts, proven)?;
     match first {
         ToDest::Resume { iteration } => Ok((link, iteration)),
         m => {
@@ -530,15 +569,28 @@ fn resume_link(
     }
 }
 
-/// Tunes a new control connection and reads its Hello, within the timeout.
-fn tune_and_read_hello(control: &mut TcpStream, opts: &DestOptions) -> Result<Hello, MigrateError> {
+/// Tunes a control connection whose Hello proved the key.
+pub fn tune(control: &mut TcpStream, opts: &DestOptions) -> Result<(), MigrateError> {
     opts.socket
         .apply(control)
         .map_err(|e| MigrateError::Connect("tuning the control socket".into(), e))?;
     control
         .set_read_timeout(Some(opts.timeout))
-        .map_err(|e| MigrateError::Connect("control timeout".into(), e))?;
-    Ok(read_hello(control)?)
+        .map_err(|e| MigrateError::Connect("control timeout".into(), e))
+}
+
+/// Greets a connection accepted on a listener of its own and reads its opening, within
+/// `timeout` (blocking: the demo and the benchmarks; the daemon's acceptor does this for
+/// many connections at once).
+fn prove(
+    c: &mut TcpStream,
+    psk: &PreSharedKey,
+    timeout: Duration,
+) -> Result<Proven, ProtocolError> {
+    c.set_nonblocking(false)
+        .and_then(|()| c.set_read_timeout(Some(timeout.min(Duration::from_secs(5)))))
+        .map_err(|e| ProtocolError::io("a new connection", e))?;
+    accept_opening(c, psk)
 }
 
 /// A reconnection's Hello must describe the migration it resumes.
@@ -566,6 +618,7 @@ fn same_migration(original: &Hello, h: &Hello) -> Result<(), String> {
 /// or after `timeout`.
 fn accept_data(
     listener: &TcpListener,
+    psk: &PreSharedKey,
     control: &std::net::TcpStream,
     timeout: Duration,
     id: u64,
@@ -578,20 +631,15 @@ fn accept_data(
         .map_err(|e| io("listener", e))?;
     let result = loop {
         match listener.accept() {
-            Ok((mut d, peer)) => {
-                let hello = d
-                    .set_nonblocking(false)
-                    .and_then(|()| d.set_read_timeout(Some(Duration::from_secs(5))))
-                    .map_err(|e| ProtocolError::io("data stream", e))
-                    .and_then(|()| accept_stream(&mut d));
-                match hello {
-                    Ok(h) if h.migration_id == id && h.stream == want => break Ok(d),
-                    other => tracing::warn!(
-                        %peer,
-                        "dropping a connection that is not data stream {want} of migration {id:x}: {other:?}"
-                    ),
+            Ok((mut d, peer)) => match prove(&mut d, psk, timeout) {
+                Ok(Proven::Data(h)) if h.migration_id == id && h.stream == want => {
+                    break Ok(d);
                 }
-            }
+                other => tracing::warn!(
+                    %peer,
+                    "dropping a connection that is not data stream {want} of migration {id:x}: {other:?}"
+                ),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => break Err(io("accepting a data stream", e)),
         }
@@ -648,8 +696,9 @@ fn fail(status: &Arc<Mutex<MigrationStatus>>, started: Instant, e: MigrateError)
     e
 }
 
-/// What this host is willing to receive (after `check_version`). Public for the fuzz target
-/// (`dataplane/fuzz`), which runs every Hello it reads through it.
+/// What this host is willing to receive from a Hello that proved the key (its version was
+/// checked from the header). Public for the fuzz target (`dataplane/fuzz`), which runs every
+/// Hello it reads through it.
 pub fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
     if h.guest_pages == 0 || h.guest_pages > opts.max_guest_pages {
         return Err(format!(
@@ -678,6 +727,17 @@ pub fn check_hello(h: &Hello, opts: &DestOptions) -> Result<(), String> {
     let frame = usize::try_from(h.frame_size).unwrap_or(usize::MAX);
     if !(crate::frame::MIN_FRAME_SIZE..=crate::frame::MAX_FRAME_SIZE).contains(&frame) {
         return Err(format!("frame size {frame} outside the supported range"));
+    }
+    check_hello_text(h)
+}
+
+/// The Hello's strings, checked before any of them is kept, shown or used to name a file:
+/// the guest label, the backend and the destination.
+pub fn check_hello_text(h: &Hello) -> Result<(), String> {
+    text::check_name("the guest label", &h.guest, text::MAX_LABEL)?;
+    text::check_name("the backend", &h.backend, text::MAX_BACKEND)?;
+    if let Some(d) = &h.destination {
+        text::check_name("the destination", d, text::MAX_DESTINATION)?;
     }
     Ok(())
 }
@@ -714,7 +774,7 @@ fn wait_frames(
                 return Err(if operator {
                     MigrateError::Aborted
                 } else {
-                    MigrateError::Peer(format!("source failed: {reason}"))
+                    MigrateError::Peer(format!("source failed: {}", text::from_peer(&reason)))
                 });
             }
             Ok(other) => later.push_back(other),
@@ -1001,7 +1061,7 @@ fn follow(
                 return Err(if operator {
                     MigrateError::Aborted
                 } else {
-                    MigrateError::Peer(format!("source failed: {reason}"))
+                    MigrateError::Peer(format!("source failed: {}", text::from_peer(&reason)))
                 });
             }
             ToDest::Resume { .. } => {
@@ -1017,7 +1077,6 @@ fn follow(
 mod tests {
     use super::*;
     use crate::codec::CodecConfig;
-    use crate::protocol::VERSION;
 
     fn opts() -> DestOptions {
         DestOptions {
@@ -1035,7 +1094,6 @@ mod tests {
 
     fn hello() -> Hello {
         Hello {
-            version: VERSION,
             migration_id: 1,
             source_nonce: [2; 32],
             guest_pages: 1 << 10,

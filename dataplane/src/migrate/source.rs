@@ -29,8 +29,8 @@ use crate::network::{AnnounceConfig, GuestIdentity};
 use crate::page::PAGE_SIZE;
 use crate::pipeline::source::{SourcePipeline, SourceSettings};
 use crate::protocol::{
-    ControlTx, Hello, STATE_PART, StreamHello, ToDest, ToSource, VERSION, control_channel,
-    open_stream, send_hello,
+    ControlTx, Hello, STATE_PART, StreamHello, ToDest, ToSource, control_channel, open_stream,
+    send_hello, text,
 };
 use crate::transport::SocketOptions;
 
@@ -420,7 +420,6 @@ impl Run<'_> {
             MigrateError::Connect("nonce".into(), std::io::Error::other(e.to_string()))
         })?;
         let hello = Hello {
-            version: VERSION,
             migration_id: self.id,
             source_nonce: nonce.0,
             guest_pages: self.guest.page_count(),
@@ -440,13 +439,18 @@ impl Run<'_> {
         let mut stream_keys = Vec::new();
         for s in 1..=o.streams {
             let mut d = dial("data stream")?;
+            d.set_read_timeout(Some(o.timeout))
+                .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
             open_stream(
                 &mut d,
+                &o.psk,
                 StreamHello {
                     migration_id: self.id,
                     stream: s,
                 },
             )?;
+            d.set_read_timeout(None)
+                .map_err(|e| MigrateError::Connect("data timeout".into(), e))?;
             data.push(d);
             stream_keys.push(keys.stream_key(s, Direction::SourceToDest));
         }
@@ -538,7 +542,9 @@ impl Run<'_> {
             match session.from_dest.recv_timeout(Duration::from_millis(100)) {
                 Ok(Ok(ToSource::Prepared)) => prepared = true,
                 Ok(Ok(ToSource::IterationAck { .. })) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(Ok(ToSource::Failed { reason })) => break Err(MigrateError::Peer(reason)),
+                Ok(Ok(ToSource::Failed { reason })) => {
+                    break Err(MigrateError::Peer(text::from_peer(&reason)));
+                }
                 Ok(Ok(m)) => {
                     break Err(MigrateError::Peer(format!("expected Prepared, got {m:?}")));
                 }
@@ -716,7 +722,9 @@ impl Run<'_> {
         while let Ok(m) = session.from_dest.try_recv() {
             match m {
                 Ok(ToSource::IterationAck { iteration }) => self.ack(iteration),
-                Ok(ToSource::Failed { reason }) => return Err(MigrateError::Peer(reason)),
+                Ok(ToSource::Failed { reason }) => {
+                    return Err(MigrateError::Peer(text::from_peer(&reason)));
+                }
                 Ok(other) => return Err(MigrateError::Peer(format!("unexpected {other:?}"))),
                 Err(e) => return Err(MigrateError::LinkLost(format!("control connection: {e}"))),
             }
@@ -737,7 +745,9 @@ impl Run<'_> {
                 .recv_timeout(left.min(Duration::from_millis(100)))
             {
                 Ok(Ok(ToSource::IterationAck { iteration })) => self.ack(iteration),
-                Ok(Ok(ToSource::Failed { reason })) => return Err(MigrateError::Peer(reason)),
+                Ok(Ok(ToSource::Failed { reason })) => {
+                    return Err(MigrateError::Peer(text::from_peer(&reason)));
+                }
                 Ok(Ok(m)) => return Ok(m),
                 Ok(Err(e)) => {
                     return Err(MigrateError::LinkLost(format!("control connection: {e}")));

@@ -3,10 +3,13 @@
 //! ```text
 //! source                                   destination
 //!   | control connection                        |
-//!   |-- Hello (clear: id, nonce, size, codec) ->|   checks size, config, capacity
-//!   |<- Welcome (clear: nonce, key check) ------|   keys now derived at both ends
+//!   |<- Greeting (versions, fresh challenge) ---|   sent on every accepted connection
+//!   |-- Hello + MAC(PSK; greeting, Hello) ----->|   MAC checked first; only then: size,
+//!   |                                           |   config, capacity, a status row
+//!   |<- Welcome (key check) --------------------|   keys now derived at both ends
 //!   | data connections 1..=N                    |
-//!   |== StreamHello, then sealed frames =======>|   pages, decoded into the new guest
+//!   |<- Greeting (its own challenge) -----------|
+//!   |== StreamHello + MAC, then sealed frames =>|   pages, decoded into the new guest
 //!   | (sealed control messages from here on)    |
 //!   |-- Prepare{disk?, network?} -------------->|   checks it can steer the disk and
 //!   |   (both: DRBD bulk sync, then protocol C) |   announce the guest here
@@ -26,6 +29,11 @@
 //!   |<- Started --------------------------------|   guest runs at the destination
 //! ```
 //!
+//! A connection that has not proven the key (a Hello or StreamHello whose MAC over this
+//! connection's challenge verifies) gets nothing but the greeting, a place in the acceptor's
+//! bounded pool of unauthenticated connections and a short deadline; see `handshake` and
+//! `docs/handshake.md` for the bytes, and `daemon::acceptor` for the pool.
+//!
 //! Before Commit either side may send Abort/Failed: the guest keeps (or resumes) running at
 //! the source and the destination discards what it received, rolls its disk back, and
 //! stops announcing; the source announces the guest again where it resumes.
@@ -33,7 +41,8 @@
 //! When the link breaks between Prepared and Paused, the source reconnects:
 //!
 //! ```text
-//!   |-- Hello{resume: n, same migration} ------>|   routed to the migration held here
+//!   |<- Greeting -------------------------------|
+//!   |-- Hello{resume: n, same migration} + MAC->|   routed to the migration held here
 //!   |<- Welcome --------------------------------|   new nonces, new keys
 //!   |== new data connections ==================>|   new pipelines, empty caches at both ends
 //!   |-- Resume{iteration} --------------------->|
@@ -43,11 +52,13 @@
 
 pub mod control;
 pub mod handshake;
+pub mod text;
 
 pub use control::{ControlRx, ControlTx, control_channel};
 pub use handshake::{
-    ConnectionKind, Hello, Opening, StreamHello, Welcome, accept_stream, open_stream, opening,
-    read_hello, read_welcome, send_hello, send_welcome,
+    AuthHello, ConnectionKind, Greeting, Hello, Opening, Proven, StreamHello, Welcome,
+    accept_opening, open_stream, opening, read_greeting, read_welcome, send_hello,
+    send_key_mismatch, send_welcome, verify_opening,
 };
 
 use serde::{Deserialize, Serialize};
@@ -60,8 +71,15 @@ use crate::crypto::OpenError;
 /// 4: the Hello names where the guest lands (`destination`: a Xen domain id).
 /// 5: `Prepare`/`Prepared` before iteration 1 (the disk and the network switchover), and
 /// `Paused` at the pause. 6: the Hello is bound into the keys, and a broken pre-copy resumes
-/// (`Hello::resume`, `Resume`/`Resumed`).
-pub const VERSION: u16 = 6;
+/// (`Hello::resume`, `Resume`/`Resumed`). 7: the destination greets every connection with a
+/// fresh challenge and the versions it speaks, and each Hello and StreamHello carries a MAC
+/// over it (`handshake`): nothing happens for a peer that has not proven the key.
+///
+/// Bump it for any change to what either side sends; `MIN_VERSION` rises with it unless this
+/// side still speaks the older version too. A peer outside the range is told both ranges.
+pub const VERSION: u16 = 7;
+/// Oldest protocol this side speaks.
+pub const MIN_VERSION: u16 = 7;
 /// Sealing stream id of the control connection; data streams are 1..=N.
 pub const CONTROL_STREAM: u32 = 0;
 /// Largest control frame (carries the CPU/device state blob).
@@ -70,8 +88,8 @@ pub const CONTROL_FRAME_SIZE: usize = 1 << 20;
 pub const MAX_STATE: usize = 256 << 20;
 /// State bytes per `StatePart` message (well inside a control frame).
 pub const STATE_PART: usize = CONTROL_FRAME_SIZE / 2;
-/// Largest cleartext handshake message.
-pub const MAX_HANDSHAKE: usize = 64 << 10;
+/// Largest Hello body (a Hello is a few hundred bytes; its strings are bounded in `text`).
+pub const MAX_HELLO: usize = 4096;
 /// Largest block cache per data stream a destination accepts (ten times the default): each
 /// data stream's decoder allocates the Hello's cache before any frame is authenticated.
 pub const MAX_CACHE_BYTES: u64 = 1 << 30;
@@ -201,12 +219,12 @@ pub enum ProtocolError {
         context: &'static str,
     },
     /// not a skyferry peer, or another protocol version
-    #[error("peer does not speak skyferry protocol {VERSION}: {0}")]
+    #[error("peer does not speak skyferry protocol {MIN_VERSION}..={VERSION}: {0}")]
     NotSkyferry(String),
     /// the peers' pre-shared keys differ
     #[error(
         "the peer's key check failed: its pre-shared key differs from ours (check that both \
-         hosts have the same key file), or the Hello was altered on the way"
+         hosts have the same key file), or the handshake was altered on the way"
     )]
     WrongKey,
     /// the destination refused the migration
