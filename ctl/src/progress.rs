@@ -315,13 +315,20 @@ impl Seen {
             _ => 0,
         };
         if finished > self.logged && st.role == Role::Source {
-            // Iterations that began and ended between two snapshots still get their line;
-            // their figures are in the summary's iteration table.
+            // Iterations that began and ended between two snapshots still get their line,
+            // with their figures from the status's history where it kept them.
             for k in self.logged + 1..finished {
-                out.push(Event::Iteration(format!(
-                    "iteration {k}: finished between two refreshes (its figures: the summary's \
-                     iteration table)"
-                )));
+                let line = match st.history.iter().find(|p| p.iteration == k) {
+                    Some(p) => format!(
+                        "iteration {k}: {} sent, {} dirtied | {} on the wire in {}",
+                        group(p.sent),
+                        group(p.dirtied),
+                        format_size(p.wire_bytes),
+                        ms_text(p.ms)
+                    ),
+                    None => format!("iteration {k}: finished between two refreshes"),
+                };
+                out.push(Event::Iteration(line));
             }
             self.logged = finished;
             out.push(Event::Iteration(iteration_line(finished, st)));
@@ -940,6 +947,36 @@ mod tests {
             );
         }
         assert!(text.contains("iteration 3: 9,000 sent"), "{text}");
+    }
+
+    #[test]
+    fn iterations_between_two_snapshots_show_their_figures_from_the_history() {
+        let out = Shared::default();
+        let mut p = Progress::with_writer(Box::new(out.clone()), Style::Lines, 80);
+        let tl = timeline();
+        p.update(&tl[0]);
+        let mut last = tl[4].clone();
+        last.history = vec![dataplane::migrate::IterationPoint {
+            iteration: 1,
+            sent: 262_144,
+            dirtied: 30_000,
+            remaining: 30_000,
+            wire_bytes: 1 << 30,
+            ms: 1000,
+            saved: Saved::default(),
+            paused: false,
+        }];
+        p.update(&last);
+        let text = out.text();
+        assert!(
+            text.contains("iteration 1: 262,144 sent, 30,000 dirtied | 1.00 GiB on the wire in"),
+            "{text}"
+        );
+        // Iteration 2 is not in the history: it still gets its line.
+        assert!(
+            text.contains("iteration 2: finished between two refreshes"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -862,7 +862,11 @@ impl Run<'_> {
                 s.wire_bytes = wire;
                 s.set_codec(&codec);
                 if secs > 0.0 {
-                    s.job.transfer_rate_bps = (wire - wire_began) as f64 / secs;
+                    // Until this iteration's first bytes move, the last rate still stands
+                    // (a fresh iteration is not a link at 0 bit/s).
+                    if wire > wire_began {
+                        s.job.transfer_rate_bps = (wire - wire_began) as f64 / secs;
+                    }
                     if done > 0 && s.phase == Phase::Iterating {
                         s.eta_ms = super::job_stats::estimate_completion_ms(
                             s.remaining,
