@@ -14,6 +14,7 @@ use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, TextEncoder};
 
 use super::admission::Admission;
+use crate::migrate::converge::{CompletionAction, CompletionCause};
 use crate::migrate::{MigrationId, MigrationStatus, Phase, Role};
 
 /// This daemon's totals since it started.
@@ -165,12 +166,25 @@ pub fn render(statuses: &[MigrationStatus], admission: Option<&Admission>) -> St
             "skyferry_migration_queue_position",
             "Place in this host's admission queue while the migration waits (1 = next).",
         ),
+        (
+            "skyferry_migration_vcpu_throttle_ratio",
+            "How much auto-converge throttles the guest's vCPUs now (0 to 0.99).",
+        ),
+        (
+            "skyferry_migration_completion_timeout_remaining_seconds",
+            "Time left before the completion timeout's action applies (while it counts down).",
+        ),
     ];
     let vecs: Vec<GaugeVec> = per.iter().map(|(n, h)| gauge(n, h, &ids)).collect();
     let saved = gauge(
         "skyferry_migration_saved_bytes",
         "Bytes each optimization kept off the wire.",
         &["id", "role", "optimization"],
+    );
+    let action = gauge(
+        "skyferry_migration_completion_action",
+        "The completion action announced for the migration (0) or taken (1), by action.",
+        &["id", "role", "action"],
     );
     let phase = gauge(
         "skyferry_migration_phase",
@@ -194,7 +208,11 @@ pub fn render(statuses: &[MigrationStatus], admission: Option<&Admission>) -> St
         let id = MigrationId(s.id).to_string();
         let labels = [id.as_str(), role_name(s.role)];
         let j = &s.job;
-        let values: [Option<f64>; 15] = [
+        let countdown = s
+            .completion
+            .filter(|n| !n.applied && n.cause == CompletionCause::Timeout)
+            .and_then(|n| n.in_ms);
+        let values: [Option<f64>; 17] = [
             Some(j.data_total_bytes as f64),
             Some(j.data_processed_bytes as f64),
             Some(j.data_remaining_bytes as f64),
@@ -210,6 +228,8 @@ pub fn render(statuses: &[MigrationStatus], admission: Option<&Admission>) -> St
             Some(ms_to_s(j.started_at_ms)),
             j.ended_at_ms.map(ms_to_s),
             j.queue_position.map(f64::from),
+            Some(f64::from(s.throttle_percent) / 100.0),
+            countdown.map(ms_to_s),
         ];
         for (v, value) in vecs.iter().zip(values) {
             if let Some(value) = value {
@@ -226,6 +246,15 @@ pub fn render(statuses: &[MigrationStatus], admission: Option<&Admission>) -> St
                 .with_label_values(&[labels[0], labels[1], name])
                 .set(bytes as f64);
         }
+        if let Some(n) = s.completion {
+            let name = match n.action {
+                CompletionAction::Abort => "abort",
+                CompletionAction::Force => "force",
+            };
+            action
+                .with_label_values(&[labels[0], labels[1], name])
+                .set(if n.applied { 1.0 } else { 0.0 });
+        }
         for p in PHASES {
             let name = phase_name(p);
             phase
@@ -236,7 +265,7 @@ pub fn render(statuses: &[MigrationStatus], admission: Option<&Admission>) -> St
             .with_label_values(&[phase_name(s.phase).as_str()])
             .inc();
     }
-    for v in vecs.iter().chain([&saved, &phase]) {
+    for v in vecs.iter().chain([&saved, &action, &phase]) {
         families.extend(v.collect());
     }
     families.extend(per_phase.collect());
@@ -389,5 +418,28 @@ mod tests {
         assert!(!text.contains("free text"));
         // Not known yet: no sample rather than a made-up 0.
         assert!(!text.contains("skyferry_migration_downtime_seconds{"));
+        assert!(!text.contains("skyferry_migration_completion_timeout_remaining_seconds{"));
+    }
+
+    #[test]
+    fn the_completion_countdown_its_action_and_the_throttle_are_scraped() {
+        use crate::migrate::converge::CompletionNotice;
+        let mut s = MigrationStatus::new(0xcafe, Role::Source, "g", 256);
+        s.phase = Phase::Iterating;
+        s.throttle_percent = 40;
+        s.completion = Some(CompletionNotice {
+            action: CompletionAction::Abort,
+            cause: CompletionCause::Timeout,
+            in_ms: Some(12_000),
+            iterations_left: None,
+            applied: false,
+        });
+        let text = render(&[s], None);
+        let has = |line: &str| assert!(text.contains(line), "{line}\n{text}");
+        has("skyferry_migration_vcpu_throttle_ratio{id=\"cafe\",role=\"source\"} 0.4");
+        has(
+            "skyferry_migration_completion_timeout_remaining_seconds{id=\"cafe\",role=\"source\"} 12",
+        );
+        has("skyferry_migration_completion_action{action=\"abort\",id=\"cafe\",role=\"source\"} 0");
     }
 }
