@@ -234,31 +234,7 @@ fn skyferry_migrate(
     extra: &[&str],
 ) -> (Figures, Value) {
     let to = dest.listen.expect("listens").to_string();
-    let mut args = vec![
-        "start",
-        "--to",
-        &to,
-        "--guest",
-        &format!("qemu:{}", vm.qmp.display()),
-        "--ram-file",
-        vm.ram.to_str().expect("utf-8"),
-        "--name",
-        name,
-        "--quiet",
-    ]
-    .into_iter()
-    .map(str::to_string)
-    .collect::<Vec<_>>();
-    args.extend(extra.iter().map(|s| (*s).to_string()));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = src.cli(&argv);
-    assert!(
-        out.status.success(),
-        "start: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        src.log()
-    );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = start_qemu(src, &to, vm, name, extra);
     let s = src.wait_for(&id, 300, is_final);
     assert_eq!(
         s["phase"],
@@ -518,6 +494,33 @@ fn failing_migration(src: &Daemon, to: &str, vm: &Vm, name: &str) -> Value {
     s
 }
 
+/// `skyferry start` of the QEMU guest `vm` from `src` to `to`, named `name`, with `extra`
+/// flags; asserts it started and returns its id.
+fn start_qemu(src: &Daemon, to: &str, vm: &Vm, name: &str, extra: &[&str]) -> String {
+    let guest = format!("qemu:{}", vm.qmp.display());
+    let mut argv = vec![
+        "start",
+        "--to",
+        to,
+        "--guest",
+        &guest,
+        "--ram-file",
+        vm.ram.to_str().expect("utf-8"),
+        "--name",
+        name,
+        "--quiet",
+    ];
+    argv.extend_from_slice(extra);
+    let out = src.cli(&argv);
+    assert!(
+        out.status.success(),
+        "start: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.log()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The guest at `vm` still runs: QEMU says so and the heartbeat goes on.
 fn still_running(vm: &Vm) {
     eprintln!("checking that {} still runs", vm.qmp.display());
@@ -631,24 +634,7 @@ fn failures_before_the_commit_leave_the_guest_running_at_the_source() {
     );
     let late = Vm::start(&dir, "late", RAM_MIB, true);
     let to_doomed = doomed.listen.unwrap().to_string();
-    let out = held.cli(&[
-        "start",
-        "--to",
-        &to_doomed,
-        "--guest",
-        &format!("qemu:{}", a.qmp.display()),
-        "--ram-file",
-        a.ram.to_str().unwrap(),
-        "--name",
-        "late",
-        "--quiet",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = start_qemu(&held, &to_doomed, &a, "late", &[]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !held.log().contains("holding at source-paused") {
         assert!(Instant::now() < deadline, "{}", held.log());
@@ -680,26 +666,13 @@ fn a_link_cut_in_pre_copy_resumes_and_the_qemu_guest_moves_once() {
     let relay = skyferry_tests::relay::Relay::new(dest.listen.unwrap());
     let a = Vm::start(&dir, "a", RAM_MIB, false);
     wait_heartbeat(&a.serial, None, 120);
-    let out = src.cli(&[
-        "start",
-        "--to",
+    let id = start_qemu(
+        &src,
         &relay.addr.to_string(),
-        "--guest",
-        &format!("qemu:{}", a.qmp.display()),
-        "--ram-file",
-        a.ram.to_str().unwrap(),
-        "--name",
+        &a,
         "r",
-        "--max-bandwidth",
-        "30MB/s",
-        "--quiet",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &["--max-bandwidth", "30MB/s"],
     );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let before = src.wait_for(&id, 120, |s| {
         (s["phase"] == "iterating" && s["wire_bytes"].as_u64() > Some(8 << 20)) || is_final(s)
     });
@@ -765,26 +738,7 @@ fn an_operators_multifd_is_set_aside_for_the_migration_and_given_back() {
 
     // Aborted in pre-copy: the operator's settings are back, the guest runs here.
     let to = dest.listen.unwrap().to_string();
-    let out = src.cli(&[
-        "start",
-        "--to",
-        &to,
-        "--guest",
-        &format!("qemu:{}", a.qmp.display()),
-        "--ram-file",
-        a.ram.to_str().unwrap(),
-        "--name",
-        "m-aborted",
-        "--max-bandwidth",
-        "20Mbit",
-        "--quiet",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = start_qemu(&src, &to, &a, "m-aborted", &["--max-bandwidth", "20Mbit"]);
     src.wait_for(&id, 120, |s| s["phase"] == "iterating" || is_final(s));
     assert!(src.cli(&["abort", &id]).status.success());
     let s = src.wait_for(&id, 120, is_final);
@@ -821,32 +775,22 @@ fn auto_converge_throttles_the_qemu_process_and_the_guest_runs_on() {
     let a = Vm::start(&dir, "t1", RAM_MIB, false);
     wait_heartbeat(&a.serial, None, 120);
     let to = dest.listen.unwrap().to_string();
-    let out = src.cli(&[
-        "start",
-        "--to",
+    let id = start_qemu(
+        &src,
         &to,
-        "--guest",
-        &format!("qemu:{}", a.qmp.display()),
-        "--ram-file",
-        a.ram.to_str().unwrap(),
-        "--name",
+        &a,
         "t2",
-        "--max-bandwidth",
-        "40Mbit",
-        "--max-downtime",
-        "1ms",
-        "--completion-action",
-        "force",
-        "--auto-converge",
-        "on",
-        "--quiet",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[
+            "--max-bandwidth",
+            "40Mbit",
+            "--max-downtime",
+            "1ms",
+            "--completion-action",
+            "force",
+            "--auto-converge",
+            "on",
+        ],
     );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let s = src.wait_for(&id, 600, is_final);
     let log = src.log();
     if log.contains("auto-converge off") {
@@ -888,16 +832,7 @@ fn completion_timeout_abort_keeps_the_qemu_guest_and_force_moves_it() {
     wait_heartbeat(&a.serial, None, 120);
     let to = dest.listen.unwrap().to_string();
     let start = |name: &str, action: &str| {
-        let out = src.cli(&[
-            "start",
-            "--to",
-            &to,
-            "--guest",
-            &format!("qemu:{}", a.qmp.display()),
-            "--ram-file",
-            a.ram.to_str().unwrap(),
-            "--name",
-            name,
+        let flags = [
             "--max-bandwidth",
             "100Mbit",
             "--max-downtime",
@@ -906,14 +841,8 @@ fn completion_timeout_abort_keeps_the_qemu_guest_and_force_moves_it() {
             "500ms",
             "--completion-action",
             action,
-            "--quiet",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        ];
+        start_qemu(&src, &to, &a, name, &flags)
     };
 
     let id = start("ct-aborted", "abort");
