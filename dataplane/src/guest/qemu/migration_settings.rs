@@ -230,31 +230,9 @@ mod tests {
         assert!(wrong.iter().any(|w| w.contains("multifd")), "{wrong:?}");
     }
 
-    /// A scripted QMP server over a real Unix socket: answers each command with the next
-    /// canned reply and hands back the commands it got.
+    /// The scripted QMP server, with one line per reply.
     fn serve(replies: Vec<String>) -> (TempDir, std::thread::JoinHandle<Vec<Value>>) {
-        use std::io::{BufRead, BufReader, Write};
-        let dir = TempDir::new("qmp-settings");
-        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("qmp")).unwrap();
-        let h = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .unwrap();
-            let mut got = Vec::new();
-            for reply in replies {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap() == 0 {
-                    break;
-                }
-                got.push(serde_json::from_str(&line).unwrap());
-                w.write_all(reply.as_bytes()).unwrap();
-                w.write_all(b"\n").unwrap();
-            }
-            got
-        });
-        (dir, h)
+        crate::guest::qemu::testutil::scripted_qmp(replies.into_iter().map(|r| r + "\n").collect())
     }
 
     fn ret(v: Value) -> String {

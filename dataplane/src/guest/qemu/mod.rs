@@ -67,4 +67,33 @@ pub(crate) mod testutil {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+
+    /// A scripted QMP server over a real Unix socket (`DIR/qmp`): greets, answers each
+    /// command with the next canned reply (sent as given: each ends its own lines, and may
+    /// carry events before its answer) and hands back the commands it got.
+    pub fn scripted_qmp(
+        replies: Vec<String>,
+    ) -> (TempDir, std::thread::JoinHandle<Vec<serde_json::Value>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = TempDir::new("qmp");
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("qmp")).unwrap();
+        let h = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            let mut got = Vec::new();
+            for reply in replies {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    break;
+                }
+                got.push(serde_json::from_str(&line).unwrap());
+                w.write_all(reply.as_bytes()).unwrap();
+            }
+            got
+        });
+        (dir, h)
+    }
 }

@@ -334,31 +334,9 @@ fn shorten(v: &Value) -> String {
 mod tests {
     use super::*;
     use crate::guest::qemu::testutil::TempDir;
-    use std::os::unix::net::UnixListener;
 
-    /// A scripted QMP server: answers each command with the next canned reply, after
-    /// sending the given events first.
     fn serve(replies: Vec<&'static str>) -> (TempDir, std::thread::JoinHandle<Vec<Value>>) {
-        let dir = TempDir::new("qmp");
-        let listener = UnixListener::bind(dir.path().join("qmp")).unwrap();
-        let h = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .unwrap();
-            let mut got = Vec::new();
-            for reply in replies {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap() == 0 {
-                    break;
-                }
-                got.push(serde_json::from_str(&line).unwrap());
-                w.write_all(reply.as_bytes()).unwrap();
-            }
-            got
-        });
-        (dir, h)
+        crate::guest::qemu::testutil::scripted_qmp(replies.into_iter().map(String::from).collect())
     }
 
     #[test]
