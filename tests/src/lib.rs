@@ -247,6 +247,20 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("skyferryd.log")).unwrap_or_default()
     }
 
+    /// Waits until the daemon's log contains `what` (an event the daemon logs); `secs` only
+    /// bounds a wait for something that never comes.
+    pub fn wait_log(&self, what: &str, secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !self.log().contains(what) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what:?} never logged:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Kills the daemon with SIGKILL.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -299,4 +313,37 @@ pub fn is_final(s: &serde_json::Value) -> bool {
         s["phase"].as_str(),
         Some("completed" | "aborted" | "failed" | "committed-unconfirmed")
     )
+}
+
+/// A file whose creation releases a daemon held at a named point (`SKYFERRY_HOLD=point:FILE`,
+/// `dataplane/src/migrate/hold.rs`); removed on drop.
+#[derive(Debug)]
+pub struct Release(PathBuf);
+
+impl Release {
+    /// A release file for the test `name` (not created yet).
+    pub fn new(name: &str) -> Release {
+        let f = std::env::temp_dir().join(format!(
+            "skyferry-e2e-{}-{name}-release",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&f);
+        Release(f)
+    }
+
+    /// `SKYFERRY_HOLD`'s value for holding at `point` until [`go`](Self::go).
+    pub fn hold(&self, point: &str) -> String {
+        format!("{point}:{}", self.0.display())
+    }
+
+    /// Releases the daemon.
+    pub fn go(&self) {
+        std::fs::write(&self.0, b"go").expect("release file");
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

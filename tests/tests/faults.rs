@@ -16,11 +16,10 @@
 //! migration that never gets there, and are far above what a loaded host needs.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use skyferry_tests::relay::Relay;
-use skyferry_tests::{Daemon, is_final};
+use skyferry_tests::{Daemon, Release, is_final};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -58,35 +57,6 @@ impl At {
 /// Generous bound on any one wait: reached only by a migration that never gets there.
 const BOUND: u64 = 300;
 
-/// A file whose creation releases a daemon held at a point (`SKYFERRY_HOLD=point:FILE`).
-struct Release(PathBuf);
-
-impl Release {
-    fn new(name: &str) -> Release {
-        let f = std::env::temp_dir().join(format!(
-            "skyferry-e2e-{}-{name}-release",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&f);
-        Release(f)
-    }
-
-    /// `SKYFERRY_HOLD`'s value for holding at `point` until [`go`](Self::go).
-    fn hold(&self, point: &str) -> String {
-        format!("{point}:{}", self.0.display())
-    }
-
-    fn go(&self) {
-        std::fs::write(&self.0, b"go").expect("release file");
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Source arguments: iterations long enough to strike in, and many of them.
 const GUEST: &[&str] = &[
     "--workload",
@@ -103,18 +73,6 @@ const GUEST: &[&str] = &[
 
 fn start(src: &Daemon, to: SocketAddr, args: &[&str]) -> String {
     src.start_migration(to, args)
-}
-
-fn wait_log(d: &Daemon, what: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !d.log().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "{what:?} never logged:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The destination's record of migration `id`, once it has one in a settled phase.
@@ -149,7 +107,7 @@ fn case(at: At, fault: Fault) -> (serde_json::Value, Option<serde_json::Value>) 
     }
     let id = start(&src, relay.addr, GUEST);
     if let Some(point) = at.hold() {
-        wait_log(&src, &format!("holding at {point} "), BOUND);
+        src.wait_log(&format!("holding at {point} "), BOUND);
         if at == At::LaterIteration {
             // Once the destination acknowledged an earlier iteration, as a resumed
             // migration would find it.
@@ -278,7 +236,7 @@ fn faults_after_the_destination_is_ready() {
     );
     let relay = Relay::new(dst.listen.unwrap());
     let id = start(&src, relay.addr, GUEST);
-    wait_log(&src, "holding at source-ready ", BOUND);
+    src.wait_log("holding at source-ready ", BOUND);
     relay.freeze();
     release.go();
     let s = src.wait_for(&id, BOUND, is_final);

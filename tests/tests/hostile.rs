@@ -63,18 +63,6 @@ fn closed_within(s: &mut TcpStream, secs: u64) {
 }
 
 /// Waits until the daemon's log says `what` (or panics after `secs`).
-fn logged(d: &Daemon, what: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !d.log().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "{what:?} not logged:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Rows in the daemon's `status --json`.
 fn rows(d: &Daemon) -> Vec<serde_json::Value> {
     let out = d.cli(&["status", "--json"]);
@@ -151,7 +139,7 @@ fn the_migration_port_takes_no_control_commands_and_no_garbage() {
         "a Hello of 4294967295 bytes",
         "no such migration is being received",
     ] {
-        logged(&dst, why, 30);
+        dst.wait_log(why, 120);
     }
     let s = migrate_small(&src, &dst);
     assert_eq!(s["phase"], "completed", "{s}");
@@ -180,7 +168,7 @@ fn idle_and_trickling_connections_do_not_hold_up_migrations() {
     for s in &mut idle {
         closed_within(s, 30);
     }
-    logged(&dst, "did not prove the key within 5000 ms", 30);
+    dst.wait_log("did not prove the key within 5000 ms", 120);
     let mut dst = dst;
     assert!(dst.alive());
 }
@@ -224,7 +212,7 @@ fn a_peer_without_the_key_makes_the_destination_allocate_nothing() {
     for s in &mut streams {
         closed_within(s, 10);
     }
-    logged(&dst, "wrong key", 30);
+    dst.wait_log("wrong key", 120);
     assert!(rows(&dst).is_empty(), "{:?}", rows(&dst));
     let grew = dst.peak_rss().saturating_sub(before);
     eprintln!("the destination's peak RSS grew by {} KiB", grew >> 10);
@@ -441,7 +429,7 @@ fn an_old_protocol_peer_and_a_wrong_key_peer_are_told_why() {
     assert!(reason.contains("newer skyferry protocol"), "{reason}");
     eprintln!("a protocol 6 source reads: destination refused the migration: {reason}");
     closed_within(&mut c, 10);
-    logged(&dst, "a source of skyferry protocol 6 or earlier", 30);
+    dst.wait_log("a source of skyferry protocol 6 or earlier", 120);
 
     // A source daemon whose key differs: its migration fails, saying so.
     let other = Daemon::start("hostile-old-src", 2, false, "");
@@ -451,7 +439,7 @@ fn an_old_protocol_peer_and_a_wrong_key_peer_are_told_why() {
     let why = s["error"].as_str().unwrap();
     assert!(why.contains("pre-shared key differs"), "{why}");
     eprintln!("a source with another key: {why}");
-    logged(&dst, "wrong key", 30);
+    dst.wait_log("wrong key", 120);
     assert!(rows(&dst).is_empty(), "{:?}", rows(&dst));
 }
 
@@ -493,7 +481,7 @@ fn a_label_with_a_newline_is_refused_at_both_edges() {
         String::from_utf8_lossy(&table.stdout),
         "no migrations on this host\n"
     );
-    logged(&dst, "refused a migration: the guest label", 30);
+    dst.wait_log("refused a migration: the guest label", 120);
     // An escape sequence is refused the same way.
     let mut c = TcpStream::connect(&addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

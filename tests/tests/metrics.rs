@@ -35,20 +35,8 @@ fn with_metrics(name: &str, listen: bool, source_keys: &str) -> (Daemon, u16) {
         listen,
         &format!("{source_keys}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
     );
-    wait_log(&d, "metrics on http://", 20);
+    d.wait_log("metrics on http://", 120);
     (d, port)
-}
-
-fn wait_log(d: &Daemon, what: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !d.log().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "{what:?} never logged:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `GET /metrics`: the body, after checking the status line and the content type.

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use skyferry_tests::relay::Relay;
-use skyferry_tests::{Daemon, is_final};
+use skyferry_tests::{Daemon, Release, is_final};
 
 /// Generous bound on any one wait: reached only by a migration that never gets there.
 const BOUND: u64 = 300;
@@ -35,12 +35,8 @@ fn a_cut_in_a_later_iteration_resumes_and_sends_less_than_a_restart() {
     // The source holds in iteration 2 once its pages are handed to the pipeline (which
     // goes on sending them) until the test has cut the link: the cut lands inside a later
     // iteration, never as pre-copy ends (a cut in the stop-and-copy is not resumed).
-    let release = std::env::temp_dir().join(format!(
-        "skyferry-e2e-{}-resume-release",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&release);
-    let hold = format!("source-iteration-2:{}", release.display());
+    let release = Release::new("resume");
+    let hold = release.hold("source-iteration-2");
     let src = Daemon::start_with_env(
         "resume-s",
         1,
@@ -51,15 +47,7 @@ fn a_cut_in_a_later_iteration_resumes_and_sends_less_than_a_restart() {
     let relay = Relay::new(dst.listen.unwrap());
 
     let id = src.start_migration(relay.addr, GUEST);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(BOUND);
-    while !src.log().contains("holding at source-iteration-2 ") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never held: {}",
-            src.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    src.wait_log("holding at source-iteration-2 ", BOUND);
     // Once the destination acknowledged iteration 1 (a cut while its tail is still in
     // flight resends the whole iteration).
     dst.wait_for(&id, BOUND, |d| d["iteration"].as_u64() >= Some(1));
@@ -68,7 +56,7 @@ fn a_cut_in_a_later_iteration_resumes_and_sends_less_than_a_restart() {
     // What the source counted before the cut (frames the held driver has not counted yet
     // fall after it: the comparison below only gets harder).
     let at_cut = wire(&src.status(&id));
-    std::fs::write(&release, b"go").expect("release file");
+    release.go();
     let s = src.wait_for(&id, BOUND, is_final);
     let d = dst.wait_for(&id, BOUND, is_final);
     assert_eq!(s["phase"], "completed", "source: {s}");
@@ -88,7 +76,6 @@ fn a_cut_in_a_later_iteration_resumes_and_sends_less_than_a_restart() {
     let fresh = src.start_migration(dst.listen.unwrap(), GUEST);
     let f = src.wait_for(&fresh, BOUND, is_final);
     assert_eq!(f["phase"], "completed", "{f}");
-    let _ = std::fs::remove_file(&release);
     let restart_total = at_cut + wire(&f);
     eprintln!(
         "cut in iteration {}: {at_cut} bytes before the cut; resumed: {after_cut} bytes after \
@@ -133,12 +120,8 @@ fn a_spent_time_budget_still_leaves_the_first_attempts() {
     // The budget for reconnecting is spent before the first attempt (as one slow attempt
     // on a loaded host spent it): the first attempts are made all the same, and resume.
     let dst = Daemon::start("resume-budget-d", 1, true, "");
-    let release = std::env::temp_dir().join(format!(
-        "skyferry-e2e-{}-resume-budget-release",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&release);
-    let hold = format!("source-iteration-2:{}", release.display());
+    let release = Release::new("resume-budget");
+    let hold = release.hold("source-iteration-2");
     let src = Daemon::start_with_env(
         "resume-budget-s",
         1,
@@ -148,19 +131,10 @@ fn a_spent_time_budget_still_leaves_the_first_attempts() {
     );
     let relay = Relay::new(dst.listen.unwrap());
     let id = src.start_migration(relay.addr, GUEST);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(BOUND);
-    while !src.log().contains("holding at source-iteration-2 ") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never held: {}",
-            src.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    src.wait_log("holding at source-iteration-2 ", BOUND);
     relay.cut();
-    std::fs::write(&release, b"go").expect("release file");
+    release.go();
     let s = src.wait_for(&id, BOUND, is_final);
-    let _ = std::fs::remove_file(&release);
     assert_eq!(s["phase"], "completed", "{s}");
     assert_eq!(s["verified"], true, "{s}");
     assert!(s["resumes"].as_u64() >= Some(1), "{s}");
