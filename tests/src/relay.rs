@@ -18,7 +18,8 @@ pub struct Relay {
 #[derive(Debug)]
 struct Shared {
     frozen: AtomicBool,
-    /// Each new connection: forward the client's first bytes, then close both ends.
+    /// Each new connection: forward the greeting and the client's first bytes, then close
+    /// both ends.
     cut_after_first: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
 }
@@ -42,6 +43,12 @@ impl Relay {
                 };
                 if sh.cut_after_first.load(Ordering::SeqCst) {
                     let mut c = c;
+                    // The destination speaks first (its greeting); the source answers with
+                    // its Hello. Both pass, then the connection is cut.
+                    let mut greeting = [0u8; dataplane::protocol::handshake::GREETING_LEN];
+                    if u.read_exact(&mut greeting).is_ok() {
+                        let _ = c.write_all(&greeting);
+                    }
                     let mut buf = [0u8; 4096];
                     if let Ok(n) = c.read(&mut buf) {
                         let _ = u.write_all(&buf[..n]);
@@ -77,7 +84,8 @@ impl Relay {
         self.shared.frozen.store(true, Ordering::SeqCst);
     }
 
-    /// From now on each new connection passes its first bytes (a Hello) and is closed.
+    /// From now on each new connection passes the destination's greeting and the source's
+    /// first bytes (its Hello), and is closed.
     pub fn cut_after_first_bytes(&self) {
         self.shared.cut_after_first.store(true, Ordering::SeqCst);
     }
