@@ -495,7 +495,9 @@ fn failing_migration(src: &Daemon, to: &str, vm: &Vm, name: &str) -> Value {
 }
 
 /// `skyferry start` of the QEMU guest `vm` from `src` to `to`, named `name`, with `extra`
-/// flags; asserts it started and returns its id.
+/// flags; returns its id. A migration that fails at once (a completion timeout that is due
+/// at the first check, say) makes `start` exit 1 after printing its id: the caller's wait
+/// for its phase says how it ended.
 fn start_qemu(src: &Daemon, to: &str, vm: &Vm, name: &str, extra: &[&str]) -> String {
     let guest = format!("qemu:{}", vm.qmp.display());
     let mut argv = vec![
@@ -513,7 +515,7 @@ fn start_qemu(src: &Daemon, to: &str, vm: &Vm, name: &str, extra: &[&str]) -> St
     argv.extend_from_slice(extra);
     let out = src.cli(&argv);
     assert!(
-        out.status.success(),
+        out.status.success() || !out.stdout.is_empty(),
         "start: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         src.log()
