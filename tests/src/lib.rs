@@ -347,3 +347,18 @@ impl Drop for Release {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// `skyferry start` arguments for a guest slow enough to be caught mid-migration: a 40 MB/s
+/// link and many iterations (the fault and metrics tests strike or scrape inside them).
+pub const SLOW_GUEST: &[&str] = &[
+    "--workload",
+    "tpcw",
+    "--mem",
+    "48MiB",
+    "--speed",
+    "6",
+    "--policy",
+    "xen-default",
+    "--max-bandwidth",
+    "40MB/s",
+];

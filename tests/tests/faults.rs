@@ -58,18 +58,7 @@ impl At {
 const BOUND: u64 = 300;
 
 /// Source arguments: iterations long enough to strike in, and many of them.
-const GUEST: &[&str] = &[
-    "--workload",
-    "tpcw",
-    "--mem",
-    "48MiB",
-    "--speed",
-    "6",
-    "--policy",
-    "xen-default",
-    "--max-bandwidth",
-    "40MB/s",
-];
+const GUEST: &[&str] = skyferry_tests::SLOW_GUEST;
 
 fn start(src: &Daemon, to: SocketAddr, args: &[&str]) -> String {
     src.start_migration(to, args)

@@ -12,19 +12,8 @@ use std::time::{Duration, Instant};
 
 use skyferry_tests::{Daemon, free_port, is_final};
 
-/// A guest slow enough to be caught mid-migration: a 40 MB/s link, many iterations.
-const GUEST: &[&str] = &[
-    "--workload",
-    "tpcw",
-    "--mem",
-    "48MiB",
-    "--speed",
-    "6",
-    "--policy",
-    "xen-default",
-    "--max-bandwidth",
-    "40MB/s",
-];
+/// A guest slow enough to be caught mid-migration.
+const GUEST: &[&str] = skyferry_tests::SLOW_GUEST;
 
 /// A daemon serving metrics on a port of its own, once it says it does.
 fn with_metrics(name: &str, listen: bool, source_keys: &str) -> (Daemon, u16) {
